@@ -1,0 +1,255 @@
+"""Reading Hugging Face checkpoints in safetensors layout, one tensor at a time.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor name
+to its dtype, shape and byte range, then the raw data. Names, shapes and dtypes come from the headers
+alone, so a whole merge can be planned and checked before any tensor is read. Pickled `.bin`
+checkpoints are refused and never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, corrupt, truncated or in a refused format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range in the file."""
+
+    name: str
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one safetensors file's header: ({name: TensorInfo}, metadata).
+
+    Every byte range is checked against the file size and the declared dtype and shape, so a
+    truncated or corrupt file fails here, naming the file and the tensor.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes "
+                f"in a file of {size} bytes)"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start, size)
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int, size: int) -> TensorInfo:
+    try:
+        dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        shape = tuple(int(d) for d in shape)
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
+    dtype = DTYPES[dtype_name]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - begin != expected or begin < 0:
+        raise CheckpointError(
+            f"{path}: corrupt header: tensor {name!r} of shape {list(shape)} {dtype_name} "
+            f"declares {end - begin} bytes, needs {expected}"
+        )
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, "
+            f"the file has {size} bytes"
+        )
+    return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """Read one tensor from disk into a new NumPy array of its dtype and shape."""
+    out = np.empty(info.shape, dtype=info.dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        got = f.readinto(view) if out.size else 0
+    if got != info.nbytes:
+        raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+    return out
+
+
+def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id (`org/name`) found in the local HF cache.
+
+    The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`; the
+    snapshot is the one `refs/main` points to. The network is never used.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        cache = _hub_cache_dir()
+        repo = cache / ("models--" + text.replace("/", "--"))
+        snapshot = _cached_snapshot(repo)
+        if snapshot is not None:
+            return snapshot
+        raise CheckpointError(
+            f"model {text!r}: no such directory, and not found in the local Hugging Face cache "
+            f"({repo}); download it first (the merge never uses the network)"
+        )
+    raise CheckpointError(f"model {text!r}: no such directory")
+
+
+def _hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join("~", ".cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _cached_snapshot(repo: Path) -> Path | None:
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+    return snapshots[-1] if len(snapshots) == 1 else None
+
+
+class Checkpoint:
+    """The safetensors weights of one HF checkpoint directory (single file or sharded + index)."""
+
+    def __init__(self, path_or_id: str | os.PathLike):
+        self.source = str(path_or_id)
+        self.path = resolve_checkpoint_dir(path_or_id)
+        self.files = _weight_files(self.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            infos, _ = read_header(file)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} appears in both "
+                        f"{self.tensors[name].file.name} and {file.name}"
+                    )
+                self.tensors[name] = info
+        self._check_index()
+
+    def _check_index(self) -> None:
+        index = self.path / INDEX_NAME
+        if not index.is_file():
+            return
+        weight_map = _load_index(index)
+        for name, file_name in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != file_name:
+                raise CheckpointError(
+                    f"{index}: lists tensor {name!r} in {file_name}, but that file does not "
+                    "hold it"
+                )
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+
+    def read(self, name: str) -> np.ndarray:
+        return read_tensor(self.info(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def _load_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: unreadable index ({err})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' is not a mapping")
+    return weight_map
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        files = sorted(set(_load_index(index).values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard files that are missing: {missing}")
+        return [path / f for f in files]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickled:
+        raise CheckpointError(
+            f"{path}: has only pickled weights ({', '.join(pickled[:3])}); pickled checkpoints "
+            "are refused because loading them can run arbitrary code. Convert them to "
+            "safetensors first (e.g. with transformers: model.save_pretrained(dir, "
+            "safe_serialization=True))"
+        )
+    raise CheckpointError(f"{path}: no safetensors weights found")

@@ -1,0 +1,222 @@
+"""Merging whole parameter pytrees, leaf by leaf, with any registered method.
+
+`merge(pytrees, weights)` takes N pytrees of one structure (nested dicts, flax nnx State, any pytree)
+and applies the method's leaf function to each leaf stacked across the models. The jitted leaf
+function is cached per method and parameters (and by jit per shape and dtype), and it is the same
+function the checkpoint pipeline runs, so both give identical values. Each leaf keeps its dtype and
+sharding. Called inside a user's `jax.jit`, the same code traces into the user's computation.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkarcher import methods
+from jkarcher.methods.common import compute_dtype
+
+
+class MergeError(ValueError):
+    """The inputs to a merge do not fit together; the message names the leaf and the model."""
+
+
+def merge(
+    pytrees: Sequence[Any],
+    weights: Sequence[float] | jax.Array | None = None,
+    *,
+    method: str = "karcher",
+    base: Any = None,
+    key: jax.Array | None = None,
+    **params: Any,
+) -> Any:
+    """Merge N pytrees of one structure into one, leaf by leaf.
+
+    Args:
+      pytrees: the N models' parameters, all with the same tree structure, shapes and dtypes.
+      weights: N non-negative weights, not all zero (default: equal).
+      method: a name from `jkarcher.methods.names()`.
+      base: the base model's parameters, same structure, for methods that use one.
+      key: a `jax.random` key, required by random methods; each leaf folds in its path.
+      **params: the method's parameters (see `jkarcher.methods.get(method).params`).
+
+    Returns:
+      A pytree of the same structure whose leaves have the sources' dtypes and shardings.
+    """
+    pytrees = list(pytrees)
+    if not pytrees:
+        raise MergeError("merge needs at least one model")
+    spec = methods.get(method)
+    resolved = spec.resolve(params, len(pytrees), base is not None)
+    if spec.random and key is None:
+        raise MergeError(f"method {method!r} is random: pass key=jax.random.key(seed)")
+    weight_array = check_weights(weights, len(pytrees))
+    names, sources_per_leaf, treedef = _flatten_models(pytrees)
+    base_leaves = _flatten_base(base, names, treedef)
+    fn = leaf_function(method, resolved)
+    merged = []
+    for index, (name, sources) in enumerate(zip(names, sources_per_leaf, strict=True)):
+        base_leaf = None if base_leaves is None else base_leaves[index]
+        _check_leaf(name, sources, base_leaf)
+        if not jnp.issubdtype(sources[0].dtype, jnp.floating):
+            merged.append(_merge_non_float(name, sources))
+            continue
+        leaf_rng = None if key is None else leaf_key(key, name)
+        result, finite = fn(tuple(sources), weight_array, base_leaf, leaf_rng)
+        _raise_if_not_finite(name, finite, base_leaf)
+        merged.append(_keep_sharding(result, sources[0]))
+    return jax.tree_util.tree_unflatten(treedef, merged)
+
+
+def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) -> jax.Array:
+    """The weights as a float array [N]; errors for a wrong count, negative values or zero sum."""
+    if weights is None:
+        return jnp.ones((n_models,), compute_dtype())
+    if isinstance(weights, jax.core.Tracer):
+        if weights.shape != (n_models,):
+            raise MergeError(f"got weights of shape {weights.shape} for {n_models} models")
+        return weights.astype(compute_dtype())
+    values = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if values.shape != (n_models,):
+        raise MergeError(f"got {values.size} weights for {n_models} models")
+    for index, value in enumerate(values):
+        if not np.isfinite(value) or value < 0:
+            raise MergeError(f"weight of model {index} is {value}; weights must be finite and >= 0")
+    if values.sum() <= 0:
+        raise MergeError("the weights sum to zero; at least one model needs a positive weight")
+    return jnp.asarray(values, compute_dtype())
+
+
+def leaf_key(key: jax.Array, name: str) -> jax.Array:
+    """The random key of one leaf: `key` folded with a stable hash of the leaf's name."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def path_name(path: tuple) -> str:
+    """A leaf's key path as text: dict keys, indices and attributes joined by '/'."""
+    parts = []
+    for entry in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(entry, attribute):
+                parts.append(str(getattr(entry, attribute)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+@functools.cache
+def _jitted_leaf(method: str, params: tuple[tuple[str, Any], ...]) -> Callable:
+    leaf = methods.get(method).leaf
+    kwargs = dict(params)
+
+    def merge_one(sources, weights, base, key):
+        stacked = jnp.stack(sources)
+        merged = leaf(stacked, weights, base, key=key, **kwargs)
+        finite = jnp.stack([jnp.all(jnp.isfinite(s)) for s in sources])
+        return merged, finite
+
+    return jax.jit(merge_one)
+
+
+def leaf_function(method: str, params: Mapping[str, Any]) -> Callable:
+    """The jitted leaf merge for a method and resolved parameters (cached).
+
+    It maps (sources: tuple of N arrays, weights [N], base | None, key | None) to
+    (merged array, all-finite flag per source [N]).
+    """
+    return _jitted_leaf(method, tuple(sorted(params.items())))
+
+
+def _flatten_models(pytrees: list) -> tuple[list[str], list[tuple], Any]:
+    """Leaf names, the N sources of each leaf, and the tree structure; structures must agree."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(pytrees[0])
+    names = [path_name(path) for path, _ in flat]
+    per_model = [[leaf for _, leaf in flat]]
+    for index, tree in enumerate(pytrees[1:], start=1):
+        other, other_def = jax.tree_util.tree_flatten_with_path(tree)
+        other_names = [path_name(path) for path, _ in other]
+        if other_def != treedef or other_names != names:
+            raise MergeError(
+                f"model {index} has a different structure from model 0: "
+                + _structure_difference(names, other_names)
+            )
+        per_model.append([leaf for _, leaf in other])
+    return names, list(zip(*per_model, strict=True)), treedef
+
+
+def _flatten_base(base: Any, names: list[str], treedef) -> list | None:
+    if base is None:
+        return None
+    flat, base_def = jax.tree_util.tree_flatten_with_path(base)
+    base_names = [path_name(path) for path, _ in flat]
+    if base_def != treedef or base_names != names:
+        raise MergeError(
+            "the base model has a different structure from model 0: "
+            + _structure_difference(names, base_names)
+        )
+    return [leaf for _, leaf in flat]
+
+
+def _structure_difference(names: list[str], other: list[str]) -> str:
+    missing = [n for n in names if n not in set(other)]
+    extra = [n for n in other if n not in set(names)]
+    if missing:
+        return f"it lacks leaf {missing[0]!r}"
+    if extra:
+        return f"it has an extra leaf {extra[0]!r}"
+    return "its containers differ (leaf order or node types)"
+
+
+def _check_leaf(name: str, sources: tuple, base: Any) -> None:
+    shape, dtype = np.shape(sources[0]), jnp.result_type(sources[0])
+    for index, source in enumerate(sources[1:], start=1):
+        if np.shape(source) != shape:
+            raise MergeError(
+                f"leaf {name!r}: model {index} has shape {np.shape(source)}, "
+                f"model 0 has {shape}"
+            )
+        if jnp.result_type(source) != dtype:
+            raise MergeError(
+                f"leaf {name!r}: model {index} has dtype {jnp.result_type(source)}, "
+                f"model 0 has {dtype}"
+            )
+    if base is not None and np.shape(base) != shape:
+        raise MergeError(f"leaf {name!r}: the base has shape {np.shape(base)}, models {shape}")
+
+
+def _merge_non_float(name: str, sources: tuple) -> Any:
+    """Integer and boolean leaves (counters, masks) are copied when every model agrees."""
+    if not any(isinstance(s, jax.core.Tracer) for s in sources):
+        for index, source in enumerate(sources[1:], start=1):
+            if not np.array_equal(np.asarray(source), np.asarray(sources[0])):
+                raise MergeError(
+                    f"leaf {name!r} is not floating point ({jnp.result_type(source)}) and "
+                    f"model {index} differs from model 0, so it cannot be merged"
+                )
+    return sources[0]
+
+
+def _raise_if_not_finite(name: str, finite: jax.Array, base: Any) -> None:
+    if isinstance(finite, jax.core.Tracer):
+        return
+    bad = [int(i) for i in np.flatnonzero(~np.asarray(finite))]
+    if bad:
+        raise MergeError(f"leaf {name!r}: model {bad[0]} holds NaN or Inf values")
+    if base is not None and not isinstance(base, jax.core.Tracer):
+        if not bool(jnp.all(jnp.isfinite(base))):
+            raise MergeError(f"leaf {name!r}: the base model holds NaN or Inf values")
+
+
+def _keep_sharding(result: Any, source: Any) -> Any:
+    """Place the result like the first source when XLA chose another sharding."""
+    if isinstance(result, jax.core.Tracer) or not isinstance(source, jax.Array):
+        return result
+    if isinstance(source, jax.core.Tracer) or result.sharding == source.sharding:
+        return result
+    return jax.device_put(result, source.sharding)

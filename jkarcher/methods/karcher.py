@@ -1,0 +1,58 @@
+"""The Karcher mean merge (Wang, Ye, Yin 2026), with an optional base model (task-vector mode)."""
+
+from __future__ import annotations
+
+import jax
+
+from jkarcher.karcher import BLOCKS, DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL, karcher_mean
+from jkarcher.methods.common import compute_dtype
+from jkarcher.methods.registry import (
+    BASE_OPTIONAL,
+    MergeMethod,
+    Param,
+    non_negative,
+    one_of,
+    positive,
+    positive_int,
+    register,
+)
+
+
+def karcher(
+    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
+    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, step: float = 1.0,
+    block: str = "tensor", eps: float = DEFAULT_EPS,
+) -> jax.Array:
+    """Weighted Karcher mean of the sources on the sphere, rescaled to their weighted mean norm.
+
+    With a base model the mean is taken of the task vectors x_i - base and the base is added back.
+    """
+    del key
+    if base is None:
+        return karcher_mean(
+            stacked, weights, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
+        )
+    dtype = compute_dtype()
+    deltas = stacked.astype(dtype) - base.astype(dtype)[None]
+    merged = karcher_mean(
+        deltas, weights, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
+    )
+    return (base.astype(dtype) + merged).astype(stacked.dtype)
+
+
+register(
+    MergeMethod(
+        name="karcher",
+        leaf=karcher,
+        params=(
+            Param("max_iter", DEFAULT_MAX_ITER, "most fixed-point updates", check=positive_int),
+            Param("tol", DEFAULT_TOL, "stop when the tangent norm is below this", check=positive),
+            Param("step", 1.0, "fixed-point step size", check=positive),
+            Param("block", "tensor", "merge each tensor whole or each row", check=one_of(*BLOCKS)),
+            Param("eps", DEFAULT_EPS, "norm under which a source is ignored", check=non_negative),
+        ),
+        base=BASE_OPTIONAL,
+        summary="weighted Karcher mean on the unit sphere, rescaled to the mean norm",
+        reference="Wang, Ye, Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold",
+    )
+)

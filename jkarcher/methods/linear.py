@@ -1,0 +1,35 @@
+"""Linear interpolation (model soups; Wortsman et al. 2022, "Model soups")."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jkarcher.methods.common import weighted_sum
+from jkarcher.methods.registry import MergeMethod, Param, boolean, register
+
+
+def linear(
+    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
+    normalize: bool = True,
+) -> jax.Array:
+    """Weighted average  sum_i w_i x_i / sum_i w_i  (or the plain weighted sum if not normalize).
+
+    Computed in float32 (float64 under x64) and returned in the sources' dtype.
+    """
+    del base, key
+    total = weighted_sum(stacked, weights)
+    if normalize:
+        total = total / jnp.sum(weights.astype(total.dtype))
+    return total.astype(stacked.dtype)
+
+
+register(
+    MergeMethod(
+        name="linear",
+        leaf=linear,
+        params=(Param("normalize", True, "divide by the sum of the weights", check=boolean),),
+        summary="weighted average of the models",
+        reference="https://arxiv.org/abs/2203.05482",
+    )
+)

@@ -1,0 +1,173 @@
+"""The registry of merge methods: name -> leaf function with declared parameters.
+
+Every method is a pure *leaf function*
+
+    leaf(stacked[N, ...], weights[N], base[...] | None, *, key, **params) -> array[...]
+
+that merges one tensor stacked along axis 0 (one slice per source model). It does no I/O, reads no
+globals and draws randomness only from the explicit `jax.random` key. The registry records, for
+each method, its parameters with defaults and checks, whether it needs a base model and whether it
+is random, so that the Python API, the config validation, the CLI and the README's table of methods
+all read one source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+BASE_NONE = "none"
+BASE_OPTIONAL = "optional"
+BASE_REQUIRED = "required"
+
+
+class MethodError(ValueError):
+    """A method was asked for that does not exist, or with parameters it cannot take."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One declared parameter of a merge method.
+
+    `per_model` parameters may be given once for all models or as one value per source model
+    (mergekit's per-model `parameters:`); the leaf then receives a tuple of N values.
+    `check(value)` returns an error text for a bad value, or None when the value is fine.
+    """
+
+    name: str
+    default: Any
+    doc: str = ""
+    per_model: bool = False
+    check: Callable[[Any], str | None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its leaf function and what it declares about itself."""
+
+    name: str
+    leaf: Callable[..., Any]
+    params: tuple[Param, ...] = ()
+    base: str = BASE_NONE
+    random: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    summary: str = ""
+    reference: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params) or "none"
+        raise MethodError(
+            f"method {self.name!r} has no parameter {name!r} (its parameters: {known})"
+        )
+
+    def resolve(
+        self, params: Mapping[str, Any], n_models: int, has_base: bool
+    ) -> dict[str, Any]:
+        """Fill defaults and check every value; per-model values become tuples of length N."""
+        if self.base == BASE_REQUIRED and not has_base:
+            raise MethodError(f"method {self.name!r} needs a base model, and none was given")
+        if self.base == BASE_NONE and has_base:
+            raise MethodError(f"method {self.name!r} takes no base model, but one was given")
+        if n_models < self.min_models or (
+            self.max_models is not None and n_models > self.max_models
+        ):
+            span = (
+                f"exactly {self.min_models}"
+                if self.max_models == self.min_models
+                else f"at least {self.min_models}"
+                + (f" and at most {self.max_models}" if self.max_models else "")
+            )
+            raise MethodError(f"method {self.name!r} merges {span} models, got {n_models}")
+        for name in params:
+            self.param(name)
+        resolved = {}
+        for p in self.params:
+            value = params.get(p.name, p.default)
+            values = _per_model_values(self.name, p, value, n_models)
+            for v in values if isinstance(values, tuple) else (values,):
+                problem = p.check(v) if p.check is not None else None
+                if problem:
+                    raise MethodError(
+                        f"method {self.name!r}, parameter {p.name!r}={v!r}: {problem}"
+                    )
+            resolved[p.name] = values
+        return resolved
+
+
+def _per_model_values(method: str, p: Param, value: Any, n_models: int) -> Any:
+    if not isinstance(value, list | tuple):
+        return value
+    if not p.per_model:
+        raise MethodError(
+            f"method {method!r}, parameter {p.name!r}: takes one value, not a list {value!r}"
+        )
+    if len(value) != n_models:
+        raise MethodError(
+            f"method {method!r}, parameter {p.name!r}: {len(value)} values given for "
+            f"{n_models} models"
+        )
+    return tuple(value)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry; names are unique."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> MergeMethod:
+    """The registered method called `name`; an error lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MethodError(
+            f"unknown merge method {name!r}; known methods: {', '.join(names())}"
+        ) from None
+
+
+def names() -> list[str]:
+    """All registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+# Checks shared by many methods' parameter declarations.
+def positive(value: Any) -> str | None:
+    return None if _is_number(value) and value > 0 else "must be a number > 0"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+
+
+def positive_int(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return None if ok else "must be an integer > 0"
+
+
+def unit_interval(value: Any) -> str | None:
+    return None if _is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def one_of(*choices: Any) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+    return check
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
