@@ -1,8 +1,9 @@
 """The weighted Karcher (Frechet) mean on the unit sphere, a proxy for the Fisher-Rao barycenter.
 
 Wang, Ye, Yin (2026), "Functionality-Oriented LLM Merging on the Fisher-Rao Manifold", Sec. 3.3-3.4:
-each block (a whole tensor, or each row) of the N sources x_i is split into a norm n_i = ||x_i|| and a
-direction u_i = x_i / n_i. The directions are averaged on the sphere by the fixed point (eq. 5)
+each block (a whole tensor, or each row) of the N sources x_i is split into a norm n_i = ||x_i||
+and a direction u_i = x_i / n_i. The directions are averaged on the sphere by the fixed point
+(eq. 5)
 
     d_i = clip(<u, u_i>, -1, 1),  theta_i = arccos d_i,
     T   = step * sum_i a_i theta_i / sin(theta_i) (u_i - d_i u),        a_i = w_i / sum_valid w,
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jkarcher.methods.common import compute_dtype, sum_over_models
+from jkarcher.methods.common import compute_dtype, sum_over_models, with_auto_axes
 from jkarcher.sphere import angle_from_cosine, sin_over_theta, theta_over_sin
 
 DEFAULT_MAX_ITER = 100
@@ -49,6 +50,9 @@ class KarcherInfo(NamedTuple):
     tangent_norm: jax.Array
 
 
+@functools.partial(
+    jax.jit, static_argnames=("max_iter", "tol", "step", "block", "eps", "return_info")
+)
 def karcher_mean(
     stacked: jax.Array,
     weights: jax.Array | None = None,
@@ -79,19 +83,27 @@ def karcher_mean(
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
     n = stacked.shape[0]
+    weights = jnp.ones((n,), compute_dtype()) if weights is None else jnp.asarray(weights)
+    solve = functools.partial(
+        _karcher_mean, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
+    )
+    merged, info = with_auto_axes(solve)(stacked, weights)
+    return (merged, info) if return_info else merged
+
+
+def _karcher_mean(stacked, weights, *, max_iter, tol, step, block, eps):
+    n = stacked.shape[0]
     dtype = compute_dtype()
-    weights = jnp.ones((n,), dtype) if weights is None else jnp.asarray(weights, dtype)
     chunks = _chunked_rows(stacked, block)
     pair_sums = tuple(_accurate_sum(p) for p in _chunk_pair_sums(chunks, dtype))
     solve = functools.partial(
         _gram_space_coefficients, max_iter=max_iter, tol=tol, step=step, eps=eps
     )
-    gammas, info = jax.vmap(solve, in_axes=(0, None))(_assemble_grams(pair_sums, n), weights)
+    grams = _assemble_grams(pair_sums, n)
+    gammas, info = jax.vmap(solve, in_axes=(0, None))(grams, weights.astype(dtype))
     merged = _combine(chunks, gammas, dtype)
-    size = int(np.prod(stacked.shape[1:], dtype=np.int64))
-    merged = merged.reshape(merged.shape[0], -1)[:, : size // merged.shape[0]]
-    return_value = merged.reshape(stacked.shape[1:]).astype(stacked.dtype)
-    return (return_value, info) if return_info else return_value
+    merged = merged.reshape(merged.shape[0], -1)[:, : _blocks(stacked, block)[1]]
+    return merged.reshape(stacked.shape[1:]).astype(stacked.dtype), info
 
 
 def _chunked_rows(stacked: jax.Array, block: str) -> jax.Array:
@@ -101,14 +113,25 @@ def _chunked_rows(stacked: jax.Array, block: str) -> jax.Array:
     avoids padding (zeros change no inner product).
     """
     n = stacked.shape[0]
-    rows = stacked.shape[1] if block == "row" and stacked.ndim >= 3 else 1
-    length = int(np.prod(stacked.shape[1:], dtype=np.int64)) // rows
+    rows, length = _blocks(stacked, block)
     x = stacked.reshape(n, rows, length)
-    chunk = _chunk_length(length)
-    pad = -length % chunk
+    pad = _padding(stacked, block)
     if pad:
         x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)))
+    chunk = _chunk_length(length)
     return x.reshape(n, rows, (length + pad) // chunk, chunk)
+
+
+def _blocks(stacked: jax.Array, block: str) -> tuple[int, int]:
+    """(number of blocks, elements per block) of one source."""
+    rows = stacked.shape[1] if block == "row" and stacked.ndim >= 3 else 1
+    return rows, int(np.prod(stacked.shape[1:], dtype=np.int64)) // rows
+
+
+def _padding(stacked: jax.Array, block: str) -> int:
+    """Zeros appended to each block to fill its last chunk."""
+    length = _blocks(stacked, block)[1]
+    return -length % _chunk_length(length)
 
 
 def _chunk_length(length: int) -> int:
@@ -165,7 +188,7 @@ def _assemble_grams(pair_sums: tuple[jax.Array, ...], n: int) -> jax.Array:
     """The per-pair sums ([B] each, i <= j) as symmetric Gram matrices [B, N, N]."""
     first, second = np.triu_indices(n)
     upper = jnp.stack(pair_sums, axis=-1)
-    gram = jnp.zeros(upper.shape[:-1] + (n, n), upper.dtype)
+    gram = jnp.zeros((*upper.shape[:-1], n, n), upper.dtype)
     gram = gram.at[..., first, second].set(upper)
     return gram.at[..., second, first].set(upper)
 
@@ -230,8 +253,9 @@ def _starting_point(alphas, unit_gram, valid, norm_of) -> jax.Array:
     mean_norm = norm_of(alphas)
     first_valid = jnp.zeros((n,), alphas.dtype).at[jnp.argmax(valid)].set(1.0)
     first_valid = jnp.where(jnp.any(valid), first_valid, 0.0)
-    return jnp.where(mean_norm > floor, alphas / jnp.where(mean_norm > floor, mean_norm, 1.0),
-                     first_valid)
+    return jnp.where(
+        mean_norm > floor, alphas / jnp.where(mean_norm > floor, mean_norm, 1.0), first_valid
+    )
 
 
 def _combine(chunks: jax.Array, gammas: jax.Array, dtype) -> jax.Array:

@@ -1,10 +1,11 @@
 """Merging whole parameter pytrees, leaf by leaf, with any registered method.
 
-`merge(pytrees, weights)` takes N pytrees of one structure (nested dicts, flax nnx State, any pytree)
-and applies the method's leaf function to each leaf stacked across the models. The jitted leaf
-function is cached per method and parameters (and by jit per shape and dtype), and it is the same
-function the checkpoint pipeline runs, so both give identical values. Each leaf keeps its dtype and
-sharding. Called inside a user's `jax.jit`, the same code traces into the user's computation.
+`merge(pytrees, weights)` takes N pytrees of one structure (nested dicts, flax nnx State, any
+pytree) and applies the method's leaf function to each leaf stacked across the models. The
+jitted leaf function is cached per method and parameters (and by jit per shape and dtype), and
+it is the same function the checkpoint pipeline runs, so both give identical values. Each leaf
+keeps its dtype and sharding. Called inside a user's `jax.jit`, the same code traces into the
+user's computation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkarcher import methods
-from jkarcher.methods.common import compute_dtype
+from jkarcher.methods.common import compute_dtype, with_auto_axes
 
 
 class MergeError(ValueError):
@@ -112,12 +113,11 @@ def path_name(path: tuple) -> str:
 
 @functools.cache
 def _jitted_leaf(method: str, params: tuple[tuple[str, Any], ...]) -> Callable:
-    leaf = methods.get(method).leaf
-    kwargs = dict(params)
+    leaf = with_auto_axes(functools.partial(methods.get(method).leaf, **dict(params)))
 
     def merge_one(sources, weights, base, key):
         stacked = jnp.stack(sources)
-        merged = leaf(stacked, weights, base, key=key, **kwargs)
+        merged = leaf(stacked, weights, base, key=key)
         finite = jnp.stack([jnp.all(jnp.isfinite(s)) for s in sources])
         return merged, finite
 
@@ -178,8 +178,7 @@ def _check_leaf(name: str, sources: tuple, base: Any) -> None:
     for index, source in enumerate(sources[1:], start=1):
         if np.shape(source) != shape:
             raise MergeError(
-                f"leaf {name!r}: model {index} has shape {np.shape(source)}, "
-                f"model 0 has {shape}"
+                f"leaf {name!r}: model {index} has shape {np.shape(source)}, model 0 has {shape}"
             )
         if jnp.result_type(source) != dtype:
             raise MergeError(

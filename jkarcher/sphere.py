@@ -29,14 +29,15 @@ def angle_from_cosine(cosine: jax.Array) -> jax.Array:
 def theta_over_sin(theta: jax.Array) -> jax.Array:
     """theta / sin(theta), the log map's scale: 1 + theta^2/6 near 0, finite for theta < pi.
 
-    At the cut locus (sin theta ~ 0 with theta near pi) the log map is undefined; there the
-    factor is 0, so an exactly antipodal source pulls in no direction.
+    Near the cut locus (theta within 8 sqrt(eps) of pi, where float rounding of a cosine near -1
+    already moves theta by about sqrt(eps)) the log map is undefined; there the factor is 0, so an
+    antipodal source pulls in no direction.
     """
-    tiny = jnp.finfo(theta.dtype).eps ** 0.5
-    sin = jnp.sin(theta)
+    cut_locus = jnp.pi - 8.0 * jnp.finfo(theta.dtype).eps ** 0.5
     series = 1.0 + jnp.square(theta) / 6.0
-    ratio = theta / jnp.where(sin > tiny, sin, 1.0)
-    return jnp.where(theta < SMALL_ANGLE, series, jnp.where(sin > tiny, ratio, 0.0))
+    regular = (theta >= SMALL_ANGLE) & (theta < cut_locus)
+    ratio = theta / jnp.sin(jnp.where(regular, theta, 1.0))
+    return jnp.where(theta < SMALL_ANGLE, series, jnp.where(regular, ratio, 0.0))
 
 
 def sin_over_theta(theta: jax.Array) -> jax.Array:
@@ -46,7 +47,7 @@ def sin_over_theta(theta: jax.Array) -> jax.Array:
 
 
 def geodesic_distance(u: jax.Array, v: jax.Array) -> jax.Array:
-    """Great-circle distance between unit vectors, 2 atan2(||u - v||, ||u + v||) (stable at 0, pi)."""
+    """Great-circle distance of unit vectors: 2 atan2(||u - v||, ||u + v||), stable at 0 and pi."""
     return 2.0 * jnp.arctan2(jnp.linalg.norm(u - v), jnp.linalg.norm(u + v))
 
 

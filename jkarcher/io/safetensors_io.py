@@ -1,8 +1,8 @@
 """Reading Hugging Face checkpoints in safetensors layout, one tensor at a time.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor name
-to its dtype, shape and byte range, then the raw data. Names, shapes and dtypes come from the headers
-alone, so a whole merge can be planned and checked before any tensor is read. Pickled `.bin`
+to its dtype, shape and byte range, then the raw data. Names, shapes and dtypes come from the
+headers alone, so a whole merge can be planned and checked before any tensor is read. Pickled `.bin`
 checkpoints are refused and never unpickled.
 """
 
@@ -20,7 +20,10 @@ import numpy as np
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Arrays are read into buffers aligned like this, so that JAX on CPU can use them without a copy.
+BUFFER_ALIGNMENT = 64
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -57,6 +60,20 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    def rows(self, first: int, stop: int) -> TensorInfo:
+        """The rows [first, stop) along axis 0, as a tensor of its own (no data is read)."""
+        if not self.shape or not 0 <= first <= stop <= self.shape[0]:
+            raise ValueError(
+                f"tensor {self.name!r} of shape {list(self.shape)} has no rows [{first}, {stop})"
+            )
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        return dataclasses.replace(
+            self,
+            shape=(stop - first, *self.shape[1:]),
+            start=self.start + first * row_bytes,
+            end=self.start + stop * row_bytes,
+        )
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -116,15 +133,25 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, size: int) -> Te
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Read one tensor from disk into a new NumPy array of its dtype and shape."""
-    out = np.empty(info.shape, dtype=info.dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    """Read one tensor from disk into a new NumPy array of its dtype and shape.
+
+    The array's data is aligned to BUFFER_ALIGNMENT bytes, so `jax.device_put(array,
+    may_alias=True)` on CPU can use it in place.
+    """
+    raw = aligned_bytes(info.nbytes)
     with open(info.file, "rb") as f:
         f.seek(info.start)
-        got = f.readinto(view) if out.size else 0
+        got = f.readinto(memoryview(raw)) if info.nbytes else 0
     if got != info.nbytes:
         raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-    return out
+    return raw.view(info.dtype).reshape(info.shape)
+
+
+def aligned_bytes(nbytes: int) -> np.ndarray:
+    """An uninitialized uint8 array of `nbytes` whose data starts on a BUFFER_ALIGNMENT boundary."""
+    raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
+    offset = -raw.ctypes.data % BUFFER_ALIGNMENT
+    return raw[offset : offset + nbytes]
 
 
 def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
@@ -168,11 +195,15 @@ def _cached_snapshot(repo: Path) -> Path | None:
 
 
 class Checkpoint:
-    """The safetensors weights of one HF checkpoint directory (single file or sharded + index)."""
+    """The safetensors weights of one HF checkpoint directory (single file or sharded + index).
+
+    Opening one reads the headers and `config.json` only; tensors are read one at a time.
+    """
 
     def __init__(self, path_or_id: str | os.PathLike):
         self.source = str(path_or_id)
         self.path = resolve_checkpoint_dir(path_or_id)
+        self.config = _load_model_config(self.path / CONFIG_NAME)
         self.files = _weight_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
@@ -195,8 +226,7 @@ class Checkpoint:
             info = self.tensors.get(name)
             if info is None or info.file.name != file_name:
                 raise CheckpointError(
-                    f"{index}: lists tensor {name!r} in {file_name}, but that file does not "
-                    "hold it"
+                    f"{index}: lists tensor {name!r} in {file_name}, but that file does not hold it"
                 )
 
     def names(self) -> list[str]:
@@ -219,6 +249,19 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def _load_model_config(path: Path) -> dict:
+    """The model's `config.json` as a dict; {} when the checkpoint has none."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable model config ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the model config is not a JSON object")
+    return config
 
 
 def _load_index(index: Path) -> dict[str, str]:

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 
 def compute_dtype() -> jnp.dtype:
@@ -30,3 +31,33 @@ def weighted_sum(stacked: jax.Array, weights: jax.Array) -> jax.Array:
     dtype = compute_dtype()
     w = weights.astype(dtype)
     return sum_over_models(w[i] * stacked[i].astype(dtype) for i in range(stacked.shape[0]))
+
+
+def with_auto_axes(fn):
+    """Run `fn(stacked, *args)` with a mesh's Explicit axes turned Auto for its duration.
+
+    Leaf functions reshape and reduce freely; under explicit sharding every such reshape would
+    need an output sharding. Inside, XLA's propagation places the work; outputs shaped like one
+    slice of `stacked` are sharded like that slice (as a leaf of the models is), others replicated.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(stacked, *args, **kwargs):
+        sharding = jax.typeof(stacked).sharding
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+            return fn(stacked, *args, **kwargs)
+        run = lambda s, *a: fn(s, *a, **kwargs)
+        slice_sharding = NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        out_sharding = jax.tree.map(
+            lambda out: slice_sharding if out.shape == stacked.shape[1:] else replicated,
+            jax.eval_shape(run, *map(_unsharded_shape, (stacked, *args))),
+        )
+        return jax.sharding.auto_axes(run, out_sharding=out_sharding)(stacked, *args)
+
+    return wrapped
+
+
+def _unsharded_shape(x):
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), x)

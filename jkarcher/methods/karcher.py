@@ -19,9 +19,16 @@ from jkarcher.methods.registry import (
 
 
 def karcher(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
-    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, step: float = 1.0,
-    block: str = "tensor", eps: float = DEFAULT_EPS,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    key=None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    step: float = 1.0,
+    block: str = "tensor",
+    eps: float = DEFAULT_EPS,
 ) -> jax.Array:
     """Weighted Karcher mean of the sources on the sphere, rescaled to their weighted mean norm.
 
@@ -53,6 +60,8 @@ register(
         ),
         base=BASE_OPTIONAL,
         summary="weighted Karcher mean on the unit sphere, rescaled to the mean norm",
-        reference="Wang, Ye, Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold",
+        reference=(
+            "Wang, Ye, Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold"
+        ),
     )
 )

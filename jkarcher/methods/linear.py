@@ -10,7 +10,11 @@ from jkarcher.methods.registry import MergeMethod, Param, boolean, register
 
 
 def linear(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    key=None,
     normalize: bool = True,
 ) -> jax.Array:
     """Weighted average  sum_i w_i x_i / sum_i w_i  (or the plain weighted sum if not normalize).

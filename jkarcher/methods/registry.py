@@ -14,6 +14,7 @@ all read one source of truth.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,16 @@ class MethodError(ValueError):
     """A method was asked for that does not exist, or with parameters it cannot take."""
 
 
+class _Required:
+    """The default of a parameter that has none: the caller must give a value."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
     """One declared parameter of a merge method.
@@ -33,6 +44,7 @@ class Param:
     `per_model` parameters may be given once for all models or as one value per source model
     (mergekit's per-model `parameters:`); the leaf then receives a tuple of N values.
     `check(value)` returns an error text for a bad value, or None when the value is fine.
+    A `default` of `REQUIRED` means the parameter has no default and must be given.
     """
 
     name: str
@@ -55,6 +67,10 @@ class MergeMethod:
     max_models: int | None = None
     summary: str = ""
     reference: str = ""
+    # Whether the per-model weights enter the result (some methods define their own mixing).
+    weighted: bool = True
+    # A check across the resolved parameters: returns an error text naming the parameters, or None.
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -65,9 +81,7 @@ class MergeMethod:
             f"method {self.name!r} has no parameter {name!r} (its parameters: {known})"
         )
 
-    def resolve(
-        self, params: Mapping[str, Any], n_models: int, has_base: bool
-    ) -> dict[str, Any]:
+    def resolve(self, params: Mapping[str, Any], n_models: int, has_base: bool) -> dict[str, Any]:
         """Fill defaults and check every value; per-model values become tuples of length N."""
         if self.base == BASE_REQUIRED and not has_base:
             raise MethodError(f"method {self.name!r} needs a base model, and none was given")
@@ -88,6 +102,10 @@ class MergeMethod:
         resolved = {}
         for p in self.params:
             value = params.get(p.name, p.default)
+            if value is REQUIRED:
+                raise MethodError(
+                    f"method {self.name!r} needs parameter {p.name!r} ({p.doc}); it has no default"
+                )
             values = _per_model_values(self.name, p, value, n_models)
             for v in values if isinstance(values, tuple) else (values,):
                 problem = p.check(v) if p.check is not None else None
@@ -96,6 +114,9 @@ class MergeMethod:
                         f"method {self.name!r}, parameter {p.name!r}={v!r}: {problem}"
                     )
             resolved[p.name] = values
+        problem = self.check(resolved) if self.check is not None else None
+        if problem:
+            raise MethodError(f"method {self.name!r}: {problem}")
         return resolved
 
 
@@ -156,6 +177,24 @@ def positive_int(value: Any) -> str | None:
 
 def unit_interval(value: Any) -> str | None:
     return None if _is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def fraction(value: Any) -> str | None:
+    """A proportion of elements to keep, such as a density: in (0, 1]."""
+    return None if _is_number(value) and 0 < value <= 1 else "must be in (0, 1]"
+
+
+def number(value: Any) -> str | None:
+    return None if _is_number(value) and math.isfinite(value) else "must be a finite number"
+
+
+def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """`check`, or no value at all (None)."""
+
+    def check_optional(value: Any) -> str | None:
+        return None if value is None else check(value)
+
+    return check_optional
 
 
 def boolean(value: Any) -> str | None:
