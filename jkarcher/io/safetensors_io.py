@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ CONFIG_NAME = "config.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Arrays are read into buffers aligned like this, so that JAX on CPU can use them without a copy.
 BUFFER_ALIGNMENT = 64
+# Buffers at least this large get memory maps of their own (see `aligned_bytes`).
+MAP_BUFFER_BYTES = 32 * 2**20
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -148,7 +151,14 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
 
 
 def aligned_bytes(nbytes: int) -> np.ndarray:
-    """An uninitialized uint8 array of `nbytes` whose data starts on a BUFFER_ALIGNMENT boundary."""
+    """A uint8 array of `nbytes` whose data starts on a BUFFER_ALIGNMENT boundary.
+
+    Large buffers are anonymous memory maps of their own (page-aligned, freed with the array):
+    allocating them costs a steady time per byte, where heap memory advised for huge pages can
+    stall the first time on the kernel's memory compaction.
+    """
+    if nbytes >= MAP_BUFFER_BYTES:
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
     raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
     offset = -raw.ctypes.data % BUFFER_ALIGNMENT
     return raw[offset : offset + nbytes]

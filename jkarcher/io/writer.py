@@ -1,0 +1,351 @@
+"""Writing Hugging Face checkpoints: safetensors shards streamed tensor by tensor, and a staging
+directory that becomes the output only when everything in it is written.
+
+The shard layout (which tensor goes to which file, at which offset) is fixed before the first tensor
+is merged, from names, shapes and dtypes alone, so each shard's header is written first and each
+tensor is written at its offset as soon as it is ready, in any order: no shard is ever held in
+memory. The layout follows the safetensors format (an 8-byte little-endian header length, a JSON
+header padded to 8 bytes, the raw data with contiguous offsets) and the HF names
+`model.safetensors` or `model-00001-of-0000K.safetensors` plus `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import queue
+import re
+import shutil
+import struct
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jkarcher.io.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+HEADER_ALIGNMENT = 8
+STAGING_MARK = ".incomplete-"
+
+
+class OutputError(ValueError):
+    """The output directory cannot be written as asked (it exists, or it overlaps an input)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output: its name, dtype and shape."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One output file and the tensors it holds, in the order their data follows the header."""
+
+    file_name: str
+    tensors: tuple[OutputTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the file (the header not included)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def header(self) -> bytes:
+        """The safetensors header: length prefix and JSON (padded with spaces to 8 bytes)."""
+        entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor in self.tensors:
+            entries[tensor.name] = {
+                "dtype": DTYPE_NAMES[np.dtype(tensor.dtype)],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + tensor.nbytes],
+            }
+            offset += tensor.nbytes
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % HEADER_ALIGNMENT)
+        return struct.pack("<Q", len(text)) + text
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders numbers inside names by value: layers.2 before layers.10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def plan_shards(tensors: Sequence[OutputTensor], max_bytes: int) -> tuple[Shard, ...]:
+    """Cut the tensors, in the given order, into files of at most `max_bytes` of data each.
+
+    A tensor larger than `max_bytes` gets a file of its own. One file is named `model.safetensors`;
+    several are `model-00001-of-0000K.safetensors` and need an index.
+    """
+    groups: list[list[OutputTensor]] = []
+    size = 0
+    for tensor in tensors:
+        if not groups or (size + tensor.nbytes > max_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    if len(groups) <= 1:
+        return (Shard(SINGLE_NAME, tuple(groups[0]) if groups else ()),)
+    count = len(groups)
+    return tuple(
+        Shard(SHARD_NAME.format(index=i + 1, count=count), tuple(group))
+        for i, group in enumerate(groups)
+    )
+
+
+class ShardWriter:
+    """Writes planned tensors, in any order, at their planned places in the shard files.
+
+    All files are created with their headers at once; `write(name, *pieces)` puts one tensor's
+    bytes at its offset. A tensor comes as one array or as consecutive blocks of rows (their
+    concatenation along axis 0); its dtype and byte count are checked against the plan. `close`
+    checks that every planned tensor was written.
+    """
+
+    def __init__(self, directory: str | os.PathLike, shards: Sequence[Shard]):
+        self._files = []
+        self._places: dict[str, tuple[int, int, OutputTensor]] = {}
+        for shard in shards:
+            header = shard.header()
+            file = open(Path(directory) / shard.file_name, "wb")
+            file.write(header)
+            file.flush()
+            self._files.append(file)
+            offset = len(header)
+            for tensor in shard.tensors:
+                self._places[tensor.name] = (file.fileno(), offset, tensor)
+                offset += tensor.nbytes
+        self._unwritten = set(self._places)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        self._close_files()
+
+    def write(self, name: str, *pieces: np.ndarray) -> None:
+        if name not in self._unwritten:
+            state = "was written already" if name in self._places else "was not planned"
+            raise ValueError(f"tensor {name!r} {state}")
+        descriptor, offset, planned = self._places[name]
+        _check_pieces(planned, pieces)
+        for piece in pieces:
+            data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+            while data:  # one call writes at most about 2 GB
+                written = os.pwrite(descriptor, data, offset)
+                data, offset = data[written:], offset + written
+        self._unwritten.discard(name)
+
+    def close(self) -> None:
+        """Close the files; every planned tensor must have been written."""
+        if self._unwritten:
+            missing = min(self._unwritten, key=natural_key)
+            raise ValueError(f"the output is incomplete: tensor {missing!r} was never written")
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for file in self._files:
+            file.close()
+
+
+def _check_pieces(planned: OutputTensor, pieces: Sequence[np.ndarray]) -> None:
+    dtype = np.dtype(planned.dtype)
+    total = 0
+    for piece in pieces:
+        if piece.dtype != dtype:
+            raise ValueError(f"tensor {planned.name!r}: got dtype {piece.dtype}, planned {dtype}")
+        if len(pieces) > 1 and tuple(piece.shape[1:]) != tuple(planned.shape[1:]):
+            raise ValueError(
+                f"tensor {planned.name!r}: a block of shape {list(piece.shape)} does not fit "
+                f"{list(planned.shape)}"
+            )
+        total += piece.nbytes
+    if total != planned.nbytes:
+        raise ValueError(f"tensor {planned.name!r}: got {total} bytes, planned {planned.nbytes}")
+
+
+def write_index(directory: str | os.PathLike, shards: Sequence[Shard]) -> None:
+    """Write `model.safetensors.index.json`: total data size and the file of every tensor."""
+    index = {
+        "metadata": {"total_size": sum(shard.nbytes for shard in shards)},
+        "weight_map": {t.name: shard.file_name for shard in shards for t in shard.tensors},
+    }
+    write_json(Path(directory) / INDEX_NAME, index)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Write in-memory arrays as HF safetensors weights (sharded, with an index, when needed).
+
+    For small checkpoints (examples, tests); large merges stream through `ShardWriter` instead.
+    """
+    names = sorted(tensors, key=natural_key)
+    layout = [OutputTensor(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
+    shards = plan_shards(layout, max_shard_bytes or sum(t.nbytes for t in layout) + 1)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with ShardWriter(directory, shards) as writer:
+        for name in names:
+            writer.write(name, tensors[name])
+    if len(shards) > 1:
+        write_index(directory, shards)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write a JSON file, indented like the files HF tools write."""
+    Path(path).write_text(json.dumps(value, indent=2) + "\n")
+
+
+def copy_files(source: Path, destination: Path, names: Sequence[str]) -> list[str]:
+    """Copy those of `names` that exist in `source` (following links) into `destination`."""
+    copied = []
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+            copied.append(name)
+    return copied
+
+
+def check_output_dir(
+    output: str | os.PathLike, inputs: Sequence[str | os.PathLike], overwrite: bool
+) -> None:
+    """Refuse an output that is, contains or lies inside an input, or that exists (unless
+    `overwrite`), so that a merge never writes over its own inputs."""
+    target = Path(output).expanduser().resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or source in target.parents:
+            raise OutputError(f"output {target} is inside the input model directory {source}")
+        if target in source.parents:
+            raise OutputError(f"the input model directory {source} is inside output {target}")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise OutputError(f"output {target} exists and is not a directory")
+        if not overwrite:
+            raise OutputError(
+                f"output {target} already exists; choose another output, or set overwrite=True "
+                "(--config.overwrite=True) to replace it"
+            )
+
+
+@contextlib.contextmanager
+def staged_directory(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh hidden directory beside `output`; rename it to `output` when the block ends.
+
+    If the block raises (or is interrupted), the staging directory is deleted and `output` is left
+    as it was. A run killed outright leaves only a hidden `.NAME.incomplete-*` directory, which no
+    tool mistakes for a checkpoint. With `overwrite`, an existing output is replaced.
+    """
+    target = Path(output).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        _move_into_place(staging, target, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        os.rename(staging, target)
+        return
+    if not overwrite:
+        raise OutputError(f"output {target} appeared while this one was written; kept it as it is")
+    replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(target, replaced)
+    os.rename(staging, target)
+    if replaced.is_dir() and not replaced.is_symlink():
+        shutil.rmtree(replaced)
+    else:
+        replaced.unlink()
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_FILES = ("generation_config.json",)
+
+
+def output_model_config(source: Mapping[str, Any], dtype_name: str, tie_embeddings: bool) -> dict:
+    """The output's `config.json`: the source model's, with the output dtype and tying stated.
+
+    Both the current `dtype` key and the older `torch_dtype` (when the source has it) are set.
+    """
+    config = dict(source)
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+    config["tie_word_embeddings"] = tie_embeddings
+    return config
+
+
+class WriteBehind:
+    """Writes to a `ShardWriter` from a background thread, so that writing overlaps merging.
+
+    At most `depth` tensors wait to be written (each `write` blocks while the queue is full). An
+    error in the thread is raised by the next `write`, or when the block ends; when the block ends
+    with an error, tensors still waiting are dropped.
+    """
+
+    _DONE = object()
+
+    def __init__(self, writer: ShardWriter, depth: int = 2):
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._write_all, name="write-behind", daemon=True)
+
+    def __enter__(self) -> WriteBehind:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._cancelled = exc_type is not None
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+    def write(self, name: str, *pieces: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((name, pieces))
+
+    def _write_all(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            if self._error is None and not self._cancelled:  # else drain, so no put blocks
+                try:
+                    name, pieces = item
+                    self._writer.write(name, *pieces)
+                except BaseException as err:  # raised in the merging thread
+                    self._error = err

@@ -1,0 +1,616 @@
+"""Streaming merge of Hugging Face checkpoints on disk: plan, read ahead, merge, write, rename.
+
+Data flows one way (DESIGN.md):
+
+  `plan_merge(config)`  reads headers and config files only: every output tensor with its sources,
+                        all models checked for the same names and shapes, the output layout fixed;
+                        any problem is an error here, before anything is written.
+  `run(plan)`           a background thread reads the next tensors while the current one merges in
+                        `jkarcher.merge.leaf_function(method, params)` (the very function behind
+                        `jkarcher.merge`, so both give identical values); a second thread compiles
+                        the leaf for the shapes still to come; a third streams each result into its
+                        shard; config, tokenizer files and model card follow; the finished
+                        directory is renamed into place.
+
+Peak memory is about the bytes of the largest tensor across all models (the tensor being merged,
+plus the tensors read ahead, are held to that budget), not the model size.
+
+Users' expectations that the plan encodes:
+- embeddings and lm_head of different vocabulary sizes: the rows that all models have are merged;
+  the output has the base (or first) model's vocabulary, its further rows copied from that model;
+- tied embeddings stay tied: no lm_head is written when the base (or first) model ties it; when
+  that model has its own lm_head, a model that ties contributes its embedding matrix instead;
+- tensors that are not floating point are copied when every model agrees on them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkarcher import methods
+from jkarcher.config import MergeConfig
+from jkarcher.io.model_card import model_card
+from jkarcher.io.safetensors_io import Checkpoint, CheckpointError, TensorInfo, read_tensor
+from jkarcher.io.writer import (
+    GENERATION_FILES,
+    TOKENIZER_FILES,
+    OutputTensor,
+    Shard,
+    ShardWriter,
+    WriteBehind,
+    check_output_dir,
+    copy_files,
+    natural_key,
+    output_model_config,
+    plan_shards,
+    staged_directory,
+    write_index,
+    write_json,
+)
+from jkarcher.merge import MergeError, check_weights, leaf_function, leaf_key
+
+EMBED_SUFFIX = "embed_tokens.weight"
+LM_HEAD_NAME = "lm_head.weight"
+VOCAB_SUFFIXES = (EMBED_SUFFIX, LM_HEAD_NAME)
+# Reading ahead may hold at least this much even when every tensor is small.
+MIN_READ_AHEAD_BYTES = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSettings:
+    """What merges one tensor: the models' weights and the method's resolved parameters."""
+
+    weights: tuple[float, ...]
+    params: Mapping[str, Any]
+
+    @property
+    def params_key(self) -> tuple:
+        return tuple(sorted(self.params.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorTask:
+    """One output tensor and where its data comes from.
+
+    `sources[i]` is model i's tensor (only the rows all models share, for a vocabulary tensor);
+    `tail` holds the output's further rows, copied from the base (or first) model. Tensors that are
+    not floating point (`merged` False) are copied from the first model once all agree.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    source_dtype: np.dtype
+    out_dtype: np.dtype
+    sources: tuple[TensorInfo, ...]
+    base: TensorInfo | None
+    tail: TensorInfo | None
+    settings: TensorSettings
+    merged: bool
+
+    def infos(self) -> tuple[TensorInfo, ...]:
+        """Every distinct byte range this task reads (a model listed twice is read once)."""
+        wanted = (*self.sources, self.base, self.tail)
+        return tuple(dict.fromkeys(i for i in wanted if i is not None))
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(info.nbytes for info in self.infos())
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge will do, decided from headers and config files alone."""
+
+    config: MergeConfig
+    method: methods.MergeMethod
+    models: tuple[Checkpoint, ...]
+    base: Checkpoint | None
+    labels: tuple[str, ...]
+    tie_embeddings: bool
+    tasks: tuple[TensorTask, ...]
+    shards: tuple[Shard, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def reference(self) -> Checkpoint:
+        """The model whose config, vocabulary and tokenizer the output takes: base, else first."""
+        return self.base or self.models[0]
+
+    @property
+    def reference_label(self) -> str:
+        return self.labels[-1] if self.base else self.labels[0]
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(task.read_bytes for task in self.tasks)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(shard.nbytes for shard in self.shards)
+
+    def input_labels(self, task: TensorTask) -> list[tuple[TensorInfo, str]]:
+        """Each tensor a task reads, with the input it comes from ('model 2 (PATH)')."""
+        labelled = list(zip(task.sources, self.labels, strict=False))
+        if task.base is not None:
+            labelled.append((task.base, self.labels[-1]))
+        if task.tail is not None:
+            labelled.append((task.tail, self.reference_label))
+        return labelled
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSummary:
+    """What a finished merge did."""
+
+    output: Path
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.bytes_read / max(self.seconds, 1e-9) / 1e9
+        return (
+            f"merged {self.tensors} tensors: {self.bytes_read / 1e9:.2f} GB read, "
+            f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s "
+            f"({rate:.2f} GB/s read) -> {self.output}"
+        )
+
+
+def tensor_settings(config: MergeConfig, name: str) -> TensorSettings:
+    """The weights and method parameters that merge the tensor called `name`.
+
+    Every tensor takes the config's model weights and resolved method parameters; all per-tensor
+    settings are decided here and nowhere else.
+    """
+    del name
+    return TensorSettings(config.weights, config.params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: headers and config files only.
+
+
+def plan_merge(config: MergeConfig) -> MergePlan:
+    """Open every checkpoint's headers, check that they fit together and fix the output layout.
+
+    Raises CheckpointError, MergeError or OutputError, naming the tensor, the model and the file,
+    before any output is written.
+    """
+    models = tuple(_open(entry.path, f"models[{i}]") for i, entry in enumerate(config.models))
+    base = None if config.base_model is None else _open(config.base_model, "base_model")
+    inputs = (*models, base) if base else models
+    check_output_dir(config.output, [c.path for c in inputs], config.overwrite)
+    reference = base or models[0]
+    if not reference.config:
+        raise CheckpointError(
+            f"{reference.path}: has no config.json; the output's config is copied from the base "
+            "model (or the first model), so that one needs it"
+        )
+    labels = [f"model {i} ({c.source})" for i, c in enumerate(models)]
+    if base is not None:
+        labels.append(f"the base model ({base.source})")
+    reference_index = len(models) if base else 0
+    tie = ties_embeddings(reference)
+    names = sorted(
+        (n for n in reference.names() if not (tie and n == LM_HEAD_NAME)), key=natural_key
+    )
+    warnings = _check_names(inputs, labels, names, labels[reference_index], tie)
+    tasks = []
+    for name in names:
+        infos = [_source_info(c, name) for c in inputs]
+        task, warning = _plan_tensor(config, name, infos, labels, len(models), reference_index)
+        tasks.append(task)
+        warnings += [warning] if warning else []
+    layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
+    return MergePlan(
+        config=config,
+        method=methods.get(config.method),
+        models=models,
+        base=base,
+        labels=tuple(labels),
+        tie_embeddings=tie,
+        tasks=tuple(tasks),
+        shards=plan_shards(layout, config.out_shard_size),
+        warnings=tuple(warnings),
+    )
+
+
+def ties_embeddings(checkpoint: Checkpoint) -> bool:
+    """Whether a model's lm_head is its input embedding: its config says so, or it stores none."""
+    if _embedding_name(checkpoint) is None:
+        return False
+    if LM_HEAD_NAME not in checkpoint.tensors:
+        return True
+    return bool(checkpoint.config.get("tie_word_embeddings", False))
+
+
+def _open(path: str, field: str) -> Checkpoint:
+    try:
+        return Checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{field}: {err}") from None
+
+
+def _embedding_name(checkpoint: Checkpoint) -> str | None:
+    return next((n for n in checkpoint.names() if n.endswith(EMBED_SUFFIX)), None)
+
+
+def _source_info(checkpoint: Checkpoint, name: str) -> TensorInfo:
+    """The tensor a model contributes for `name`: a tying model gives its embedding as lm_head."""
+    if name == LM_HEAD_NAME and ties_embeddings(checkpoint):
+        return checkpoint.info(_embedding_name(checkpoint))
+    return checkpoint.info(name)
+
+
+def _check_names(
+    inputs: Sequence[Checkpoint],
+    labels: Sequence[str],
+    names: Sequence[str],
+    reference_label: str,
+    tie: bool,
+) -> list[str]:
+    """Every input must hold every output tensor and no other (lm_head aside, by tying rules)."""
+    warnings = []
+    wanted = set(names)
+    for checkpoint, label in zip(inputs, labels, strict=True):
+        present = set(checkpoint.names())
+        own_head = LM_HEAD_NAME in present and not ties_embeddings(checkpoint)
+        if tie:
+            present.discard(LM_HEAD_NAME)
+            if own_head:
+                warnings.append(
+                    f"{label} has its own lm_head, but the output ties lm_head to the "
+                    f"embeddings as {reference_label} does; that lm_head is not used"
+                )
+        elif LM_HEAD_NAME in wanted and not own_head and ties_embeddings(checkpoint):
+            present.add(LM_HEAD_NAME)
+            warnings.append(
+                f"{label} ties lm_head to its embeddings; its embedding matrix is merged into "
+                "the output's lm_head"
+            )
+        missing = sorted(wanted - present, key=natural_key)
+        if missing:
+            raise MergeError(
+                f"tensor {missing[0]!r} is missing from {label}: no file of {checkpoint.path} "
+                f"holds it ({len(missing)} tensors missing in all; {reference_label} has them)"
+            )
+        extra = sorted(present - wanted, key=natural_key)
+        if extra:
+            raise MergeError(
+                f"tensor {extra[0]!r} of {label} (in {checkpoint.info(extra[0]).file}) is not in "
+                f"{reference_label}; the models must have the same tensors"
+            )
+    return warnings
+
+
+def _plan_tensor(
+    config: MergeConfig,
+    name: str,
+    infos: Sequence[TensorInfo],
+    labels: Sequence[str],
+    n_models: int,
+    reference_index: int,
+) -> tuple[TensorTask, str | None]:
+    """The task for one output tensor and, for a vocabulary size difference, a warning."""
+    reference = infos[reference_index]
+    floating = [bool(jnp.issubdtype(i.dtype, jnp.floating)) for i in infos]
+    if len(set(floating)) > 1:
+        odd = floating.index(not floating[reference_index])
+        raise MergeError(
+            f"tensor {name!r} is {infos[odd].dtype} in {labels[odd]} ({infos[odd].file}) but "
+            f"{reference.dtype} in {labels[reference_index]} ({reference.file})"
+        )
+    rows, warning = _shared_rows(name, infos, labels, reference_index)
+    if rows is not None and not floating[0]:
+        raise MergeError(f"tensor {name!r}: vocabulary sizes differ in a non-float tensor")
+    trimmed = [i if rows is None else i.rows(0, rows) for i in infos]
+    has_tail = rows is not None and rows < reference.shape[0]
+    task = TensorTask(
+        name=name,
+        shape=reference.shape,
+        source_dtype=_common_dtype([i.dtype for i in infos]),
+        out_dtype=np.dtype(config.out_dtype) if floating[0] else reference.dtype,
+        sources=tuple(trimmed[:n_models]),
+        base=trimmed[n_models] if len(infos) > n_models else None,
+        tail=reference.rows(rows, reference.shape[0]) if has_tail else None,
+        settings=tensor_settings(config, name),
+        merged=floating[0],
+    )
+    return task, warning
+
+
+def _shared_rows(
+    name: str, infos: Sequence[TensorInfo], labels: Sequence[str], reference_index: int
+) -> tuple[int | None, str | None]:
+    """None when all shapes agree; for vocabulary tensors that differ only in their number of
+    rows, the number of rows all share (and a warning saying what happens to the others)."""
+    reference = infos[reference_index]
+    odd = next((i for i, info in enumerate(infos) if info.shape != reference.shape), None)
+    if odd is None:
+        return None, None
+    vocabulary = name.endswith(VOCAB_SUFFIXES) and all(
+        len(i.shape) >= 1 and i.shape[1:] == reference.shape[1:] for i in infos
+    )
+    if not vocabulary:
+        raise MergeError(
+            f"tensor {name!r} has shape {list(infos[odd].shape)} in {labels[odd]} "
+            f"({infos[odd].file}) but {list(reference.shape)} in {labels[reference_index]} "
+            f"({reference.file})"
+        )
+    rows = min(i.shape[0] for i in infos)
+    sizes = ", ".join(f"{label}: {i.shape[0]}" for label, i in zip(labels, infos, strict=True))
+    fate = (
+        f"rows {rows}..{reference.shape[0] - 1} are copied from {labels[reference_index]}"
+        if rows < reference.shape[0]
+        else f"the output keeps the {rows} rows of {labels[reference_index]}"
+    )
+    return rows, (
+        f"tensor {name!r}: vocabulary sizes differ ({sizes}); the first {rows} rows are merged, "
+        f"{fate}, and rows beyond that in other models are dropped"
+    )
+
+
+def _common_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
+    """The dtype all sources are merged in: theirs when they agree, else the one that holds all."""
+    common = dtypes[0]
+    for dtype in dtypes[1:]:
+        common = jnp.promote_types(common, dtype)
+    return np.dtype(common)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run: read ahead, merge, write, rename.
+
+
+def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) -> MergeSummary:
+    """Execute a plan: stream every tensor through the leaf function into the output files.
+
+    The output appears at `plan.config.output` only once complete; on any error (NaN or Inf in a
+    source, models that disagree on a non-float tensor, an interruption) nothing is left there.
+    `on_tensor(task)` is called after each tensor is merged and handed to the writer thread
+    (e.g. to advance a progress bar).
+    """
+    start = time.perf_counter()
+    key = jax.random.key(plan.config.seed) if plan.method.random else None
+    order = execution_order(plan.tasks)
+    with staged_directory(plan.config.output, plan.config.overwrite) as staging:
+        with (
+            _Leaves(plan.method, order, plan.config.seed) as leaves,
+            ReadAhead(order, _read_task, _read_ahead_bytes(order)) as reads,
+            ShardWriter(staging, plan.shards) as shards,
+            WriteBehind(shards) as writer,
+        ):
+            for task, arrays in reads:
+                tensor_key = None if key is None else leaf_key(key, task.name)
+                writer.write(task.name, *_merge_tensor(plan, leaves, task, arrays, tensor_key))
+                del arrays
+                if on_tensor is not None:
+                    on_tensor(task)
+        _write_side_files(plan, staging)
+    return MergeSummary(
+        output=plan.config.output,
+        tensors=len(plan.tasks),
+        bytes_read=plan.bytes_to_read,
+        bytes_written=plan.bytes_to_write,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def execution_order(tasks: Sequence[TensorTask]) -> tuple[TensorTask, ...]:
+    """The order to merge in: tasks grouped by the leaf they compile to, groups in order of
+    first appearance.
+
+    Each group merges while the next group's leaf compiles, instead of every layer waiting for
+    new compilations. The output files keep the planned layout whatever the order.
+    """
+    groups: dict[tuple, list[TensorTask]] = {}
+    for task in tasks:
+        groups.setdefault(_signature(task), []).append(task)
+    return tuple(task for group in groups.values() for task in group)
+
+
+def _read_task(task: TensorTask) -> dict[TensorInfo, np.ndarray]:
+    return {info: read_tensor(info) for info in task.infos()}
+
+
+def _read_ahead_bytes(tasks: Sequence[TensorTask]) -> int:
+    return max([MIN_READ_AHEAD_BYTES, *(t.read_bytes for t in tasks)])
+
+
+class ReadAhead:
+    """Yields (task, what `read(task)` returned) in order, reading in a background thread.
+
+    The thread stays at most `limit_bytes` (by `task.read_bytes`) ahead: it counts the task being
+    processed until the consumer asks for the next one, and it always reads the next task when
+    nothing is held, however large.
+    """
+
+    def __init__(self, tasks: Sequence[Any], read: Callable[[Any], Any], limit_bytes: int):
+        self._tasks = list(tasks)
+        self._read = read
+        self._limit = limit_bytes
+        self._held = 0
+        self._stopping = False
+        self._condition = threading.Condition()
+        self._results: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read_all, name="read-ahead", daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for task in self._tasks:
+            outcome = self._results.get()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            yield task, outcome
+            with self._condition:
+                self._held -= task.read_bytes
+                self._condition.notify_all()
+
+    def _read_all(self) -> None:
+        try:
+            for task in self._tasks:
+                with self._condition:
+                    while (
+                        not self._stopping
+                        and self._held > 0
+                        and self._held + task.read_bytes > self._limit
+                    ):
+                        self._condition.wait()
+                    if self._stopping:
+                        return
+                    self._held += task.read_bytes
+                self._results.put(self._read(task))
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._results.put(err)
+
+
+class _Leaves:
+    """The jitted leaf function of each tensor, compiled ahead in a background thread.
+
+    Compiling for every distinct (shape, dtype, parameters) in task order, while earlier tensors
+    merge, keeps compilation off the critical path; a merge waits only for its own compilation.
+    """
+
+    def __init__(self, method: methods.MergeMethod, tasks: Sequence[TensorTask], seed: int):
+        self._method = method.name
+        self._seed_key = jax.random.key(seed) if method.random else None
+        self._weights: dict[tuple[float, ...], jax.Array] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self._compiled: dict[tuple, concurrent.futures.Future] = {}
+        for task in tasks:
+            signature = _signature(task)
+            if task.merged and signature not in self._compiled:
+                self._compiled[signature] = self._executor.submit(self._compile, task)
+
+    def __enter__(self) -> _Leaves:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def weights(self, task: TensorTask) -> jax.Array:
+        weights = task.settings.weights
+        if weights not in self._weights:
+            self._weights[weights] = check_weights(weights, len(weights))
+        return self._weights[weights]
+
+    def merge(self, task: TensorTask, sources: tuple, base, key) -> tuple[jax.Array, jax.Array]:
+        """(merged tensor, per-source all-finite flags) from `leaf_function`, as `merge` gives."""
+        self._compiled[_signature(task)].result()
+        fn = leaf_function(self._method, task.settings.params)
+        return fn(sources, self.weights(task), base, key)
+
+    def _compile(self, task: TensorTask) -> None:
+        fn = leaf_function(self._method, task.settings.params)
+        shaped = jax.ShapeDtypeStruct(task.sources[0].shape, task.source_dtype)
+        base = None if task.base is None else shaped
+        key = None if self._seed_key is None else leaf_key(self._seed_key, task.name)
+        fn.lower((shaped,) * len(task.sources), self.weights(task), base, key).compile()
+
+
+def _signature(task: TensorTask) -> tuple:
+    """What the compiled leaf of a task depends on."""
+    return (task.merged, task.sources[0].shape, task.source_dtype, task.base is not None,
+            len(task.sources), task.settings.params_key)
+
+
+def _merge_tensor(
+    plan: MergePlan,
+    leaves: _Leaves,
+    task: TensorTask,
+    arrays: Mapping[TensorInfo, np.ndarray],
+    key: jax.Array | None,
+) -> list[np.ndarray]:
+    """The output tensor as blocks of rows: the merged (shared) rows, then any copied tail."""
+    if not task.merged:
+        return [_agreed_copy(plan, task, arrays)]
+    sources = tuple(_on_device(arrays[info], task.source_dtype) for info in task.sources)
+    base = None if task.base is None else _on_device(arrays[task.base], task.source_dtype)
+    merged, finite = leaves.merge(task, sources, base, key)
+    labelled = plan.input_labels(task)
+    for index in np.flatnonzero(~np.asarray(finite)):
+        _raise_not_finite(task, *labelled[index])
+    for info, label in labelled[len(task.sources) :]:
+        if not bool(_all_finite(_on_device(arrays[info], info.dtype))):
+            _raise_not_finite(task, info, label)
+    if merged.dtype != task.out_dtype:
+        merged = merged.astype(task.out_dtype)
+    pieces = [np.asarray(merged)]
+    if task.tail is not None:
+        pieces.append(arrays[task.tail].astype(task.out_dtype))
+    return pieces
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def _on_device(array: np.ndarray, dtype: np.dtype) -> jax.Array:
+    """The array in JAX, used in place when its dtype is already right (no copy on CPU)."""
+    return jax.device_put(array if array.dtype == dtype else array.astype(dtype), may_alias=True)
+
+
+def _raise_not_finite(task: TensorTask, info: TensorInfo, label: str) -> None:
+    raise MergeError(
+        f"tensor {task.name!r}: {label} holds NaN or Inf values (file {info.file}); "
+        "nothing was written"
+    )
+
+
+def _agreed_copy(
+    plan: MergePlan, task: TensorTask, arrays: Mapping[TensorInfo, np.ndarray]
+) -> np.ndarray:
+    """A non-float tensor (an index, a mask) is copied if every model holds the same values."""
+    labelled = plan.input_labels(task)
+    first, first_label = labelled[0]
+    for info, label in labelled[1:]:
+        if not np.array_equal(arrays[info], arrays[first]):
+            raise MergeError(
+                f"tensor {task.name!r} is not floating point ({info.dtype}) and differs between "
+                f"{first_label} and {label} (file {info.file}), so it cannot be merged"
+            )
+    return arrays[first].astype(task.out_dtype, copy=False)
+
+
+def _write_side_files(plan: MergePlan, directory: Path) -> None:
+    """Index (when sharded), config.json, generation and tokenizer files, and the model card."""
+    config = plan.config
+    if len(plan.shards) > 1:
+        write_index(directory, plan.shards)
+    model_config = output_model_config(plan.reference.config, config.dtype, plan.tie_embeddings)
+    write_json(directory / "config.json", model_config)
+    names = GENERATION_FILES + (TOKENIZER_FILES if config.copy_tokenizer else ())
+    copy_files(plan.reference.path, directory, names)
+    (directory / "README.md").write_text(
+        model_card(
+            title=config.output.name,
+            method=plan.method.name,
+            method_summary=plan.method.summary,
+            method_reference=plan.method.reference,
+            models=[(m.path, m.weight) for m in config.models],
+            base_model=config.base_model,
+            resolved_config=config.to_dict(),
+        )
+    )

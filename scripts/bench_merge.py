@@ -1,0 +1,171 @@
+"""End-to-end merge speed and memory on a synthetic zoo, against the I/O floor and mergekit.
+
+    python scripts/bench_merge.py                      # add --mergekit_karcher for that leg too
+
+The zoo is 4 experts with Qwen2.5-0.5B's shapes in bfloat16 (about 1 GB each: a shared random base
+plus a small random update per expert), made once under --zoo_dir. In one run this times, each as
+a fresh process on the same files (read once beforehand, so every leg finds them in the page cache):
+
+  read floor        reading every tensor of every expert once (jkarcher's reader, in this process);
+  jkarcher karcher  `scripts/merge.py`, Karcher mean with its default tolerance;
+  jkarcher linear   `scripts/merge.py`, weighted average;
+  mergekit linear   `mergekit-yaml` on CPU, when mergekit is installed;
+  mergekit karcher  `mergekit-yaml` on CPU (with --mergekit_karcher: it takes minutes).
+
+and prints wall time and peak resident memory of each, and the ratios between them. Karcher runs
+with each tool's own defaults (jkarcher: tol 1e-6, up to 100 iterations; mergekit: tol 1e-5, up
+to 10), so jkarcher does at least as much iteration as mergekit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from jkarcher import demo
+from jkarcher.io import Checkpoint, read_tensor
+from jkarcher.io.writer import staged_directory
+
+ROOT = Path(__file__).resolve().parents[1]
+_ZOO_DIR = flags.DEFINE_string("zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-0.5b"), "Zoo cache.")
+_WORK_DIR = flags.DEFINE_string("work_dir", str(ROOT / ".bench" / "runs"), "Configs and outputs.")
+_EXPERTS = flags.DEFINE_integer("experts", 4, "Number of experts in the zoo.")
+_MERGEKIT_KARCHER = flags.DEFINE_bool("mergekit_karcher", False, "Also time mergekit's karcher.")
+
+QWEN05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    tie_word_embeddings=True,
+)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def make_zoo(directory: Path, experts: int) -> list[Path]:
+    """The experts' directories, written once: Qwen2.5-0.5B shapes, bf16, base + small updates."""
+    names = [f"expert-{i}" for i in range(experts)]
+    if not directory.is_dir():
+        print(f"making the zoo under {directory} (once; about a minute per expert)", flush=True)
+        rng = np.random.default_rng(0)
+        config = demo.qwen2_config(**QWEN05B)
+        tokenizer = demo.build_tokenizer()
+        with staged_directory(directory, overwrite=False) as staging:
+            base = demo.random_weights(config, rng)
+            for name in names:
+                demo.write_model(staging / name, demo.fine_tuned(base, rng), config, tokenizer)
+    return [directory / name for name in names]
+
+
+def read_everything(models: list[Path]) -> tuple[float, int]:
+    """Seconds and bytes to read every tensor of every model once, one tensor at a time."""
+    start, total = time.perf_counter(), 0
+    for path in models:
+        checkpoint = Checkpoint(path)
+        for name in checkpoint.names():
+            total += read_tensor(checkpoint.info(name)).nbytes
+    return time.perf_counter() - start, total
+
+
+def timed_process(command: list[str], log: Path) -> tuple[float, float]:
+    """Run a command to completion: (wall seconds, its peak resident memory in GB)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | OFFLINE
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
+    return seconds, usage.ru_maxrss * 1024 / 1e9
+
+
+def jkarcher_command(work: Path, models: list[Path], method: str, output: Path) -> list[str]:
+    config = work / "jkarcher_config.py"
+    config.write_text(
+        "from jkarcher.config import base_config\n\n\n"
+        "def get_config():\n"
+        "    config = base_config()\n"
+        f"    config.models = {[{'path': str(p), 'weight': 1.0} for p in models]!r}\n"
+        "    config.dtype = 'bfloat16'\n"
+        "    return config\n"
+    )
+    script = ROOT / "scripts" / "merge.py"
+    return [sys.executable, str(script), f"--config={config}", f"--config.method={method}",
+            f"--config.output={output}"]
+
+
+def mergekit_command(work: Path, models: list[Path], method: str, output: Path) -> list[str]:
+    lines = [f"merge_method: {method}", "dtype: bfloat16", "models:"]
+    for path in models:
+        lines += [f"  - model: {path}"]
+        if method == "linear":
+            lines += ["    parameters:", "      weight: 1.0"]
+    config = work / f"mergekit_{method}.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    return [shutil.which("mergekit-yaml"), str(config), str(output)]
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    work = Path(_WORK_DIR.value)
+    work.mkdir(parents=True, exist_ok=True)
+    models = make_zoo(Path(_ZOO_DIR.value), _EXPERTS.value)
+    read_everything(models)  # page cache warm for every leg
+    floor, total = read_everything(models)
+    print(f"zoo: {len(models)} experts, {total / 1e9:.2f} GB; read floor {floor:.2f} s", flush=True)
+
+    legs = [("jkarcher", "karcher"), ("jkarcher", "linear")]
+    if shutil.which("mergekit-yaml"):
+        legs.append(("mergekit", "linear"))
+        if _MERGEKIT_KARCHER.value:
+            legs.append(("mergekit", "karcher"))
+    else:
+        print("mergekit-yaml not found: mergekit legs skipped")
+    results = {}
+    for tool, method in legs:
+        output = work / f"out-{tool}-{method}"
+        shutil.rmtree(output, ignore_errors=True)
+        command = (jkarcher_command if tool == "jkarcher" else mergekit_command)(
+            work, models, method, output
+        )
+        seconds, rss = timed_process(command, work / f"{tool}-{method}.log")
+        shutil.rmtree(output, ignore_errors=True)
+        results[tool, method] = (seconds, rss)
+        print(f"{tool:9s} {method:8s} {seconds:8.1f} s   peak RSS {rss:5.2f} GB", flush=True)
+
+    print_ratios(results, floor)
+
+
+def print_ratios(results: dict[tuple[str, str], tuple[float, float]], floor: float) -> None:
+    """The ratios the targets are stated in: wall time and peak memory against the baselines."""
+    ours, ours_rss = results["jkarcher", "karcher"]
+    print(f"jkarcher karcher / read floor, wall: {ours / floor:.1f}x")
+    print(f"jkarcher linear / read floor, wall: {results['jkarcher', 'linear'][0] / floor:.1f}x")
+    for method in ("linear", "karcher"):
+        if ("mergekit", method) not in results:
+            continue
+        theirs, theirs_rss = results["mergekit", method]
+        print(f"jkarcher karcher / mergekit {method}, wall: {ours / theirs:.3f}x")
+        print(f"jkarcher karcher / mergekit {method}, peak RSS: {ours_rss / theirs_rss:.2f}x")
+        if method == "linear":
+            ours_linear = results["jkarcher", "linear"][0]
+            print(f"jkarcher linear / mergekit linear, wall: {ours_linear / theirs:.2f}x")
+        else:
+            print(f"mergekit karcher / jkarcher karcher, wall: {theirs / ours:.1f}x faster")
+    print("targets: karcher <= 2x mergekit linear's wall time, >= 20x faster than mergekit's "
+          "karcher, peak RSS <= mergekit's")
+
+
+if __name__ == "__main__":
+    app.run(main)

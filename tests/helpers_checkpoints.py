@@ -1,0 +1,92 @@
+"""Tiny Qwen2-layout checkpoints for the I/O, pipeline and script tests.
+
+The models are small enough to merge in well under a second, and their shapes are chosen so that
+only a few distinct shapes need compiling: hidden 16 with 2 query and 2 key/value heads, an MLP
+of width 16, one layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from jkarcher import demo
+from jkarcher.config import base_config
+from jkarcher.io import Checkpoint
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def tiny_config(vocab_size: int = 64, tie: bool = False) -> dict:
+    """The config.json of a one-layer Qwen2 with hidden size 16."""
+    return demo.qwen2_config(
+        vocab_size,
+        hidden_size=16,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        tie_word_embeddings=tie,
+    )
+
+
+@functools.cache
+def tokenizer():
+    return demo.build_tokenizer()
+
+
+def tiny_weights(config: dict, seed: int, dtype=BF16) -> dict[str, np.ndarray]:
+    """Random weights for `config`, different for every seed."""
+    return demo.random_weights(config, np.random.default_rng(seed), dtype)
+
+
+def write_tiny(
+    directory: Path, weights: dict[str, np.ndarray], config: dict, max_shard_bytes=None
+) -> Path:
+    """One complete HF checkpoint directory (weights, config, tokenizer, generation config)."""
+    return demo.write_model(directory, weights, config, tokenizer(), max_shard_bytes)
+
+
+def make_models(
+    root: Path,
+    n: int = 3,
+    *,
+    vocab_sizes: list[int] | None = None,
+    ties: list[bool] | None = None,
+    dtype=BF16,
+    max_shard_bytes: int | None = None,
+    first_seed: int = 0,
+) -> list[Path]:
+    """`n` tiny models under `root` (model0, model1, ...), optionally of different vocabularies
+    or tying choices."""
+    paths = []
+    for i in range(n):
+        vocab = vocab_sizes[i] if vocab_sizes else 64
+        tie = ties[i] if ties else False
+        config = tiny_config(vocab, tie)
+        weights = tiny_weights(config, first_seed + i, dtype)
+        paths.append(write_tiny(root / f"model{i}", weights, config, max_shard_bytes))
+    return paths
+
+
+def read_all(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint directory, by name."""
+    checkpoint = Checkpoint(directory)
+    return {name: checkpoint.read(name) for name in checkpoint.names()}
+
+
+def merge_config(models: list[Path], output: Path, weights=None, **fields):
+    """A ConfigDict merging `models` (with `weights`, default 1) into `output`; bf16 karcher
+    unless `fields` say otherwise."""
+    config = base_config()
+    config.models = [
+        {"path": str(p), "weight": 1.0 if weights is None else weights[i]}
+        for i, p in enumerate(models)
+    ]
+    config.output = str(output)
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
