@@ -4,7 +4,17 @@
 `names()` lists them. Importing this package registers every method.
 """
 
-from jkarcher.methods import karcher, linear  # noqa: F401  (registration side effects)
+from jkarcher.methods import (  # noqa: F401  (registration side effects)
+    arcee_fusion,
+    karcher,
+    linear,
+    model_stock,
+    nearswap,
+    passthrough,
+    sce,
+    slerp,
+    task_arithmetic,
+)
 from jkarcher.methods.registry import (
     BASE_NONE,
     BASE_OPTIONAL,

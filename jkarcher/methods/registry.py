@@ -96,7 +96,8 @@ class MergeMethod:
                 else f"at least {self.min_models}"
                 + (f" and at most {self.max_models}" if self.max_models else "")
             )
-            raise MethodError(f"method {self.name!r} merges {span} models, got {n_models}")
+            noun = "model" if self.max_models == 1 else "models"
+            raise MethodError(f"method {self.name!r} merges {span} {noun}, got {n_models}")
         for name in params:
             self.param(name)
         resolved = {}

@@ -1,0 +1,58 @@
+"""NearSwap (alchemonaut 2024, huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001): take the
+model's value where it is near the base's, and stay with the base where they differ much.
+
+With the base a and the model b, entry by entry
+
+    w = clip(t / max(|a - b|, 1e-6), 0, 1),    merged = w b + (1 - w) a,
+
+so entries that differ by at most t are the model's, and larger differences move toward the base
+in proportion t / |a - b|. The per-model weights take no part. (Not among the baselines of
+Wang, Ye, Yin 2026; here so that mergekit configurations using it run.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jkarcher.methods.common import compute_dtype
+from jkarcher.methods.registry import (
+    BASE_REQUIRED,
+    REQUIRED,
+    MergeMethod,
+    Param,
+    non_negative,
+    register,
+)
+
+# The floor of |a - b| in the interpolation weight.
+DIFFERENCE_FLOOR = 1e-6
+
+
+def nearswap(
+    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None, t: float
+) -> jax.Array:
+    """NearSwap (alchemonaut 2024): w x + (1 - w) b with w = clip(t / max(|b - x|, 1e-6), 0, 1),
+    entry by entry, for the model x and the base b."""
+    del weights, key
+    dtype = compute_dtype()
+    a, b = base.astype(dtype), stacked[0].astype(dtype)
+    w = jnp.clip(t / jnp.maximum(jnp.abs(a - b), DIFFERENCE_FLOOR), 0.0, 1.0)
+    return (w * b + (1.0 - w) * a).astype(stacked.dtype)
+
+
+register(
+    MergeMethod(
+        name="nearswap",
+        leaf=nearswap,
+        params=(
+            Param("t", REQUIRED, "distance below which the model's value is taken",
+                  check=non_negative),
+        ),
+        base=BASE_REQUIRED,
+        max_models=1,
+        weighted=False,
+        summary="the model where it is within t of the base, moving to the base beyond",
+        reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    )
+)

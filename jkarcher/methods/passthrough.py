@@ -1,0 +1,33 @@
+"""Passthrough: one model's tensor as it is, optionally scaled (mergekit's `passthrough`, used to
+stack or copy layers; not a merge, and not among the baselines of Wang, Ye, Yin 2026)."""
+
+from __future__ import annotations
+
+import jax
+
+from jkarcher.methods.common import compute_dtype
+from jkarcher.methods.registry import MergeMethod, Param, number, optional, register
+
+
+def passthrough(
+    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
+    scale: float | None = None,
+) -> jax.Array:
+    """x_0, or scale * x_0 (computed in float32, returned in x_0's dtype)."""
+    del weights, base, key
+    if scale is None:
+        return stacked[0]
+    return (stacked[0].astype(compute_dtype()) * scale).astype(stacked.dtype)
+
+
+register(
+    MergeMethod(
+        name="passthrough",
+        leaf=passthrough,
+        params=(Param("scale", None, "factor applied to the tensor", check=optional(number)),),
+        max_models=1,
+        weighted=False,
+        summary="one model's tensor, optionally scaled",
+        reference="https://github.com/arcee-ai/mergekit",
+    )
+)

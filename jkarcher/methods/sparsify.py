@@ -1,0 +1,109 @@
+"""Keep-masks for task vectors: magnitude (TIES), outlier trimming (breadcrumbs), random (DARE,
+DELLA), and the L1 rescaling of what is kept.
+
+Each function decides which elements of one model's task vector delta = x - base survive; the
+merge itself (`jkarcher.methods.task_arithmetic`) is a deterministic function of the masks, so a
+test can hand the same mask to this library and to another implementation. Element counts follow
+mergekit's integer rounding exactly (Python floats, truncation), so a density means the same
+number of elements in both. Random masks draw only from the explicit `jax.random` key.
+
+These are the sparsifiers of the baselines that Wang, Ye, Yin (2026, Sec. 4) compare the Karcher
+merge with.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jkarcher.methods.selection import largest_mask, rank_range_mask
+from jkarcher.methods.sums import tensor_sum
+
+# Below this L1 norm (of the task vector or of what is kept) no rescaling is done.
+RESCALE_EPS = 1e-7
+
+
+def magnitude_mask(delta: jax.Array, density: float) -> jax.Array:
+    """TIES trimming (Yadav et al. 2023, arXiv:2306.01708): keep the k = max(1, floor(density D))
+    entries of largest |delta| out of D; density >= 1 keeps everything."""
+    if density >= 1:
+        return jnp.ones(delta.shape, bool)
+    k = max(1, int(density * delta.size))
+    return largest_mask(jnp.abs(delta), k)
+
+
+def outlier_mask(delta: jax.Array, density: float, gamma: float) -> jax.Array:
+    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the largest
+    floor(gamma D) magnitudes as outliers and the smallest, keeping floor(density D) entries.
+
+    With m = floor(density D) and g = floor(gamma D), the kept entries are those of ascending
+    magnitude rank in [b, b + m) with b = max(0, D - m - g): when density + gamma > 1 fewer
+    outliers are dropped so that m entries remain. density >= 1 keeps everything.
+    """
+    if density >= 1:
+        return jnp.ones(delta.shape, bool)
+    size = delta.size
+    kept = int(density * size)
+    bottom = max(0, size - kept - int(gamma * size))
+    return rank_range_mask(jnp.abs(delta), bottom, bottom + kept)
+
+
+def bernoulli_mask(key: jax.Array, shape: tuple[int, ...], density: float) -> jax.Array:
+    """DARE's drop (Yu et al. 2023, arXiv:2311.03099): keep each entry independently with
+    probability density."""
+    if density >= 1:
+        return jnp.ones(shape, bool)
+    return jax.random.bernoulli(key, density, shape)
+
+
+def della_keep_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax.Array:
+    """DELLA's MagPrune probabilities (Deep et al. 2024, arXiv:2406.11617), as mergekit ranks.
+
+    Along axis 1 (the whole vector for 0-d and 1-d tensors), rank the magnitudes r = 1..n,
+    smallest first, and keep with probability p = density - epsilon + 2 epsilon (r - 1) / (n - 1):
+    from density - epsilon for the smallest to density + epsilon for the largest, density on
+    average. A length-1 axis gets p = density (mergekit divides 0 by 0 there).
+    """
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else jnp.moveaxis(delta, 1, -1)
+    n = rows.shape[-1]
+    ranks = _ranks_along_last_axis(jnp.abs(rows))
+    spread = ranks.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rows.shape, 0.5)
+    probabilities = (density - epsilon) + 2 * epsilon * spread
+    if delta.ndim < 2:
+        return probabilities.reshape(delta.shape)
+    return jnp.moveaxis(probabilities, -1, 1)
+
+
+def della_mask(key: jax.Array, delta: jax.Array, density: float, epsilon: float) -> jax.Array:
+    """A DELLA keep-mask: Bernoulli draws of `della_keep_probabilities`; density >= 1 keeps all."""
+    if density >= 1:
+        return jnp.ones(delta.shape, bool)
+    return jax.random.bernoulli(key, della_keep_probabilities(delta, density, epsilon))
+
+
+def rescaled(delta: jax.Array, keep: jax.Array) -> jax.Array:
+    """delta * keep scaled back to the L1 norm of delta: delta * keep * |delta|_1 / |delta*keep|_1.
+
+    This is mergekit's `rescale` (the default of DARE and DELLA), not the papers' 1/density or
+    1/p: it keeps each model's total update size. Nothing is scaled when either norm is below
+    RESCALE_EPS.
+    """
+    kept = jnp.where(keep, delta, 0.0)
+    before = tensor_sum(jnp.abs(delta))
+    after = tensor_sum(jnp.abs(kept))
+    scale = jnp.where((before < RESCALE_EPS) | (after < RESCALE_EPS), 1.0, before / after)
+    return kept * scale
+
+
+def _ranks_along_last_axis(values: jax.Array) -> jax.Array:
+    """0-based ascending ranks along the last axis (ties in sort order).
+
+    One sort carries the positions along and a scatter inverts the permutation: about twice as
+    fast on XLA's CPU backend as argsorting twice.
+    """
+    positions = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+    _, order = jax.lax.sort((values, positions), dimension=values.ndim - 1, num_keys=1)
+    ranks = jnp.zeros(values.shape, jnp.int32)
+    batch = jnp.indices(values.shape[:-1], sparse=True)
+    index = (*(b[..., None] for b in batch), order)
+    return ranks.at[index].set(positions, unique_indices=True)

@@ -1,0 +1,376 @@
+"""Every merge method against mergekit's own implementation, through its in-memory API.
+
+mergekit (0.1.5, the version the test extra pins) is the reference for what each method's name and
+parameters mean. Deterministic methods must agree to 1e-6 on random float32 tensors; random methods
+must agree exactly when given the same keep-masks, and in distribution over many draws; karcher
+agrees to the tolerance mergekit iterates to, and differs where this library differs on purpose.
+Without mergekit the module is skipped, except in CI, where it must run.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from karcher_reference import (
+    first_order_residual,
+    karcher_reference,
+    relative_error,
+    sources_with_cosine,
+)
+
+import jkarcher
+from jkarcher import methods
+from jkarcher.methods import arcee_fusion, sparsify, task_arithmetic
+
+try:
+    import torch
+    from mergekit.merge_methods.api import merge_tensors
+    from mergekit.sparsify import SparsificationMethod
+    from mergekit.sparsify import sparsify as mergekit_sparsify
+except ImportError:
+    if os.environ.get("CI") == "true":
+        raise
+    pytest.skip("mergekit is not installed (pip install -e '.[test]')", allow_module_level=True)
+
+TOLERANCE = 1e-6
+SHAPES = [(97,), (16, 16), (24, 40)]
+# mergekit's slerp takes its t = 0 end as the base model; here it is model 0 of two.
+BASE_IS_MODEL_0 = {"slerp"}
+# mergekit's karcher iteration: its defaults.
+MERGEKIT_KARCHER_TOL = 1e-5
+
+
+def _ours(method, models, weights, base=None, key=None, **params):
+    merged = jkarcher.merge(
+        [jnp.asarray(m) for m in models], weights, method=method,
+        base=None if base is None else jnp.asarray(base), key=key, **params,
+    )
+    return np.asarray(merged)
+
+
+def _theirs(method, models, weights, base=None, **params):
+    tensors = [torch.from_numpy(np.asarray(m)) for m in models]
+    parameters = dict(params)
+    if methods.get(method).weighted:
+        parameters["weight"] = [float(w) for w in weights]
+    base_index = 0 if method in BASE_IS_MODEL_0 else None
+    if base is not None:
+        tensors.insert(0, torch.from_numpy(np.asarray(base)))
+        base_index = 0
+    merged = merge_tensors(tensors, method, parameters=parameters, base_index=base_index)
+    return merged.numpy()
+
+
+def _inputs(seed, shape, n_models, with_base, spread=0.5, weights=None):
+    """N(0, 1) models, or with a base N(0, 1) the base plus task vectors spread * N(0, 1); weights
+    in [0.3, 2].
+
+    With task vectors half the base's size, results stay below ~4 in magnitude, where float32's
+    spacing is at most 4.8e-7: room within 1e-6 for the two implementations' different orders of
+    summation (unnormalized sums, rescaling and lambda scale task vectors up).
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape).astype(np.float32) if with_base else None
+    noise = rng.standard_normal((n_models, *shape))
+    models = (noise if base is None else base + spread * noise).astype(np.float32)
+    weights = rng.uniform(0.3, 2.0, n_models) if weights is None else np.asarray(weights)
+    return models, weights, base
+
+
+DETERMINISTIC = [  # (method, models, with a base, parameters, options of the data)
+    ("linear", 3, False, {}, {}),
+    ("linear", 3, False, {"normalize": False}, {}),
+    ("slerp", 2, False, {"t": 0.3}, {}),
+    ("slerp", 2, False, {"t": 0.85}, {}),
+    ("nuslerp", 2, False, {}, {}),
+    ("nuslerp", 2, True, {}, {}),
+    ("nuslerp", 2, True, {"nuslerp_flatten": False}, {}),
+    ("nuslerp", 2, False, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, {}),
+    ("multislerp", 3, False, {}, {}),
+    ("multislerp", 4, True, {}, {}),
+    ("multislerp", 3, True, {"normalize_weights": False}, {"weights": [0.2, 0.5, 0.4]}),
+    ("task_arithmetic", 3, True, {}, {}),
+    ("task_arithmetic", 3, True, {"normalize": True, "lambda": 0.6}, {}),
+    ("ties", 3, True, {"density": 0.4}, {}),
+    ("ties", 3, True, {"density": [0.3, 0.7, 1.0], "rescale": True, "lambda": 1.4}, {}),
+    ("ties", 4, True, {"density": 0.5, "normalize": False}, {}),
+    ("breadcrumbs", 3, True, {"density": 0.6}, {}),
+    ("breadcrumbs", 3, True, {"density": [0.5, 0.8, 0.9], "gamma": [0.05, 0.1, 0.3]}, {}),
+    ("breadcrumbs_ties", 3, True, {"density": 0.7, "gamma": 0.1, "rescale": True}, {}),
+    ("sce", 3, True, {}, {}),
+    ("sce", 4, True, {"select_topk": 0.3}, {}),
+    # Task vectors of 1e-3: mean squares below mergekit's 1e-6 floor, so equal weights.
+    ("sce", 3, True, {"select_topk": 0.5}, {"spread": 1e-3}),
+    ("model_stock", 3, True, {}, {}),
+    ("model_stock", 2, True, {"filter_wise": True}, {}),
+    ("arcee_fusion", 1, True, {}, {}),
+    ("nearswap", 1, True, {"t": 0.5}, {}),
+    ("nearswap", 1, True, {"t": 0.01}, {}),
+    ("passthrough", 1, False, {}, {}),
+    ("passthrough", 1, False, {"scale": -0.5}, {}),
+]
+
+
+def _on_every_shape(cases):
+    """Each case on each shape; all but one shape per case (rotating) are marked slow."""
+    return [
+        pytest.param(
+            *case, shape, id=f"{case[0]}-{i}-{shape}",
+            marks=() if j == i % len(SHAPES) else pytest.mark.slow,
+        )
+        for i, case in enumerate(cases)
+        for j, shape in enumerate(SHAPES)
+    ]
+
+
+@pytest.mark.parametrize(
+    "method,n_models,with_base,params,data,shape", _on_every_shape(DETERMINISTIC)
+)
+def test_deterministic_methods_equal_mergekit(method, n_models, with_base, params, data, shape):
+    models, weights, base = _inputs(len(shape) + n_models, shape, n_models, with_base, **data)
+    ours = _ours(method, models, weights, base, **params)
+    theirs = _theirs(method, models, weights, base, **params)
+    assert ours.dtype == np.float32 and ours.shape == shape
+    assert np.max(np.abs(ours - theirs)) <= TOLERANCE
+
+
+LARGE = [  # beyond 2^17 entries the order statistics take the radix-selection path
+    pytest.param("ties", {"density": 0.3}),
+    pytest.param("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}, marks=pytest.mark.slow),
+    pytest.param("sce", {"select_topk": 0.4}, marks=pytest.mark.slow),
+]
+LARGE_SHAPE = (400, 384)
+
+
+@pytest.mark.parametrize("method,params", LARGE)
+def test_order_statistic_methods_equal_mergekit_on_a_large_tensor(method, params):
+    models, weights, base = _inputs(9, LARGE_SHAPE, 3, True)
+    ours = _ours(method, models, weights, base, **params)
+    theirs = _theirs(method, models, weights, base, **params)
+    assert np.max(np.abs(ours - theirs)) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_arcee_fusion_equals_mergekit_on_a_large_tensor_but_at_its_threshold():
+    """Importance is |x - b| times a KL divergence of softmaxes, whose float32 values differ
+    between implementations by ~1e-7 relative; an entry that close to the threshold may be
+    taken from either model. Every other entry agrees to 1e-6."""
+    models, weights, base = _inputs(9, LARGE_SHAPE, 1, True)
+    ours = _ours("arcee_fusion", models, weights, base)
+    theirs = _theirs("arcee_fusion", models, weights, base)
+    importance = arcee_fusion.fusion_importance(jnp.asarray(models[0]), jnp.asarray(base))
+    threshold = float(arcee_fusion.fusion_threshold(importance))
+    differ = np.abs(ours - theirs) > TOLERANCE
+    assert np.all(np.abs(np.asarray(importance)[differ] - threshold) <= 1e-6 * threshold)
+
+
+RANDOM = [  # (method, parameters); densities < 1 so that mergekit draws one mask per model
+    ("dare_linear", {"density": 0.4}),
+    ("dare_linear", {"density": 0.5, "rescale": False, "normalize": True}),
+    ("dare_ties", {"density": [0.3, 0.6, 0.9]}),
+    ("della", {"density": 0.5, "epsilon": 0.2}),
+    ("della_linear", {"density": [0.4, 0.6, 0.7], "epsilon": 0.1, "lambda": 0.8}),
+]
+
+
+def _random_method(method, params, n_models):
+    """The method's jitted leaf (stacked, weights, base, key) -> merge, the jitted sampler of the
+    keep-masks that the leaf draws, (stacked, base, key) -> [N, ...] masks, and its parameters."""
+    spec = methods.get(method)
+    resolved = spec.resolve(params, n_models, True)
+    leaf = jax.jit(lambda s, w, b, k: spec.leaf(s, w, b, key=k, **resolved))
+    if method.startswith("dare"):
+        sample = lambda s, b, k: task_arithmetic.dare_masks(k, s, resolved["density"])
+    else:
+        sample = lambda s, b, k: task_arithmetic.della_masks(
+            k, s, b, resolved["density"], resolved["epsilon"]
+        )
+    return leaf, jax.jit(sample), resolved
+
+
+@pytest.mark.parametrize("method,params,shape", _on_every_shape(RANDOM))
+def test_random_methods_equal_mergekit_given_the_same_masks(method, params, shape, monkeypatch):
+    models, weights, base = _inputs(7, shape, 3, True)
+    stacked, w, b = jnp.asarray(models), jnp.asarray(weights), jnp.asarray(base)
+    key = jax.random.key(11)
+    leaf, sample, resolved = _random_method(method, params, 3)
+    ours = leaf(stacked, w, b, key)
+    masks = np.asarray(sample(stacked, b, key))
+
+    asked = []
+
+    def bernoulli_with_our_masks(probabilities, *args, **kwargs):
+        asked.append(probabilities.clone())
+        return torch.tensor(masks[len(asked) - 1], dtype=probabilities.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli_with_our_masks)
+    theirs = _theirs(method, models, weights, base, **params)
+
+    assert len(asked) == 3
+    densities = task_arithmetic.per_model(resolved["density"], 3)
+    for i, probabilities in enumerate(asked):
+        if method.startswith("dare"):
+            expected = np.full(shape, densities[i], np.float32)
+        else:
+            epsilon = task_arithmetic.per_model(resolved["epsilon"], 3)[i]
+            delta = jnp.asarray(models[i]) - b
+            expected = sparsify.della_keep_probabilities(delta, densities[i], epsilon)
+        np.testing.assert_allclose(probabilities.numpy().reshape(shape), expected, atol=1e-7)
+    assert np.max(np.abs(np.asarray(ours) - theirs)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("dare_linear", {"density": 0.3}), ("della_linear", {"density": 0.5, "epsilon": 0.3})],
+)
+def test_random_methods_match_mergekit_in_distribution(method, params):
+    """Keep rates and the L1 rescaling agree with mergekit's (torch's generator) over many draws.
+
+    Keep rates: over D entries and M draws each model keeps a binomial count, tested against its
+    expectation at 5 standard deviations (for DELLA separately on the lower and the upper half of
+    magnitude ranks, whose keep probabilities differ by epsilon). Rescaling: the mean merge over M
+    draws, entry by entry, ours against mergekit's, within 5 standard errors of the difference.
+    """
+    draws, shape = 200, (12, 20)
+    models, weights, base = _inputs(3, shape, 3, True)
+    stacked, w, b = jnp.asarray(models), jnp.asarray(weights), jnp.asarray(base)
+    keys = jax.random.split(jax.random.key(5), draws)
+    leaf, sample, _ = _random_method(method, params, 3)
+    ours = np.stack([leaf(stacked, w, b, k) for k in keys]).astype(np.float64)
+    our_masks = np.stack([sample(stacked, b, k) for k in keys])
+
+    torch.manual_seed(0)
+    theirs = np.stack([_theirs(method, models, weights, base, **params) for _ in range(draws)])
+    their_masks = np.stack([_mergekit_masks(method, models, base, params) for _ in range(draws)])
+
+    for i in range(3):
+        delta = models[i] - base
+        expected = np.asarray(_keep_probabilities(method, delta, params))
+        ranks = np.argsort(np.argsort(np.abs(delta), axis=1), axis=1)
+        for half in (ranks < shape[1] // 2, ranks >= shape[1] // 2):
+            p = expected[half]
+            sigma = np.sqrt(draws * np.sum(p * (1 - p)))
+            for masks in (our_masks[:, i], their_masks[:, i]):
+                assert abs(masks[:, half].sum() - draws * p.sum()) <= 5 * sigma
+
+    standard_error = np.sqrt((ours.var(0) + theirs.var(0)) / draws)
+    assert np.all(np.abs(ours.mean(0) - theirs.mean(0)) <= 5 * standard_error + 1e-6)
+
+
+def _keep_probabilities(method, delta, params):
+    if method.startswith("dare"):
+        return np.full(delta.shape, params["density"])
+    return sparsify.della_keep_probabilities(jnp.asarray(delta), params["density"],
+                                             params["epsilon"])
+
+
+def _mergekit_masks(method, models, base, params):
+    """mergekit's own keep-masks for each model (its sparsifier without rescaling)."""
+    kind = (
+        SparsificationMethod.random if method.startswith("dare")
+        else SparsificationMethod.della_magprune
+    )
+    extra = {"epsilon": params["epsilon"]} if "epsilon" in params else {}
+    return np.stack([
+        mergekit_sparsify(torch.from_numpy(m - base), params["density"], kind, **extra).numpy() != 0
+        for m in models
+    ])
+
+
+# karcher: mergekit iterates with equal weights to tol 1e-5 (at most 10 steps) in the storage dtype.
+
+
+def _mergekit_karcher(sources):
+    tensors = [torch.from_numpy(np.asarray(s, np.float32)).to(_torch_dtype(s)) for s in sources]
+    return merge_tensors(tensors, "karcher").to(torch.float64).numpy()
+
+
+def _torch_dtype(array):
+    return torch.bfloat16 if array.dtype == ml_dtypes.bfloat16 else torch.float32
+
+
+def _curvature_bound(sources, weights):
+    """A lower bound of the Hessian of f(u) = 1/2 sum a_i theta_i^2 at the Karcher mean.
+
+    Each term's Hessian has eigenvalues 1 and theta_i cot theta_i <= 1, so the sum is at least
+    sum_i a_i theta_i cot theta_i (for all theta_i < pi/2). A direction u with first-order residual
+    r = |sum_i a_i log_u(u_i)| is then within r / lambda of the mean.
+    """
+    x = np.asarray(sources, np.float64).reshape(len(sources), -1)
+    u = karcher_reference(x, weights)
+    u = u / np.linalg.norm(u)
+    thetas = np.arccos(np.clip((x / np.linalg.norm(x, axis=1, keepdims=True)) @ u, -1, 1))
+    assert thetas.max() < np.pi / 2
+    alphas = np.asarray(weights) / np.sum(weights)
+    return float(np.sum(alphas * thetas / np.tan(thetas)))
+
+
+@pytest.mark.parametrize("cosine", [0.9, 0.5])
+@pytest.mark.parametrize("n", [3, 5])
+def test_karcher_equals_mergekit_to_its_tolerance_with_equal_weights(cosine, n):
+    """mergekit stops once its tangent norm is below 1e-5; both results then lie within
+    (r_mergekit + r_ours) / lambda of the true mean, r being each one's first-order residual."""
+    rng = np.random.default_rng(n)
+    sources = sources_with_cosine(rng, n, (24, 40), cosine, rng.uniform(1.0, 4.0, n))
+    sources = sources.astype(np.float32)
+    equal = np.ones(n)
+    ours = _ours("karcher", sources, None)
+    theirs = _mergekit_karcher(sources)
+    residual_theirs = first_order_residual(theirs, sources, equal)
+    residual_ours = first_order_residual(ours, sources, equal)
+    assert residual_theirs <= MERGEKIT_KARCHER_TOL  # mergekit reached its tolerance
+    bound = (residual_theirs + residual_ours) / _curvature_bound(sources, equal) + 2e-6
+    assert bound <= 3 * MERGEKIT_KARCHER_TOL
+    assert relative_error(ours, theirs) <= bound
+
+
+def test_karcher_honours_weights_where_mergekit_cannot():
+    """mergekit's karcher takes no weights (equal alphas); ours solves the weighted condition."""
+    rng = np.random.default_rng(1)
+    sources = sources_with_cosine(rng, 3, (24, 40), 0.5).astype(np.float32)
+    weights = np.array([0.2, 1.0, 3.0])
+    with pytest.raises(TypeError, match="weight"):
+        merge_tensors([torch.from_numpy(s) for s in sources], "karcher",
+                      parameters={"weight": list(weights)})
+    ours = _ours("karcher", sources, weights)
+    theirs = _mergekit_karcher(sources)
+    assert first_order_residual(ours, sources, weights) <= 1e-5
+    assert first_order_residual(theirs, sources, weights) >= 1e-2
+
+
+def test_karcher_of_bfloat16_sources_is_closer_to_the_float64_mean_than_mergekits():
+    """We iterate in float32 and round once; mergekit iterates on bfloat16 unit vectors."""
+    rng = np.random.default_rng(2)
+    sources = sources_with_cosine(rng, 4, (24, 40), 0.5, [1.0, 2.0, 3.0, 4.0])
+    sources = sources.astype(ml_dtypes.bfloat16)
+    reference = karcher_reference(sources.astype(np.float64))
+    ours = _ours("karcher", sources, None)
+    assert ours.dtype == ml_dtypes.bfloat16
+    rounding = relative_error(reference.astype(ml_dtypes.bfloat16), reference)
+    ours_error = relative_error(ours, reference)
+    assert ours_error <= 1.01 * rounding  # the float64 mean, rounded once to bfloat16
+    assert relative_error(_mergekit_karcher(sources), reference) >= 1.3 * ours_error
+
+
+def test_karcher_iterates_to_convergence_where_mergekits_ten_steps_stop_short():
+    """Three sources spread over a great sphere (pairwise angles 120, 80 and 150 degrees): the
+    fixed point converges slowly; mergekit stops after 10 steps far from its tolerance."""
+    angles = np.radians([120.0, 80.0, 150.0])
+    c12, c13, c23 = np.cos(angles)
+    gram = np.array([[1.0, c12, c13], [c12, 1.0, c23], [c13, c23, 1.0]])
+    basis = np.linalg.qr(np.random.default_rng(3).standard_normal((960, 3)))[0]
+    directions = np.linalg.cholesky(gram) @ basis.T
+    sources = (directions * np.array([[2.0], [3.0], [4.0]])).reshape(3, 24, 40)
+    sources = sources.astype(np.float32)
+    equal = np.ones(3)
+    reference = karcher_reference(sources, equal)
+    ours = _ours("karcher", sources, None)
+    theirs = _mergekit_karcher(sources)
+    assert first_order_residual(theirs, sources, equal) >= 10 * MERGEKIT_KARCHER_TOL
+    assert first_order_residual(ours, sources, equal) <= 2e-6
+    assert relative_error(ours, reference) <= 1e-5
+    assert relative_error(theirs, reference) >= 100 * relative_error(ours, reference)
+
