@@ -50,9 +50,6 @@ class KarcherInfo(NamedTuple):
     tangent_norm: jax.Array
 
 
-@functools.partial(
-    jax.jit, static_argnames=("max_iter", "tol", "step", "block", "eps", "return_info")
-)
 def karcher_mean(
     stacked: jax.Array,
     weights: jax.Array | None = None,
@@ -82,19 +79,31 @@ def karcher_mean(
     """
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
-    n = stacked.shape[0]
-    weights = jnp.ones((n,), compute_dtype()) if weights is None else jnp.asarray(weights)
-    solve = functools.partial(
-        _karcher_mean, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
-    )
-    merged, info = with_auto_axes(solve)(stacked, weights)
+    if weights is None:
+        weights = jnp.ones((stacked.shape[0],), compute_dtype())
+    # Traced (inside a caller's jit), the computation joins the caller's program: a nested jit
+    # here would make XLA copy the stack that the caller built from separate arrays.
+    run = _karcher_mean if isinstance(stacked, jax.core.Tracer) else _jitted_karcher_mean
+    merged, info = run(stacked, weights, max_iter=max_iter, tol=tol, step=step, block=block,
+                       eps=eps)
     return (merged, info) if return_info else merged
 
 
 def _karcher_mean(stacked, weights, *, max_iter, tol, step, block, eps):
+    solve = functools.partial(_solve, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps)
+    return with_auto_axes(solve)(stacked, jnp.asarray(weights))
+
+
+_jitted_karcher_mean = jax.jit(
+    _karcher_mean, static_argnames=("max_iter", "tol", "step", "block", "eps")
+)
+
+
+def _solve(stacked, weights, *, max_iter, tol, step, block, eps):
+    """Gram pass, fixed point on coefficients, output pass: (merged, KarcherInfo)."""
     n = stacked.shape[0]
     dtype = compute_dtype()
-    chunks = _chunked_rows(stacked, block)
+    chunks = _source_chunks(stacked, block)
     pair_sums = tuple(_accurate_sum(p) for p in _chunk_pair_sums(chunks, dtype))
     solve = functools.partial(
         _gram_space_coefficients, max_iter=max_iter, tol=tol, step=step, eps=eps
@@ -102,49 +111,47 @@ def _karcher_mean(stacked, weights, *, max_iter, tol, step, block, eps):
     grams = _assemble_grams(pair_sums, n)
     gammas, info = jax.vmap(solve, in_axes=(0, None))(grams, weights.astype(dtype))
     merged = _combine(chunks, gammas, dtype)
-    merged = merged.reshape(merged.shape[0], -1)[:, : _blocks(stacked, block)[1]]
-    return merged.reshape(stacked.shape[1:]).astype(stacked.dtype), info
+    last = (stacked.shape[1:] or (1,))[-1]
+    padded = last + -last % _chunk_length(last)
+    merged = merged.reshape(-1, padded)[:, :last].reshape(stacked.shape[1:])
+    return merged.astype(stacked.dtype), info
 
 
-def _chunked_rows(stacked: jax.Array, block: str) -> jax.Array:
-    """The sources as [N, R, K, c]: R blocks (1, or the rows), each cut into K chunks of c.
+def _source_chunks(stacked: jax.Array, block: str) -> list[jax.Array]:
+    """Each source as [R, K, c]: R blocks (1, or the rows), each cut into K chunks of c.
 
-    Chunks bound the length of every float32 running sum; a chunk length that divides the block
-    avoids padding (zeros change no inner product).
+    Chunks bound the length of every float32 running sum. They split only the last axis (a
+    chunk length that divides it avoids padding; zeros change no inner product), so each view is
+    a free reshape of the source, and the sources are taken one by one, so that XLA reads each
+    from where it lies instead of copying the stack.
     """
-    n = stacked.shape[0]
-    rows, length = _blocks(stacked, block)
-    x = stacked.reshape(n, rows, length)
-    pad = _padding(stacked, block)
-    if pad:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)))
-    chunk = _chunk_length(length)
-    return x.reshape(n, rows, (length + pad) // chunk, chunk)
+    shape = stacked.shape[1:] or (1,)
+    rows = shape[0] if block == "row" and len(shape) >= 2 else 1
+    last = shape[-1]
+    chunk = _chunk_length(last)
+    pad = -last % chunk
 
+    def chunked(source: jax.Array) -> jax.Array:
+        source = source.reshape(-1, last)
+        if pad:
+            source = jnp.pad(source, ((0, 0), (0, pad)))
+        return source.reshape(rows, -1, chunk)
 
-def _blocks(stacked: jax.Array, block: str) -> tuple[int, int]:
-    """(number of blocks, elements per block) of one source."""
-    rows = stacked.shape[1] if block == "row" and stacked.ndim >= 3 else 1
-    return rows, int(np.prod(stacked.shape[1:], dtype=np.int64)) // rows
-
-
-def _padding(stacked: jax.Array, block: str) -> int:
-    """Zeros appended to each block to fill its last chunk."""
-    length = _blocks(stacked, block)[1]
-    return -length % _chunk_length(length)
+    return [chunked(stacked[i]) for i in range(stacked.shape[0])]
 
 
 def _chunk_length(length: int) -> int:
-    """The length itself if short, else its largest divisor in [_CHUNK/4, _CHUNK], else _CHUNK."""
-    if length <= _CHUNK:
-        return max(length, 1)
+    """The length itself up to 2 _CHUNK, else its largest divisor in [_CHUNK/4, _CHUNK], else
+    _CHUNK (with padding)."""
+    if length <= 2 * _CHUNK:
+        return length
     for chunk in range(_CHUNK, _CHUNK // 4 - 1, -1):
         if length % chunk == 0:
             return chunk
     return _CHUNK
 
 
-def _chunk_pair_sums(chunks: jax.Array, dtype) -> tuple[jax.Array, ...]:
+def _chunk_pair_sums(chunks: list[jax.Array], dtype) -> tuple[jax.Array, ...]:
     """<x_i, x_j> per chunk for every pair i <= j (in np.triu_indices order): [R, K] arrays.
 
     Each variadic reduction computes many products from one read of the data, where a matmul
@@ -152,19 +159,18 @@ def _chunk_pair_sums(chunks: jax.Array, dtype) -> tuple[jax.Array, ...]:
     reduction; beyond that, tiles of 3 x 3 models keep each fused loop small enough to vectorize
     (measured fastest on a 2-core x86 machine for N = 8 and 16).
     """
-    n = chunks.shape[0]
-    x = chunks.astype(dtype)
+    n = len(chunks)
     tile = n if n <= 4 else 3
     sums = {}
     for first_row in range(0, n, tile):
         for second_row in range(first_row, n, tile):
             pairs = [
-                (int(i), int(j))
+                (i, j)
                 for i in range(first_row, min(first_row + tile, n))
                 for j in range(second_row, min(second_row + tile, n))
                 if i <= j
             ]
-            products = tuple(x[i] * x[j] for i, j in pairs)
+            products = tuple(chunks[i].astype(dtype) * chunks[j].astype(dtype) for i, j in pairs)
             zeros = tuple(jnp.zeros((), dtype) for _ in products)
             reduced = lax.reduce(products, zeros, _add_tuples, (2,))
             sums.update(zip(pairs, reduced, strict=True))
@@ -258,7 +264,8 @@ def _starting_point(alphas, unit_gram, valid, norm_of) -> jax.Array:
     )
 
 
-def _combine(chunks: jax.Array, gammas: jax.Array, dtype) -> jax.Array:
-    """sum_j gamma_j x_j over the [N, R, K, c] chunks, with gammas [R, N]: an [R, K, c] array."""
-    n = chunks.shape[0]
-    return sum_over_models(gammas[:, j, None, None] * chunks[j].astype(dtype) for j in range(n))
+def _combine(chunks: list[jax.Array], gammas: jax.Array, dtype) -> jax.Array:
+    """sum_j gamma_j x_j over the [R, K, c] chunks, with gammas [R, N]: an [R, K, c] array."""
+    return sum_over_models(
+        gammas[:, j, None, None] * chunk.astype(dtype) for j, chunk in enumerate(chunks)
+    )

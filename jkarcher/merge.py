@@ -116,19 +116,33 @@ def _jitted_leaf(method: str, params: tuple[tuple[str, Any], ...]) -> Callable:
     leaf = with_auto_axes(functools.partial(methods.get(method).leaf, **dict(params)))
 
     def merge_one(sources, weights, base, key):
-        stacked = jnp.stack(sources)
-        merged = leaf(stacked, weights, base, key=key)
-        finite = jnp.stack([jnp.all(jnp.isfinite(s)) for s in sources])
-        return merged, finite
+        merged = leaf(jnp.stack(sources), weights, base, key=key)
+        return merged, all_finite((*sources, base) if base is not None else sources)
 
     return jax.jit(merge_one)
+
+
+def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
+    """[len(arrays)] flags: whether each array holds only finite values.
+
+    x * 0 is 0 where x is finite and NaN where it is not, so one variadic sum over the last
+    axis checks every array (all of one shape) in a single read of the data.
+    """
+    zeros = tuple(jnp.atleast_1d(a).astype(jnp.float32) * 0 for a in arrays)
+    sums = jax.lax.reduce(
+        zeros,
+        (jnp.float32(0),) * len(zeros),
+        lambda x, y: tuple(p + q for p, q in zip(x, y, strict=True)),
+        (zeros[0].ndim - 1,),
+    )
+    return jnp.stack([jnp.sum(s) == 0 for s in sums])
 
 
 def leaf_function(method: str, params: Mapping[str, Any]) -> Callable:
     """The jitted leaf merge for a method and resolved parameters (cached).
 
     It maps (sources: tuple of N arrays, weights [N], base | None, key | None) to
-    (merged array, all-finite flag per source [N]).
+    (merged array, all-finite flag per source and then the base: [N] or [N + 1]).
     """
     return _jitted_leaf(method, tuple(sorted(params.items())))
 
@@ -205,11 +219,11 @@ def _raise_if_not_finite(name: str, finite: jax.Array, base: Any) -> None:
     if isinstance(finite, jax.core.Tracer):
         return
     bad = [int(i) for i in np.flatnonzero(~np.asarray(finite))]
-    if bad:
-        raise MergeError(f"leaf {name!r}: model {bad[0]} holds NaN or Inf values")
-    if base is not None and not isinstance(base, jax.core.Tracer):
-        if not bool(jnp.all(jnp.isfinite(base))):
-            raise MergeError(f"leaf {name!r}: the base model holds NaN or Inf values")
+    if not bad:
+        return
+    n_models = len(finite) - (base is not None)
+    who = "the base model" if bad[0] == n_models else f"model {bad[0]}"
+    raise MergeError(f"leaf {name!r}: {who} holds NaN or Inf values")
 
 
 def _keep_sharding(result: Any, source: Any) -> Any:
