@@ -59,6 +59,7 @@ def karcher_mean(
     step: float = 1.0,
     block: str = "tensor",
     eps: float = DEFAULT_EPS,
+    fisher: jax.Array | None = None,
     return_info: bool = False,
 ) -> jax.Array | tuple[jax.Array, KarcherInfo]:
     """Weighted Karcher mean of the N sources stacked along axis 0, with the mean norm restored.
@@ -72,6 +73,8 @@ def karcher_mean(
       block: "tensor" merges the whole tensor as one vector; "row" merges each slice along the
         first tensor axis (each row of a matrix) separately. 0-d and 1-d tensors are one block.
       eps: sources of norm <= eps take no part in the direction (their norm still counts in s).
+      fisher: [N, ...] diagonal Fisher estimates of the sources (>= 0; negative entries count as
+        0), for the Fisher-preconditioned mean (see `_solve_fisher`); None for the plain mean.
       return_info: also return a `KarcherInfo` (one entry per block).
 
     Returns:
@@ -83,15 +86,19 @@ def karcher_mean(
         weights = jnp.ones((stacked.shape[0],), compute_dtype())
     # Traced (inside a caller's jit), the computation joins the caller's program: a nested jit
     # here would make XLA copy the stack that the caller built from separate arrays.
+    if fisher is not None and fisher.shape != stacked.shape:
+        raise ValueError(f"fisher has shape {fisher.shape}, the sources {stacked.shape}")
     run = _karcher_mean if isinstance(stacked, jax.core.Tracer) else _jitted_karcher_mean
-    merged, info = run(stacked, weights, max_iter=max_iter, tol=tol, step=step, block=block,
-                       eps=eps)
+    merged, info = run(
+        stacked, weights, fisher, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
+    )
     return (merged, info) if return_info else merged
 
 
-def _karcher_mean(stacked, weights, *, max_iter, tol, step, block, eps):
-    solve = functools.partial(_solve, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps)
-    return with_auto_axes(solve)(stacked, jnp.asarray(weights))
+def _karcher_mean(stacked, weights, fisher, *, max_iter, tol, step, block, eps):
+    solver = _solve if fisher is None else _solve_fisher
+    solve = functools.partial(solver, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps)
+    return with_auto_axes(solve)(stacked, jnp.asarray(weights), fisher)
 
 
 _jitted_karcher_mean = jax.jit(
@@ -99,8 +106,9 @@ _jitted_karcher_mean = jax.jit(
 )
 
 
-def _solve(stacked, weights, *, max_iter, tol, step, block, eps):
+def _solve(stacked, weights, fisher, *, max_iter, tol, step, block, eps):
     """Gram pass, fixed point on coefficients, output pass: (merged, KarcherInfo)."""
+    del fisher
     n = stacked.shape[0]
     dtype = compute_dtype()
     chunks = _source_chunks(stacked, block)
@@ -111,10 +119,15 @@ def _solve(stacked, weights, *, max_iter, tol, step, block, eps):
     grams = _assemble_grams(pair_sums, n)
     gammas, info = jax.vmap(solve, in_axes=(0, None))(grams, weights.astype(dtype))
     merged = _combine(chunks, gammas, dtype)
+    return _unchunked(merged, stacked), info
+
+
+def _unchunked(merged: jax.Array, stacked: jax.Array) -> jax.Array:
+    """An [R, K, c] result back in the shape and dtype of one source (padding dropped)."""
     last = (stacked.shape[1:] or (1,))[-1]
     padded = last + -last % _chunk_length(last)
     merged = merged.reshape(-1, padded)[:, :last].reshape(stacked.shape[1:])
-    return merged.astype(stacked.dtype), info
+    return merged.astype(stacked.dtype)
 
 
 def _source_chunks(stacked: jax.Array, block: str) -> list[jax.Array]:
@@ -269,3 +282,93 @@ def _combine(chunks: list[jax.Array], gammas: jax.Array, dtype) -> jax.Array:
     return sum_over_models(
         gammas[:, j, None, None] * chunk.astype(dtype) for j, chunk in enumerate(chunks)
     )
+
+
+def _solve_fisher(stacked, weights, fisher, *, max_iter, tol, step, block, eps):
+    """The Fisher-preconditioned fixed point (the paper's Sec. 3.4), iterated on whole blocks.
+
+    With diagonal Fisher estimates F_i, the tangent average weighs each coordinate k by
+    W_ik = a_i F_ik / sum_j a_j F_jk (a_i where every F_jk is 0):
+
+        T = step * P_u[sum_i W_i * theta_i / sin(theta_i) (u_i - d_i u)],
+
+    P_u the projection onto the tangent space at u, then the exp map and renormalization as in
+    the plain mean, from u = normalize(sum_i W_i * u_i). When every F_i is the same constant,
+    W_ik = a_i and this is the plain Karcher mean; when the sources are very close it tends to
+    normalize(sum_i W_i * u_i), Fisher-weighted averaging (Matena & Raffel 2022) of the
+    directions, rescaled to the weighted mean norm. The per-coordinate weights take u out of the
+    span of the sources, so each iteration reads the sources and Fishers (no Gram shortcut).
+    """
+    dtype = compute_dtype()
+    xs = [x.astype(dtype) for x in _source_chunks(stacked, block)]
+    fs = [jnp.maximum(f.astype(dtype), 0.0) for f in _source_chunks(fisher, block)]
+    norms = jnp.stack([jnp.sqrt(_block_sum(x * x)) for x in xs], axis=-1)  # [R, N]
+    valid = norms > eps
+    inv_norms = jnp.where(valid, 1.0 / jnp.where(valid, norms, 1.0), 0.0)
+    w = weights.astype(dtype)
+    valid_weights = jnp.where(valid, w, 0.0)
+    totals = jnp.sum(valid_weights, axis=-1, keepdims=True)
+    alphas = valid_weights / jnp.where(totals > 0, totals, 1.0)
+
+    def per_block(values, i):
+        return values[:, i, None, None]
+
+    units = [x * per_block(inv_norms, i) for i, x in enumerate(xs)]
+    denominator = sum_over_models(per_block(alphas, i) * f for i, f in enumerate(fs))
+    spread = [
+        jnp.where(
+            denominator > 0,
+            per_block(alphas, i) * f / jnp.where(denominator > 0, denominator, 1.0),
+            per_block(alphas, i),
+        )
+        for i, f in enumerate(fs)
+    ]
+    start = _fisher_starting_point(spread, units, valid)
+
+    def keep_going(state):
+        iteration, _, tangent_norm = state
+        return (iteration < max_iter) & jnp.any(tangent_norm >= tol)
+
+    def update(state):
+        iteration, u, _ = state
+        cosines = jnp.clip(jnp.stack([_block_sum(u * v) for v in units], axis=-1), -1.0, 1.0)
+        scales = theta_over_sin(angle_from_cosine(cosines))
+        tangent = step * sum_over_models(
+            per_block(scales, i) * c * (v - per_block(cosines, i) * u)
+            for i, (c, v) in enumerate(zip(spread, units, strict=True))
+        )
+        tangent = tangent - _block_sum(tangent * u)[:, None, None] * u
+        tangent_norm = jnp.sqrt(_block_sum(tangent * tangent))
+        moved = (
+            jnp.cos(tangent_norm)[:, None, None] * u
+            + sin_over_theta(tangent_norm)[:, None, None] * tangent
+        )
+        return iteration + 1, _normalized_blocks(moved), tangent_norm
+
+    rows = norms.shape[0]
+    state = (jnp.int32(0), start, jnp.full((rows,), jnp.inf, dtype))
+    iterations, u, tangent_norm = lax.while_loop(keep_going, update, state)
+    mean_norms = jnp.sum(w * norms, axis=-1) / jnp.sum(w)
+    merged = mean_norms[:, None, None] * u
+    return _unchunked(merged, stacked), KarcherInfo(jnp.full((rows,), iterations), tangent_norm)
+
+
+def _fisher_starting_point(spread, units, valid) -> jax.Array:
+    """normalize(sum_i W_i * u_i) per block, or its first valid u_i where that sum is ~0."""
+    mean = sum_over_models(c * u for c, u in zip(spread, units, strict=True))
+    norm = jnp.sqrt(_block_sum(mean * mean))[:, None, None]
+    floor = 4.0 * jnp.sqrt(len(units) * jnp.finfo(mean.dtype).eps)
+    first = jnp.argmax(valid, axis=-1)[:, None, None]
+    fallback = sum_over_models(jnp.where(first == i, u, 0.0) for i, u in enumerate(units))
+    return jnp.where(norm > floor, mean / jnp.where(norm > floor, norm, 1.0), fallback)
+
+
+def _block_sum(values: jax.Array) -> jax.Array:
+    """Sum of an [R, K, c] array over each block: [R], accurate to float32 rounding."""
+    return _accurate_sum(values.sum(axis=-1))
+
+
+def _normalized_blocks(u: jax.Array) -> jax.Array:
+    """Each block of an [R, K, c] array scaled to unit norm (zero blocks stay zero)."""
+    norm = jnp.sqrt(_block_sum(u * u))[:, None, None]
+    return jnp.where(norm > 0, u / jnp.where(norm > 0, norm, 1.0), 0.0)

@@ -44,7 +44,9 @@ def merge(
       method: a name from `jkarcher.methods.names()`.
       base: the base model's parameters, same structure, for methods that use one.
       key: a `jax.random` key, required by random methods; each leaf folds in its path.
-      **params: the method's parameters (see `jkarcher.methods.get(method).params`).
+      **params: the method's parameters (see `jkarcher.methods.get(method).params`), and its
+        tensor inputs (`.tensor_inputs`, e.g. `fisher=[fisher_0, ..., fisher_N-1]`: N pytrees
+        shaped like the models).
 
     Returns:
       A pytree of the same structure whose leaves have the sources' dtypes and shardings.
@@ -53,25 +55,42 @@ def merge(
     if not pytrees:
         raise MergeError("merge needs at least one model")
     spec = methods.get(method)
+    tensor_inputs = {name: params.pop(name) for name in spec.tensor_inputs if name in params}
+    if spec.tensor_inputs_required and len(tensor_inputs) < len(spec.tensor_inputs):
+        missing = [name for name in spec.tensor_inputs if name not in tensor_inputs]
+        raise MergeError(f"method {method!r} needs {missing[0]}=[one pytree per model]")
     resolved = spec.resolve(params, len(pytrees), base is not None)
     if spec.random and key is None:
         raise MergeError(f"method {method!r} is random: pass key=jax.random.key(seed)")
     weight_array = check_weights(weights, len(pytrees))
     names, sources_per_leaf, treedef = _flatten_models(pytrees)
     base_leaves = _flatten_base(base, names, treedef)
+    extra_leaves = {
+        input_name: _flatten_tensor_input(input_name, trees, len(pytrees), names, treedef)
+        for input_name, trees in tensor_inputs.items()
+    }
+    labels = input_labels(len(pytrees), base is not None, tuple(extra_leaves))
     fn = leaf_function(method, resolved)
     merged = []
     for index, (name, sources) in enumerate(zip(names, sources_per_leaf, strict=True)):
         base_leaf = None if base_leaves is None else base_leaves[index]
-        _check_leaf(name, sources, base_leaf)
+        extras = {input_name: leaves[index] for input_name, leaves in extra_leaves.items()}
+        _check_leaf(name, sources, base_leaf, extras)
         if not jnp.issubdtype(sources[0].dtype, jnp.floating):
             merged.append(_merge_non_float(name, sources))
             continue
         leaf_rng = None if key is None else leaf_key(key, name)
-        result, finite = fn(tuple(sources), weight_array, base_leaf, leaf_rng)
-        _raise_if_not_finite(name, finite, base_leaf)
+        result, finite = fn(tuple(sources), weight_array, base_leaf, leaf_rng, extras or None)
+        _raise_if_not_finite(name, finite, labels)
         merged.append(_keep_sharding(result, sources[0]))
     return jax.tree_util.tree_unflatten(treedef, merged)
+
+
+def input_labels(n_models: int, has_base: bool, tensor_inputs: Sequence[str]) -> list[str]:
+    """What each all-finite flag of the leaf function refers to, in order."""
+    labels = [f"model {i}" for i in range(n_models)]
+    labels += ["the base model"] if has_base else []
+    return labels + [f"{name} of model {i}" for name in tensor_inputs for i in range(n_models)]
 
 
 def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) -> jax.Array:
@@ -115,9 +134,13 @@ def path_name(path: tuple) -> str:
 def _jitted_leaf(method: str, params: tuple[tuple[str, Any], ...]) -> Callable:
     leaf = with_auto_axes(functools.partial(methods.get(method).leaf, **dict(params)))
 
-    def merge_one(sources, weights, base, key):
-        merged = leaf(jnp.stack(sources), weights, base, key=key)
-        return merged, all_finite((*sources, base) if base is not None else sources)
+    def merge_one(sources, weights, base, key, tensors=None):
+        tensors = tensors or {}
+        stacked_tensors = {name: jnp.stack(arrays) for name, arrays in tensors.items()}
+        merged = leaf(jnp.stack(sources), weights, base, key=key, **stacked_tensors)
+        checked = (*sources, *([base] if base is not None else []))
+        checked += tuple(array for arrays in tensors.values() for array in arrays)
+        return merged, all_finite(checked)
 
     return jax.jit(merge_one)
 
@@ -141,8 +164,9 @@ def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
 def leaf_function(method: str, params: Mapping[str, Any]) -> Callable:
     """The jitted leaf merge for a method and resolved parameters (cached).
 
-    It maps (sources: tuple of N arrays, weights [N], base | None, key | None) to
-    (merged array, all-finite flag per source and then the base: [N] or [N + 1]).
+    It maps (sources: tuple of N arrays, weights [N], base | None, key | None, tensor inputs:
+    {name: tuple of N arrays} | None) to (merged array, all-finite flags of the sources, then
+    the base, then each tensor input's N arrays; `input_labels` names them).
     """
     return _jitted_leaf(method, tuple(sorted(params.items())))
 
@@ -177,6 +201,26 @@ def _flatten_base(base: Any, names: list[str], treedef) -> list | None:
     return [leaf for _, leaf in flat]
 
 
+def _flatten_tensor_input(
+    input_name: str, trees: Sequence[Any], n_models: int, names: list[str], treedef
+) -> list[tuple]:
+    """A tensor input's N pytrees, as one tuple of N arrays per leaf; structures must agree."""
+    trees = list(trees)
+    if len(trees) != n_models:
+        raise MergeError(f"{input_name} has {len(trees)} pytrees for {n_models} models")
+    per_model = []
+    for index, tree in enumerate(trees):
+        flat, tree_def = jax.tree_util.tree_flatten_with_path(tree)
+        tree_names = [path_name(path) for path, _ in flat]
+        if tree_def != treedef or tree_names != names:
+            raise MergeError(
+                f"{input_name} of model {index} has a different structure from the models: "
+                + _structure_difference(names, tree_names)
+            )
+        per_model.append([leaf for _, leaf in flat])
+    return list(zip(*per_model, strict=True))
+
+
 def _structure_difference(names: list[str], other: list[str]) -> str:
     missing = [n for n in names if n not in set(other)]
     extra = [n for n in other if n not in set(names)]
@@ -187,7 +231,7 @@ def _structure_difference(names: list[str], other: list[str]) -> str:
     return "its containers differ (leaf order or node types)"
 
 
-def _check_leaf(name: str, sources: tuple, base: Any) -> None:
+def _check_leaf(name: str, sources: tuple, base: Any, extras: Mapping[str, tuple]) -> None:
     shape, dtype = np.shape(sources[0]), jnp.result_type(sources[0])
     for index, source in enumerate(sources[1:], start=1):
         if np.shape(source) != shape:
@@ -201,6 +245,13 @@ def _check_leaf(name: str, sources: tuple, base: Any) -> None:
             )
     if base is not None and np.shape(base) != shape:
         raise MergeError(f"leaf {name!r}: the base has shape {np.shape(base)}, models {shape}")
+    for input_name, arrays in extras.items():
+        for index, array in enumerate(arrays):
+            if np.shape(array) != shape:
+                raise MergeError(
+                    f"leaf {name!r}: {input_name} of model {index} has shape {np.shape(array)}, "
+                    f"the models {shape}"
+                )
 
 
 def _merge_non_float(name: str, sources: tuple) -> Any:
@@ -215,15 +266,12 @@ def _merge_non_float(name: str, sources: tuple) -> Any:
     return sources[0]
 
 
-def _raise_if_not_finite(name: str, finite: jax.Array, base: Any) -> None:
+def _raise_if_not_finite(name: str, finite: jax.Array, labels: Sequence[str]) -> None:
     if isinstance(finite, jax.core.Tracer):
         return
-    bad = [int(i) for i in np.flatnonzero(~np.asarray(finite))]
-    if not bad:
-        return
-    n_models = len(finite) - (base is not None)
-    who = "the base model" if bad[0] == n_models else f"model {bad[0]}"
-    raise MergeError(f"leaf {name!r}: {who} holds NaN or Inf values")
+    bad = np.flatnonzero(~np.asarray(finite))
+    if bad.size:
+        raise MergeError(f"leaf {name!r}: {labels[int(bad[0])]} holds NaN or Inf values")
 
 
 def _keep_sharding(result: Any, source: Any) -> Any:

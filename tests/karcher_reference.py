@@ -83,3 +83,37 @@ def min_cosine(sources) -> float:
     x = np.asarray(sources, dtype=np.float64).reshape(len(sources), -1)
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     return float((u @ u.T).min())
+
+
+def fisher_karcher_reference(
+    sources, weights, fisher, *, max_iter=10_000, tol=1e-14, step=1.0, eps=1e-12
+) -> np.ndarray:
+    """The Fisher-preconditioned mean in float64: per-coordinate weights a_i F_i / sum_j a_j F_j
+    in the tangent average, projected onto the tangent space, from the Fisher-weighted start."""
+    x = np.asarray(sources, dtype=np.float64)
+    shape = x.shape[1:]
+    x = x.reshape(len(x), -1)
+    f = np.maximum(np.asarray(fisher, dtype=np.float64).reshape(len(x), -1), 0.0)
+    w = np.asarray(weights, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    scale = np.sum(w * norms) / np.sum(w)
+    valid = norms > eps
+    units = x[valid] / norms[valid, None]
+    alphas = w[valid] / np.sum(w[valid])
+    weighted = alphas[:, None] * f[valid]
+    total = weighted.sum(axis=0)
+    spread = np.where(total > 0, weighted / np.where(total > 0, total, 1.0), alphas[:, None])
+    u = (spread * units).sum(axis=0)
+    u /= np.linalg.norm(u)
+    for _ in range(max_iter):
+        cosines = np.clip(units @ u, -1.0, 1.0)
+        thetas = np.arccos(cosines)
+        factors = np.where(thetas < 1e-8, 1.0, thetas / np.sin(np.maximum(thetas, 1e-300)))
+        tangent = step * np.sum(factors[:, None] * spread * (units - cosines[:, None] * u), axis=0)
+        tangent -= (tangent @ u) * u
+        tangent_norm = np.linalg.norm(tangent)
+        if tangent_norm < tol:
+            break
+        u = np.cos(tangent_norm) * u + np.sin(tangent_norm) * tangent / tangent_norm
+        u /= np.linalg.norm(u)
+    return (scale * u).reshape(shape)

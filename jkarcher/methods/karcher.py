@@ -24,6 +24,7 @@ def karcher(
     base: jax.Array | None = None,
     *,
     key=None,
+    fisher: jax.Array | None = None,
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float = DEFAULT_TOL,
     step: float = 1.0,
@@ -33,17 +34,16 @@ def karcher(
     """Weighted Karcher mean of the sources on the sphere, rescaled to their weighted mean norm.
 
     With a base model the mean is taken of the task vectors x_i - base and the base is added back.
+    With `fisher` (the sources' diagonal Fisher estimates, stacked like them) the tangent average
+    is Fisher-preconditioned (`jkarcher.karcher_mean`).
     """
     del key
+    options = dict(max_iter=max_iter, tol=tol, step=step, block=block, eps=eps, fisher=fisher)
     if base is None:
-        return karcher_mean(
-            stacked, weights, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
-        )
+        return karcher_mean(stacked, weights, **options)
     dtype = compute_dtype()
     deltas = stacked.astype(dtype) - base.astype(dtype)[None]
-    merged = karcher_mean(
-        deltas, weights, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
-    )
+    merged = karcher_mean(deltas, weights, **options)
     return (base.astype(dtype) + merged).astype(stacked.dtype)
 
 
@@ -59,6 +59,7 @@ register(
             Param("eps", DEFAULT_EPS, "norm under which a source is ignored", check=non_negative),
         ),
         base=BASE_OPTIONAL,
+        tensor_inputs=("fisher",),
         summary="weighted Karcher mean on the unit sphere, rescaled to the mean norm",
         reference=(
             "Wang, Ye, Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold"

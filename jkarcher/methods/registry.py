@@ -71,6 +71,11 @@ class MergeMethod:
     weighted: bool = True
     # A check across the resolved parameters: returns an error text naming the parameters, or None.
     check: Callable[[Mapping[str, Any]], str | None] | None = None
+    # Per-model arrays the leaf takes besides the sources, e.g. ("fisher",): each is given as N
+    # pytrees shaped like the models, and reaches the leaf stacked like them, [N, ...].
+    tensor_inputs: tuple[str, ...] = ()
+    # Whether the leaf needs every tensor input (else they are optional).
+    tensor_inputs_required: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
