@@ -6,6 +6,7 @@
 
 from jkarcher.methods import (  # noqa: F401  (registration side effects)
     arcee_fusion,
+    fisher_merging,
     karcher,
     linear,
     model_stock,
