@@ -1,4 +1,5 @@
-"""Streaming merge of Hugging Face checkpoints on disk: plan, read ahead, merge, write, rename.
+"""Streaming merge of checkpoints on disk (Hugging Face or Orbax): plan, read ahead, merge, write,
+rename.
 
 Data flows one way (DESIGN.md):
 
@@ -15,6 +16,16 @@ Data flows one way (DESIGN.md):
 Peak memory is about the bytes of the largest tensor across all models (the tensor being merged,
 plus the tensors read ahead, are held to that budget), not the model size.
 
+On a mesh of several devices, and over several processes (`jkarcher.distributed`), each tensor
+is split by rows over every device (`jkarcher.sharding`): a process reads only the rows its own
+devices hold, the same leaf function runs on them (XLA adds the collectives that whole-tensor
+statistics need), and for safetensors output each process writes its devices' rows straight into
+their planned places in the shared output files; process 0 writes what is copied rather than
+merged, and renames the output into place once every process has written its part and every
+tensor is complete. Orbax output (`format="orbax"`) instead keeps the merged tensors on the mesh,
+each device its part, and saves them at the end as one Orbax checkpoint, each process writing
+its own shards; its peak memory is the output model, spread over the devices.
+
 Users' expectations that the plan encodes:
 - embeddings and lm_head of different vocabulary sizes: the rows that all models have are merged;
   the output has the base (or first) model's vocabulary, its further rows copied from that model;
@@ -26,7 +37,9 @@ Users' expectations that the plan encodes:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -37,28 +50,52 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
-from jkarcher import methods
-from jkarcher.config import MergeConfig
+from jkarcher import distributed, methods
+from jkarcher.config import ConfigError, MergeConfig, tensor_values
 from jkarcher.io.model_card import model_card
-from jkarcher.io.safetensors_io import Checkpoint, CheckpointError, TensorInfo, read_tensor
+from jkarcher.io.orbax_io import (
+    OrbaxCheckpoint,
+    OrbaxTensor,
+    open_checkpoint,
+    read_orbax_placed,
+    read_orbax_tensor,
+    save_params,
+)
+from jkarcher.io.safetensors_io import (
+    Checkpoint,
+    CheckpointError,
+    TensorInfo,
+    read_tensor,
+)
 from jkarcher.io.writer import (
     GENERATION_FILES,
     TOKENIZER_FILES,
+    OutputError,
     OutputTensor,
     Shard,
     ShardWriter,
     WriteBehind,
     check_output_dir,
     copy_files,
+    create_shard_files,
     natural_key,
     output_model_config,
     plan_shards,
-    staged_directory,
     write_index,
     write_json,
 )
 from jkarcher.merge import MergeError, check_weights, leaf_function, leaf_key
+from jkarcher.sharding import (
+    MeshError,
+    even_sharding,
+    local_rows,
+    make_mesh,
+    padded_shape,
+    replicated,
+    row_sharding,
+)
 
 EMBED_SUFFIX = "embed_tokens.weight"
 LM_HEAD_NAME = "lm_head.weight"
@@ -121,6 +158,7 @@ class MergePlan:
     tasks: tuple[TensorTask, ...]
     shards: tuple[Shard, ...]
     warnings: tuple[str, ...]
+    mesh: Mesh
 
     @property
     def reference(self) -> Checkpoint:
@@ -168,14 +206,42 @@ class MergeSummary:
         )
 
 
-def tensor_settings(config: MergeConfig, name: str) -> TensorSettings:
+def tensor_settings(
+    config: MergeConfig, name: str, num_layers: int | None = None
+) -> TensorSettings:
     """The weights and method parameters that merge the tensor called `name`.
 
-    Every tensor takes the config's model weights and resolved method parameters; all per-tensor
-    settings are decided here and nowhere else.
+    All per-tensor settings are decided here and nowhere else: each model's own values, the shared
+    values and the method's defaults, chosen by filters on the name and interpolated over the
+    layers (`num_layers`, the models' layer count, places the tensor: `layer_position`), resolve
+    to one set of weights and parameters (`jkarcher.config.tensor_values`). Tensors with equal
+    shapes and parameters share one compiled leaf; each distinct parameter value compiles anew,
+    while weights are arguments of the leaf and never cause a compilation.
     """
-    del name
-    return TensorSettings(config.weights, config.params)
+    position = layer_position(name, num_layers) if config.varies_by_layer else 0.0
+    return TensorSettings(*tensor_values(config, name, position))
+
+
+def layer_position(name: str, num_layers: int | None) -> float:
+    """Where a tensor lies along the layers, as mergekit places it for values that vary by layer:
+    i / (L - 1) in layer i of L (1 when L = 1), and 0 outside the layers (embeddings, the final
+    norm, lm_head). The layer is the first number among the dotted parts of the name
+    (`model.layers.3.mlp.up_proj.weight` is in layer 3).
+    """
+    index = next((int(part) for part in name.split(".") if part.isdigit()), None)
+    if index is None:
+        return 0.0
+    if num_layers is None:
+        raise ConfigError(
+            f"tensor {name!r}: values that vary over the layers need the layer count "
+            "(num_hidden_layers in the config.json of the base, or first, model)"
+        )
+    if not 0 <= index < num_layers:
+        raise ConfigError(
+            f"tensor {name!r} is in layer {index}, but the model has {num_layers} layers "
+            "(num_hidden_layers); values that vary over the layers cannot place it"
+        )
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +252,8 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     """Open every checkpoint's headers, check that they fit together and fix the output layout.
 
     Raises CheckpointError, MergeError or OutputError, naming the tensor, the model and the file,
-    before any output is written.
+    or ConfigError for a tensor whose weights or parameters the method cannot take, before any
+    output is written.
     """
     models = tuple(_open(entry.path, f"models[{i}]") for i, entry in enumerate(config.models))
     base = None if config.base_model is None else _open(config.base_model, "base_model")
@@ -207,10 +274,13 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         (n for n in reference.names() if not (tie and n == LM_HEAD_NAME)), key=natural_key
     )
     warnings = _check_names(inputs, labels, names, labels[reference_index], tie)
+    num_layers = reference.config.get("num_hidden_layers")
     tasks = []
     for name in names:
         infos = [_source_info(c, name) for c in inputs]
-        task, warning = _plan_tensor(config, name, infos, labels, len(models), reference_index)
+        task, warning = _plan_tensor(
+            config, name, infos, labels, len(models), reference_index, num_layers
+        )
         tasks.append(task)
         warnings += [warning] if warning else []
     layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
@@ -224,6 +294,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         tasks=tuple(tasks),
         shards=plan_shards(layout, config.out_shard_size),
         warnings=tuple(warnings),
+        mesh=_mesh(config),
     )
 
 
@@ -236,11 +307,18 @@ def ties_embeddings(checkpoint: Checkpoint) -> bool:
     return bool(checkpoint.config.get("tie_word_embeddings", False))
 
 
-def _open(path: str, field: str) -> Checkpoint:
+def _open(path: str, field: str) -> Checkpoint | OrbaxCheckpoint:
     try:
-        return Checkpoint(path)
+        return open_checkpoint(path)
     except CheckpointError as err:
         raise CheckpointError(f"{field}: {err}") from None
+
+
+def _mesh(config: MergeConfig) -> Mesh:
+    try:
+        return make_mesh(config.mesh)
+    except MeshError as err:
+        raise ConfigError(f"mesh: {err}") from None
 
 
 def _embedding_name(checkpoint: Checkpoint) -> str | None:
@@ -302,6 +380,7 @@ def _plan_tensor(
     labels: Sequence[str],
     n_models: int,
     reference_index: int,
+    num_layers: int | None,
 ) -> tuple[TensorTask, str | None]:
     """The task for one output tensor and, for a vocabulary size difference, a warning."""
     reference = infos[reference_index]
@@ -325,7 +404,7 @@ def _plan_tensor(
         sources=tuple(trimmed[:n_models]),
         base=trimmed[n_models] if len(infos) > n_models else None,
         tail=reference.rows(rows, reference.shape[0]) if has_tail else None,
-        settings=tensor_settings(config, name),
+        settings=tensor_settings(config, name, num_layers),
         merged=floating[0],
     )
     return task, warning
@@ -379,26 +458,30 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
 
     The output appears at `plan.config.output` only once complete; on any error (NaN or Inf in a
     source, models that disagree on a non-float tensor, an interruption) nothing is left there.
-    `on_tensor(task)` is called after each tensor is merged and handed to the writer thread
-    (e.g. to advance a progress bar).
+    With several processes, every process runs this on the same plan, and the output appears
+    once all of them have written their parts. `on_tensor(task)` is called after each tensor is
+    merged and handed to the writer (e.g. to advance a progress bar).
     """
     start = time.perf_counter()
     key = jax.random.key(plan.config.seed) if plan.method.random else None
     order = execution_order(plan.tasks)
-    with staged_directory(plan.config.output, plan.config.overwrite) as staging:
+    output = _orbax_output if plan.config.format == "orbax" else _safetensors_output
+    with distributed.staged_output(plan.config.output, plan.config.overwrite) as staging:
         with (
-            _Leaves(plan.method, order, plan.config.seed) as leaves,
-            ReadAhead(order, _read_task, _read_ahead_bytes(order)) as reads,
-            ShardWriter(staging, plan.shards) as shards,
-            WriteBehind(shards) as writer,
+            _Leaves(plan.method, order, plan.config.seed, plan.mesh) as leaves,
+            ReadAhead(
+                order, functools.partial(_read_task, plan.mesh), _read_ahead_bytes(order)
+            ) as reads,
+            output(plan, staging) as put,
         ):
             for task, arrays in reads:
                 tensor_key = None if key is None else leaf_key(key, task.name)
-                writer.write(task.name, *_merge_tensor(plan, leaves, task, arrays, tensor_key))
+                put(task, *_merge_tensor(plan, leaves, task, arrays, tensor_key))
                 del arrays
                 if on_tensor is not None:
                     on_tensor(task)
-        _write_side_files(plan, staging)
+        if distributed.is_leader():
+            _write_side_files(plan, staging)
     return MergeSummary(
         output=plan.config.output,
         tensors=len(plan.tasks),
@@ -421,8 +504,55 @@ def execution_order(tasks: Sequence[TensorTask]) -> tuple[TensorTask, ...]:
     return tuple(task for group in groups.values() for task in group)
 
 
-def _read_task(task: TensorTask) -> dict[TensorInfo, np.ndarray]:
-    return {info: read_tensor(info) for info in task.infos()}
+def _read_task(mesh: Mesh, task: TensorTask) -> dict[TensorInfo, jax.Array | np.ndarray]:
+    """What a task reads: its sources and base as global arrays split by rows over the mesh (this
+    process reading only its own devices' rows); a tail, or a tensor that is copied, whole."""
+    if not task.merged:
+        return {info: _read_whole(info) for info in task.infos()}
+    shape = padded_shape(task.sources[0].shape, mesh)
+    sharding = row_sharding(mesh, len(shape))
+    placed = (*task.sources, *([task.base] if task.base is not None else []))
+    arrays = {
+        info: _read_placed(info, shape, sharding, task.source_dtype)
+        for info in dict.fromkeys(placed)
+    }
+    if task.tail is not None:
+        arrays[task.tail] = _read_whole(task.tail)
+    return arrays
+
+
+def _read_whole(info: TensorInfo | OrbaxTensor) -> np.ndarray:
+    return read_orbax_tensor(info) if isinstance(info, OrbaxTensor) else read_tensor(info)
+
+
+def _read_placed(
+    info: TensorInfo | OrbaxTensor, shape: tuple[int, ...], sharding: NamedSharding, dtype
+) -> jax.Array:
+    """A tensor as a global array of `shape` (its rows, then zero rows of padding) and
+    `sharding`, cast to `dtype`; this process reads only the rows its own devices hold, each
+    device's block one byte range of the safetensors file (used in place on CPU)."""
+    if isinstance(info, OrbaxTensor):
+        return read_orbax_placed(info, shape, sharding, dtype)
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        if shape:
+            first, stop = index[0].start or 0, index[0].stop or shape[0]
+            held = info.rows(min(first, info.shape[0]), min(stop, info.shape[0]))
+            block = _padded_rows(read_tensor(held), stop - first)
+        else:
+            block = read_tensor(info)
+        block = block if block.dtype == dtype else block.astype(dtype)
+        arrays.append(jax.device_put(block, device, may_alias=True))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _padded_rows(block: np.ndarray, rows: int) -> np.ndarray:
+    """`block` with zero rows appended up to `rows` rows (itself when it has them all)."""
+    if block.shape[0] == rows:
+        return block
+    padded = np.zeros((rows, *block.shape[1:]), block.dtype)
+    padded[: block.shape[0]] = block
+    return padded
 
 
 def _read_ahead_bytes(tasks: Sequence[TensorTask]) -> int:
@@ -492,8 +622,11 @@ class _Leaves:
     merge, keeps compilation off the critical path; a merge waits only for its own compilation.
     """
 
-    def __init__(self, method: methods.MergeMethod, tasks: Sequence[TensorTask], seed: int):
+    def __init__(
+        self, method: methods.MergeMethod, tasks: Sequence[TensorTask], seed: int, mesh: Mesh
+    ):
         self._method = method.name
+        self._mesh = mesh
         self._seed_key = jax.random.key(seed) if method.random else None
         self._weights: dict[tuple[float, ...], jax.Array] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
@@ -516,50 +649,90 @@ class _Leaves:
         return self._weights[weights]
 
     def merge(self, task: TensorTask, sources: tuple, base, key) -> tuple[jax.Array, jax.Array]:
-        """(merged tensor, per-source all-finite flags) from `leaf_function`, as `merge` gives."""
+        """(merged rows on the mesh, per-source all-finite flags) from `leaf_function`, as
+        `merge` gives them (see `placed_leaf`)."""
         self._compiled[_signature(task)].result()
-        fn = leaf_function(self._method, task.settings.params)
-        return fn(sources, self.weights(task), base, key)
+        return self._function(task)(sources, self.weights(task), base, key)
+
+    def _function(self, task: TensorTask) -> Callable:
+        shape = task.sources[0].shape
+        params = task.settings.params_key
+        return placed_leaf(self._method, params, shape, task.out_dtype, self._mesh)
 
     def _compile(self, task: TensorTask) -> None:
-        fn = leaf_function(self._method, task.settings.params)
-        shaped = jax.ShapeDtypeStruct(task.sources[0].shape, task.source_dtype)
+        shape = padded_shape(task.sources[0].shape, self._mesh)
+        sharding = row_sharding(self._mesh, len(shape))
+        shaped = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=sharding)
         base = None if task.base is None else shaped
         key = None if self._seed_key is None else leaf_key(self._seed_key, task.name)
-        fn.lower((shaped,) * len(task.sources), self.weights(task), base, key).compile()
+        sources = (shaped,) * len(task.sources)
+        self._function(task).lower(sources, self.weights(task), base, key).compile()
+
+
+@functools.cache
+def placed_leaf(
+    method: str, params_key: tuple, shape: tuple[int, ...], out_dtype: np.dtype, mesh: Mesh
+) -> Callable:
+    """`leaf_function(method, params)` for sources of `shape` split by rows over `mesh`, as
+    `_read_task` places them (cached).
+
+    The padding rows are cut off before the leaf sees the sources and put back as zeros after
+    it, so the leaf merges exactly the tensor (its whole-tensor statistics and random draws are
+    those of one device); the result is cast to `out_dtype` and split like the sources, and the
+    all-finite flags are on every device.
+    """
+    leaf = leaf_function(method, dict(params_key))
+    padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
+
+    def cut(x: jax.Array) -> jax.Array:
+        return x[: shape[0]] if padding else x
+
+    def run(sources, weights, base, key):
+        base = None if base is None else cut(base)
+        merged, finite = leaf(tuple(map(cut, sources)), weights, base, key)
+        merged = merged.astype(out_dtype)
+        if padding:
+            merged = jnp.pad(merged, [(0, padding)] + [(0, 0)] * (len(shape) - 1))
+        return merged, finite
+
+    return jax.jit(run, out_shardings=(row_sharding(mesh, len(shape)), replicated(mesh)))
 
 
 def _signature(task: TensorTask) -> tuple:
     """What the compiled leaf of a task depends on."""
-    return (task.merged, task.sources[0].shape, task.source_dtype, task.base is not None,
-            len(task.sources), task.settings.params_key)
+    return (
+        task.merged,
+        task.sources[0].shape,
+        task.source_dtype,
+        task.base is not None,
+        len(task.sources),
+        task.settings.params_key,
+        task.out_dtype,
+    )
 
 
 def _merge_tensor(
     plan: MergePlan,
     leaves: _Leaves,
     task: TensorTask,
-    arrays: Mapping[TensorInfo, np.ndarray],
+    arrays: Mapping[TensorInfo, jax.Array | np.ndarray],
     key: jax.Array | None,
-) -> list[np.ndarray]:
-    """The output tensor as blocks of rows: the merged (shared) rows, then any copied tail."""
+) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
+    """The output tensor: its merged rows on the mesh (padded, in the output dtype) and the rows
+    copied after them, if any; or a tensor that is copied rather than merged, and None."""
     if not task.merged:
-        return [_agreed_copy(plan, task, arrays)]
-    sources = tuple(_on_device(arrays[info], task.source_dtype) for info in task.sources)
-    base = None if task.base is None else _on_device(arrays[task.base], task.source_dtype)
+        return _agreed_copy(plan, task, arrays), None
+    sources = tuple(arrays[info] for info in task.sources)
+    base = None if task.base is None else arrays[task.base]
     merged, finite = leaves.merge(task, sources, base, key)
     labelled = plan.input_labels(task)
     for index in np.flatnonzero(~np.asarray(finite)):
         _raise_not_finite(task, *labelled[index])
-    for info, label in labelled[len(task.sources) :]:
-        if not bool(_all_finite(_on_device(arrays[info], info.dtype))):
-            _raise_not_finite(task, info, label)
-    if merged.dtype != task.out_dtype:
-        merged = merged.astype(task.out_dtype)
-    pieces = [np.asarray(merged)]
-    if task.tail is not None:
-        pieces.append(arrays[task.tail].astype(task.out_dtype))
-    return pieces
+    if task.tail is None:
+        return merged, None
+    if not bool(_all_finite(arrays[task.tail])):
+        _raise_not_finite(task, *labelled[-1])
+    return merged, arrays[task.tail].astype(task.out_dtype)
 
 
 @jax.jit
@@ -567,9 +740,86 @@ def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
 
 
-def _on_device(array: np.ndarray, dtype: np.dtype) -> jax.Array:
-    """The array in JAX, used in place when its dtype is already right (no copy on CPU)."""
-    return jax.device_put(array if array.dtype == dtype else array.astype(dtype), may_alias=True)
+@contextlib.contextmanager
+def _safetensors_output(plan: MergePlan, staging: Path) -> Iterator[Callable]:
+    """Yields `put(task, merged, tail)`, which writes this process's part of a tensor into the
+    planned safetensors shards (`_write_part`).
+
+    Process 0 creates the files (headers, full length) before any process writes; every process
+    writes through its own writer thread; at the end, every tensor must be complete, its rows
+    counted over all processes.
+    """
+    if distributed.is_leader():
+        create_shard_files(staging, plan.shards)
+    distributed.barrier("shard files created")
+    with ShardWriter(staging, plan.shards, shared=True) as files:
+        with WriteBehind(files) as writer:
+            yield functools.partial(_write_part, writer)
+        _check_complete(plan, files.rows_written())
+
+
+def _write_part(
+    writer: WriteBehind, task: TensorTask, merged: jax.Array | np.ndarray, tail: np.ndarray | None
+) -> None:
+    """This process's part of one output tensor: the merged rows its devices hold (each row by
+    one process only), and on process 0 the rows copied after them, or a copied tensor."""
+    leader = distributed.is_leader()
+    if isinstance(merged, np.ndarray):
+        if leader:
+            writer.write(task.name, merged)
+        return
+    rows = task.sources[0].shape[0] if task.shape else 1
+    for first_row, block in local_rows(merged, rows):
+        writer.write_rows(task.name, first_row, block)
+    if tail is not None and leader:
+        writer.write_rows(task.name, rows, tail)
+
+
+def _check_complete(plan: MergePlan, rows_written: Mapping[str, int]) -> None:
+    """Raise OutputError unless every rows of every planned tensor was written by some process."""
+    tensors = [tensor for shard in plan.shards for tensor in shard.tensors]
+    written = distributed.sum_over_processes(np.array([rows_written[t.name] for t in tensors]))
+    for tensor, count in zip(tensors, written, strict=True):
+        rows = tensor.shape[0] if tensor.shape else 1
+        if count != rows:
+            raise OutputError(
+                f"the output is incomplete: {count} of the {rows} rows of tensor "
+                f"{tensor.name!r} were written"
+            )
+
+
+@contextlib.contextmanager
+def _orbax_output(plan: MergePlan, staging: Path) -> Iterator[Callable]:
+    """Yields `put(task, merged, tail)`, which keeps each output tensor whole on the mesh
+    (`_assembled`); at the end all are saved as one Orbax checkpoint, every process writing the
+    shards its devices hold."""
+    tensors: dict[str, jax.Array | np.ndarray] = {}
+
+    def keep(task: TensorTask, merged: jax.Array | np.ndarray, tail: np.ndarray | None):
+        whole = isinstance(merged, np.ndarray)
+        tensors[task.name] = merged if whole else _assembled(merged, tail, task.shape)
+
+    yield keep
+    save_params(staging, tensors)
+
+
+def _assembled(merged: jax.Array, tail: np.ndarray | None, shape: tuple[int, ...]) -> jax.Array:
+    """The output tensor of exactly `shape`: the merged rows without their padding, then the
+    tail's rows, split over the mesh by `even_sharding`."""
+    sharding = even_sharding(merged.sharding.mesh, shape)
+    return _assembler(shape, sharding)(merged, tail)
+
+
+@functools.cache
+def _assembler(shape: tuple[int, ...], sharding: NamedSharding) -> Callable:
+    def assemble(merged: jax.Array, tail: jax.Array | None) -> jax.Array:
+        if not shape:
+            return merged
+        if tail is None:
+            return merged[: shape[0]]
+        return jnp.concatenate([merged[: shape[0] - tail.shape[0]], tail])
+
+    return jax.jit(assemble, out_shardings=sharding)
 
 
 def _raise_not_finite(task: TensorTask, info: TensorInfo, label: str) -> None:
@@ -597,7 +847,7 @@ def _agreed_copy(
 def _write_side_files(plan: MergePlan, directory: Path) -> None:
     """Index (when sharded), config.json, generation and tokenizer files, and the model card."""
     config = plan.config
-    if len(plan.shards) > 1:
+    if config.format == "safetensors" and len(plan.shards) > 1:
         write_index(directory, plan.shards)
     model_config = output_model_config(plan.reference.config, config.dtype, plan.tie_embeddings)
     write_json(directory / "config.json", model_config)

@@ -20,13 +20,13 @@ from jkarcher.io import Checkpoint
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def tiny_config(vocab_size: int = 64, tie: bool = False) -> dict:
-    """The config.json of a one-layer Qwen2 with hidden size 16."""
+def tiny_config(vocab_size: int = 64, tie: bool = False, num_layers: int = 1) -> dict:
+    """The config.json of a Qwen2 with hidden size 16 (one layer unless told)."""
     return demo.qwen2_config(
         vocab_size,
         hidden_size=16,
         intermediate_size=16,
-        num_layers=1,
+        num_layers=num_layers,
         num_heads=2,
         num_kv_heads=2,
         tie_word_embeddings=tie,
@@ -59,14 +59,15 @@ def make_models(
     dtype=BF16,
     max_shard_bytes: int | None = None,
     first_seed: int = 0,
+    num_layers: int = 1,
 ) -> list[Path]:
     """`n` tiny models under `root` (model0, model1, ...), optionally of different vocabularies
-    or tying choices."""
+    or tying choices, or with more layers."""
     paths = []
     for i in range(n):
         vocab = vocab_sizes[i] if vocab_sizes else 64
         tie = ties[i] if ties else False
-        config = tiny_config(vocab, tie)
+        config = tiny_config(vocab, tie, num_layers)
         weights = tiny_weights(config, first_seed + i, dtype)
         paths.append(write_tiny(root / f"model{i}", weights, config, max_shard_bytes))
     return paths
@@ -79,14 +80,15 @@ def read_all(directory: Path) -> dict[str, np.ndarray]:
 
 
 def merge_config(models: list[Path], output: Path, weights=None, **fields):
-    """A ConfigDict merging `models` (with `weights`, default 1) into `output`; bf16 karcher
-    unless `fields` say otherwise."""
+    """A ConfigDict merging `models` (with `weights`, default 1) into `output`; bf16 karcher on
+    one device (so that it equals `jkarcher.merge` bit for bit) unless `fields` say otherwise."""
     config = base_config()
     config.models = [
         {"path": str(p), "weight": 1.0 if weights is None else weights[i]}
         for i, p in enumerate(models)
     ]
     config.output = str(output)
+    config.mesh = "devices:1"
     for name, value in fields.items():
         setattr(config, name, value)
     return config

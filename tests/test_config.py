@@ -68,10 +68,14 @@ def test_method_params_go_through_the_registry():
         ({"models": [{"path": "a", "w": 1}]}, r"models\[0\]: unknown field 'w'"),
         ({"models": [{"path": "a", "weight": "1"}]}, r"models\[0\].weight: must be a finite"),
         ({"models": [{"path": "a", "weight": -1.0}]}, r"models\[0\].weight: must be >= 0"),
-        ({"models": [{"path": "a", "weight": 0}, {"path": "b", "weight": 0.0}]},
-         r"models\[\*\].weight: the weights sum to zero"),
-        ({"models": [{"path": "a", "params": {"tol": 1e-3}}]},
-         r"models\[\*\].params.tol: method 'karcher' takes one value"),
+        (
+            {"models": [{"path": "a", "weight": 0}, {"path": "b", "weight": 0.0}]},
+            r"models\[\*\].weight: the weights sum to zero",
+        ),
+        (
+            {"models": [{"path": "a", "params": {"tol": 1e-3}}]},
+            r"models\[\*\].params.tol: method 'karcher' takes one value",
+        ),
         ({"method": "linear", "base_model": "base"}, "base_model: method 'linear' takes no base"),
         ({"dtype": "int8"}, "dtype: must be one of bfloat16, float16, float32"),
         ({"output": None}, "output: required"),
@@ -97,8 +101,15 @@ def test_unknown_field_is_rejected_by_the_config_dict_too():
 
 @pytest.mark.parametrize(
     "text, size",
-    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2**31), ("1.5g", 15 * 10**8),
-     ("100", 100), (123, 123), ("64 KiB", 65536)],
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("2GiB", 2**31),
+        ("1.5g", 15 * 10**8),
+        ("100", 100),
+        (123, 123),
+        ("64 KiB", 65536),
+    ],
 )
 def test_parse_size(text, size):
     assert parse_size(text, "out_shard_size") == size

@@ -152,7 +152,10 @@ def test_read_tensor_buffers_are_aligned(tmp_path):
 def test_natural_key_orders_layer_numbers():
     names = ["model.layers.10.w", "model.layers.2.w", "lm_head.weight", "model.layers.1.w"]
     assert sorted(names, key=natural_key) == [
-        "lm_head.weight", "model.layers.1.w", "model.layers.2.w", "model.layers.10.w"
+        "lm_head.weight",
+        "model.layers.1.w",
+        "model.layers.2.w",
+        "model.layers.10.w",
     ]
 
 
@@ -318,7 +321,9 @@ def test_output_model_config_states_dtype_and_tying():
     source = {"model_type": "qwen2", "torch_dtype": "float32", "tie_word_embeddings": False}
     config = output_model_config(source, "bfloat16", tie_embeddings=True)
     assert config == {
-        "model_type": "qwen2", "torch_dtype": "bfloat16", "dtype": "bfloat16",
+        "model_type": "qwen2",
+        "torch_dtype": "bfloat16",
+        "dtype": "bfloat16",
         "tie_word_embeddings": True,
     }
     assert source["torch_dtype"] == "float32"

@@ -49,7 +49,10 @@ def test_overrides_reach_the_merge(tmp_path):
     models = make_models(tmp_path / "in", n=2)
     config = _tiny_config_file(tmp_path, models)
     result = _merge_script(
-        "--config", config, "--config.method=linear", "--config.dtype=float32",
+        "--config",
+        config,
+        "--config.method=linear",
+        "--config.dtype=float32",
         "--config.out_shard_size=2000",
     )
     assert result.returncode == 0, result.stderr

@@ -23,9 +23,24 @@ from jkarcher.methods.table import methods_table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_METHODS = {
-    "linear", "slerp", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_linear",
-    "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce",
-    "model_stock", "arcee_fusion", "nearswap", "passthrough", "karcher",
+    "linear",
+    "slerp",
+    "nuslerp",
+    "multislerp",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "sce",
+    "model_stock",
+    "arcee_fusion",
+    "nearswap",
+    "passthrough",
+    "karcher",
 }
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 # Parameters without defaults, and model counts, that a valid call of each method needs.
@@ -37,8 +52,12 @@ def _merge(method, models, weights=None, base=None, key=None, **params):
     if methods.get(method).random and key is None:
         key = jax.random.key(0)
     merged = jkarcher.merge(
-        [jnp.asarray(m) for m in models], weights, method=method,
-        base=None if base is None else jnp.asarray(base), key=key, **params,
+        [jnp.asarray(m) for m in models],
+        weights,
+        method=method,
+        base=None if base is None else jnp.asarray(base),
+        key=key,
+        **params,
     )
     return np.asarray(merged)
 
@@ -67,8 +86,18 @@ def test_base_requirements_follow_mergekit():
     required = {n for n in methods.names() if methods.get(n).base == methods.BASE_REQUIRED}
     optional = {n for n in methods.names() if methods.get(n).base == methods.BASE_OPTIONAL}
     assert required == {
-        "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
-        "breadcrumbs", "breadcrumbs_ties", "sce", "model_stock", "arcee_fusion", "nearswap",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "sce",
+        "model_stock",
+        "arcee_fusion",
+        "nearswap",
     }
     assert optional == {"nuslerp", "multislerp", "karcher"}
 
@@ -86,7 +115,10 @@ def test_methods_table_lists_every_method_with_its_parameters():
 
 def test_methods_table_script_prints_the_table():
     result = subprocess.run(
-        [sys.executable, "scripts/methods_table.py"], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "scripts/methods_table.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         check=True,
     )
     assert result.stdout.strip() == methods_table_markdown()
@@ -220,8 +252,12 @@ def test_every_method_keeps_shape_and_bfloat16_dtype(method):
         params["density"] = 0.5
     merged = _merge(method, models, base=base, **params)
     assert merged.dtype == ml_dtypes.bfloat16 and merged.shape == models.shape[1:]
-    as_float32 = _merge(method, models.astype(np.float32), base=None if base is None else
-                        base.astype(np.float32), **params)
+    as_float32 = _merge(
+        method,
+        models.astype(np.float32),
+        base=None if base is None else base.astype(np.float32),
+        **params,
+    )
     np.testing.assert_array_equal(merged, as_float32.astype(ml_dtypes.bfloat16))
 
 
@@ -326,8 +362,9 @@ def test_merge_with_the_same_key_is_reproducible():
     models, base = _sources("dare_ties", shape=(20, 30))
     key = jax.random.key(7)
     first = _merge("dare_ties", models, base=base, key=key, density=0.3)
-    np.testing.assert_array_equal(first, _merge("dare_ties", models, base=base, key=key,
-                                                density=0.3))
+    np.testing.assert_array_equal(
+        first, _merge("dare_ties", models, base=base, key=key, density=0.3)
+    )
     other = _merge("dare_ties", models, base=base, key=jax.random.key(8), density=0.3)
     assert np.any(first != other)
 
@@ -340,8 +377,9 @@ def test_ties_elects_signs_and_averages_the_agreeing_entries():
     models = np.array([[1.0, -2.0, 0.5], [2.0, 1.0, -1.0]], np.float32)
     # sums 3, -1, -0.5: signs +, -, -; entry 0 both agree, 1 and 2 one each
     np.testing.assert_allclose(_merge("ties", models, base=base), [1.5, -2.0, -1.0])
-    np.testing.assert_allclose(_merge("ties", models, [1.0, 3.0], base=base),
-                               [7.0 / 4.0, 3.0 / 3.0, -3.0 / 3.0])
+    np.testing.assert_allclose(
+        _merge("ties", models, [1.0, 3.0], base=base), [7.0 / 4.0, 3.0 / 3.0, -3.0 / 3.0]
+    )
 
 
 def test_ties_trims_each_task_vector_before_electing():
@@ -402,7 +440,8 @@ def test_multislerp_is_the_mean_direction_at_the_mean_norm():
     permutation = [2, 0, 1]
     np.testing.assert_allclose(
         _merge("multislerp", models[permutation].astype(np.float32), weights[permutation]),
-        merged, atol=1e-6,
+        merged,
+        atol=1e-6,
     )
 
 
@@ -414,8 +453,9 @@ def test_model_stock_interpolates_by_the_offsets_angle():
     np.testing.assert_allclose(_merge("model_stock", parallel, base=base), parallel.mean(0))
     # cos = 1/2 between two offsets: t = 2 (1/2) / (1 + 1/2) = 2/3
     sixty = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, np.sqrt(0.75), 0.0, 0.0]], np.float32)
-    np.testing.assert_allclose(_merge("model_stock", sixty, base=base),
-                               2.0 / 3.0 * sixty.mean(0), atol=1e-7)
+    np.testing.assert_allclose(
+        _merge("model_stock", sixty, base=base), 2.0 / 3.0 * sixty.mean(0), atol=1e-7
+    )
 
 
 def test_nearswap_takes_the_model_where_it_is_near_the_base():

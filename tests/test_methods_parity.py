@@ -45,8 +45,12 @@ MERGEKIT_KARCHER_TOL = 1e-5
 
 def _ours(method, models, weights, base=None, key=None, **params):
     merged = jkarcher.merge(
-        [jnp.asarray(m) for m in models], weights, method=method,
-        base=None if base is None else jnp.asarray(base), key=key, **params,
+        [jnp.asarray(m) for m in models],
+        weights,
+        method=method,
+        base=None if base is None else jnp.asarray(base),
+        key=key,
+        **params,
     )
     return np.asarray(merged)
 
@@ -118,7 +122,9 @@ def _on_every_shape(cases):
     """Each case on each shape; all but one shape per case (rotating) are marked slow."""
     return [
         pytest.param(
-            *case, shape, id=f"{case[0]}-{i}-{shape}",
+            *case,
+            shape,
+            id=f"{case[0]}-{i}-{shape}",
             marks=() if j == i % len(SHAPES) else pytest.mark.slow,
         )
         for i, case in enumerate(cases)
@@ -263,21 +269,26 @@ def test_random_methods_match_mergekit_in_distribution(method, params):
 def _keep_probabilities(method, delta, params):
     if method.startswith("dare"):
         return np.full(delta.shape, params["density"])
-    return sparsify.della_keep_probabilities(jnp.asarray(delta), params["density"],
-                                             params["epsilon"])
+    return sparsify.della_keep_probabilities(
+        jnp.asarray(delta), params["density"], params["epsilon"]
+    )
 
 
 def _mergekit_masks(method, models, base, params):
     """mergekit's own keep-masks for each model (its sparsifier without rescaling)."""
     kind = (
-        SparsificationMethod.random if method.startswith("dare")
+        SparsificationMethod.random
+        if method.startswith("dare")
         else SparsificationMethod.della_magprune
     )
     extra = {"epsilon": params["epsilon"]} if "epsilon" in params else {}
-    return np.stack([
-        mergekit_sparsify(torch.from_numpy(m - base), params["density"], kind, **extra).numpy() != 0
-        for m in models
-    ])
+    return np.stack(
+        [
+            mergekit_sparsify(torch.from_numpy(m - base), params["density"], kind, **extra).numpy()
+            != 0
+            for m in models
+        ]
+    )
 
 
 # karcher: mergekit iterates with equal weights to tol 1e-5 (at most 10 steps) in the storage dtype.
@@ -333,8 +344,9 @@ def test_karcher_honours_weights_where_mergekit_cannot():
     sources = sources_with_cosine(rng, 3, (24, 40), 0.5).astype(np.float32)
     weights = np.array([0.2, 1.0, 3.0])
     with pytest.raises(TypeError, match="weight"):
-        merge_tensors([torch.from_numpy(s) for s in sources], "karcher",
-                      parameters={"weight": list(weights)})
+        merge_tensors(
+            [torch.from_numpy(s) for s in sources], "karcher", parameters={"weight": list(weights)}
+        )
     ours = _ours("karcher", sources, weights)
     theirs = _mergekit_karcher(sources)
     assert first_order_residual(ours, sources, weights) <= 1e-5
@@ -373,4 +385,3 @@ def test_karcher_iterates_to_convergence_where_mergekits_ten_steps_stop_short():
     assert first_order_residual(ours, sources, equal) <= 2e-6
     assert relative_error(ours, reference) <= 1e-5
     assert relative_error(theirs, reference) >= 100 * relative_error(ours, reference)
-

@@ -78,16 +78,18 @@ def test_end_to_end_loads_in_transformers_and_equals_merge(tmp_path, transformer
     logits = transformers_model(out)
     assert logits.shape[-1] == 64 and np.isfinite(logits).all()
     assert _entries(out) == [
-        "README.md", "config.json", "generation_config.json", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is False
     assert "- karcher" in (out / "README.md").read_text()
     assert summary.tensors == len(plan.tasks) == 15
-    assert summary.bytes_read == sum(
-        read_tensor(i).nbytes for t in plan.tasks for i in t.sources
-    )
+    assert summary.bytes_read == sum(read_tensor(i).nbytes for t in plan.tasks for i in t.sources)
     assert summary.bytes_written == sum(a.nbytes for a in read_all(out).values())
 
 
@@ -439,8 +441,9 @@ def test_read_ahead_hands_errors_to_the_consumer_and_stops():
 def test_inputs_held_in_memory_stay_near_one_tensor_across_models(tmp_path, monkeypatch):
     """Input buffers alive at any moment stay within twice the largest tensor across the models
     (the one merging and the one read ahead), far below the size of the models."""
-    config = demo.qwen2_config(64, hidden_size=16, intermediate_size=16, num_layers=6,
-                               num_heads=2, num_kv_heads=2)
+    config = demo.qwen2_config(
+        64, hidden_size=16, intermediate_size=16, num_layers=6, num_heads=2, num_kv_heads=2
+    )
     models = [write_tiny(tmp_path / f"m{i}", tiny_weights(config, i), config) for i in range(3)]
     live, peak = [0], [0]
 

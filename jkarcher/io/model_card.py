@@ -12,7 +12,7 @@ def model_card(
     method: str,
     method_summary: str,
     method_reference: str,
-    models: Sequence[tuple[str, float]],
+    models: Sequence[tuple[str, Any]],
     base_model: str | None,
     resolved_config: Mapping[str, Any],
 ) -> str:
@@ -21,7 +21,8 @@ def model_card(
     Args:
       title: the card's heading (the output directory's name).
       method, method_summary, method_reference: the merge method and what the registry says of it.
-      models: (path or hub id, weight) of each merged model, in config order.
+      models: (path or hub id, weight) of each merged model, in config order; a weight that is
+        not a number varies by tensor, and the configuration shows it.
       base_model: the base model's path or hub id, if the merge used one.
       resolved_config: the config with every default filled in, shown as JSON.
     """
@@ -38,7 +39,7 @@ def model_card(
         "## Merged models",
         "",
     ]
-    lines += [f"- `{path}` (weight {weight:g})" for path, weight in models]
+    lines += [f"- `{path}` ({_weight_text(weight)})" for path, weight in models]
     if base_model:
         lines += ["", f"Base model: `{base_model}`."]
     lines += [
@@ -53,3 +54,9 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _weight_text(weight: Any) -> str:
+    if isinstance(weight, int | float):
+        return f"weight {weight:g}"
+    return "weight varying by tensor, as the configuration below gives it"

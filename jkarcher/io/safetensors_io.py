@@ -150,6 +150,16 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return raw.view(info.dtype).reshape(info.shape)
 
 
+def map_tensor(info: TensorInfo) -> np.ndarray:
+    """A read-only memory map of one tensor: only the pages that are used get read."""
+    if not info.nbytes:
+        return np.zeros(info.shape, info.dtype)
+    mapped = np.memmap(
+        info.file, info.dtype, "r", offset=info.start, shape=info.nbytes // info.dtype.itemsize
+    )
+    return mapped.view(np.ndarray).reshape(info.shape)
+
+
 def aligned_bytes(nbytes: int) -> np.ndarray:
     """A uint8 array of `nbytes` whose data starts on a BUFFER_ALIGNMENT boundary.
 
@@ -213,7 +223,7 @@ class Checkpoint:
     def __init__(self, path_or_id: str | os.PathLike):
         self.source = str(path_or_id)
         self.path = resolve_checkpoint_dir(path_or_id)
-        self.config = _load_model_config(self.path / CONFIG_NAME)
+        self.config = load_model_config(self.path / CONFIG_NAME)
         self.files = _weight_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
@@ -261,7 +271,7 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
 
 
-def _load_model_config(path: Path) -> dict:
+def load_model_config(path: Path) -> dict:
     """The model's `config.json` as a dict; {} when the checkpoint has none."""
     if not path.is_file():
         return {}

@@ -21,7 +21,7 @@ import shutil
 import struct
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,29 +107,41 @@ def plan_shards(tensors: Sequence[OutputTensor], max_bytes: int) -> tuple[Shard,
     )
 
 
+def create_shard_files(directory: str | os.PathLike, shards: Sequence[Shard]) -> None:
+    """Create the planned files, each with its header and its full length (data still zeros)."""
+    for shard in shards:
+        header = shard.header()
+        with open(Path(directory) / shard.file_name, "wb") as file:
+            file.write(header)
+            file.truncate(len(header) + shard.nbytes)
+
+
 class ShardWriter:
     """Writes planned tensors, in any order, at their planned places in the shard files.
 
-    All files are created with their headers at once; `write(name, *pieces)` puts one tensor's
-    bytes at its offset. A tensor comes as one array or as consecutive blocks of rows (their
-    concatenation along axis 0); its dtype and byte count are checked against the plan. `close`
-    checks that every planned tensor was written.
+    `write(name, *pieces)` puts one whole tensor at its offset: one array or consecutive blocks
+    of rows (their concatenation along axis 0); `write_rows(name, first_row, block)` puts some
+    of its rows (a scalar counts as one row). Dtypes and sizes are checked against the plan. The
+    writer creates the files (`create_shard_files`) and `close` checks that every planned row
+    was written; with `shared`, several processes write parts of the same files, created
+    beforehand by one of them, and the completeness check is the caller's, across processes,
+    with `rows_written`.
     """
 
-    def __init__(self, directory: str | os.PathLike, shards: Sequence[Shard]):
+    def __init__(self, directory: str | os.PathLike, shards: Sequence[Shard], shared: bool = False):
+        if not shared:
+            create_shard_files(directory, shards)
+        self._shared = shared
         self._files = []
         self._places: dict[str, tuple[int, int, OutputTensor]] = {}
         for shard in shards:
-            header = shard.header()
-            file = open(Path(directory) / shard.file_name, "wb")
-            file.write(header)
-            file.flush()
+            file = open(Path(directory) / shard.file_name, "r+b")
             self._files.append(file)
-            offset = len(header)
+            offset = len(shard.header())
             for tensor in shard.tensors:
                 self._places[tensor.name] = (file.fileno(), offset, tensor)
                 offset += tensor.nbytes
-        self._unwritten = set(self._places)
+        self._rows_written = dict.fromkeys(self._places, 0)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -140,28 +152,59 @@ class ShardWriter:
         self._close_files()
 
     def write(self, name: str, *pieces: np.ndarray) -> None:
-        if name not in self._unwritten:
-            state = "was written already" if name in self._places else "was not planned"
-            raise ValueError(f"tensor {name!r} {state}")
-        descriptor, offset, planned = self._places[name]
-        _check_pieces(planned, pieces)
+        if self._rows_written.get(name):
+            raise ValueError(f"tensor {name!r} was written already")
+        _check_pieces(self._planned(name), pieces)
+        first_row = 0
         for piece in pieces:
-            data = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
-            while data:  # one call writes at most about 2 GB
-                written = os.pwrite(descriptor, data, offset)
-                data, offset = data[written:], offset + written
-        self._unwritten.discard(name)
+            self.write_rows(name, first_row, piece)
+            first_row += piece.shape[0] if piece.ndim else 1
+
+    def write_rows(self, name: str, first_row: int, block: np.ndarray) -> None:
+        """Rows [first_row, first_row + len(block)) of a tensor (a scalar: all of it, row 0)."""
+        planned = self._planned(name)
+        descriptor, offset, _ = self._places[name]
+        rows = _rows(planned)
+        count = block.shape[0] if block.ndim else 1
+        if block.dtype != np.dtype(planned.dtype):
+            raise ValueError(f"tensor {name!r}: got dtype {block.dtype}, planned {planned.dtype}")
+        if tuple(block.shape[1:]) != tuple(planned.shape[1:]) or not 0 <= first_row <= rows - count:
+            raise ValueError(
+                f"tensor {name!r}: a block of shape {list(block.shape)} at row {first_row} does "
+                f"not fit {list(planned.shape)}"
+            )
+        data = memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+        offset += first_row * (planned.nbytes // rows if rows else 0)
+        self._rows_written[name] += count
+        while data:  # one call writes at most about 2 GB
+            written = os.pwrite(descriptor, data, offset)
+            data, offset = data[written:], offset + written
+
+    def rows_written(self) -> dict[str, int]:
+        """Rows written so far, by tensor name."""
+        return dict(self._rows_written)
 
     def close(self) -> None:
-        """Close the files; every planned tensor must have been written."""
-        if self._unwritten:
-            missing = min(self._unwritten, key=natural_key)
-            raise ValueError(f"the output is incomplete: tensor {missing!r} was never written")
+        """Close the files; every planned tensor must have been written (unless `shared`)."""
+        missing = [n for n, t in self._places.items() if self._rows_written[n] < _rows(t[2])]
+        if missing and not self._shared:
+            first = min(missing, key=natural_key)
+            raise ValueError(f"the output is incomplete: tensor {first!r} was never written")
         self._close_files()
+
+    def _planned(self, name: str) -> OutputTensor:
+        if name not in self._places:
+            raise ValueError(f"tensor {name!r} was not planned")
+        return self._places[name][2]
 
     def _close_files(self) -> None:
         for file in self._files:
             file.close()
+
+
+def _rows(tensor: OutputTensor) -> int:
+    """A tensor's rows (the length of its first axis); a scalar has one."""
+    return tensor.shape[0] if tensor.shape else 1
 
 
 def _check_pieces(planned: OutputTensor, pieces: Sequence[np.ndarray]) -> None:
@@ -247,22 +290,41 @@ def check_output_dir(
 
 
 @contextlib.contextmanager
-def staged_directory(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+def staged_directory(
+    output: str | os.PathLike,
+    overwrite: bool,
+    *,
+    token: str | None = None,
+    leader: bool = True,
+    barrier: Callable[[str], None] | None = None,
+) -> Iterator[Path]:
     """Yield a fresh hidden directory beside `output`; rename it to `output` when the block ends.
 
     If the block raises (or is interrupted), the staging directory is deleted and `output` is left
     as it was. A run killed outright leaves only a hidden `.NAME.incomplete-*` directory, which no
     tool mistakes for a checkpoint. With `overwrite`, an existing output is replaced.
+
+    Several processes write one output by all passing the same `token` (which names the staging
+    directory) and a `barrier(name)` that returns once every process has called it; the one
+    `leader` creates the directory, and renames it only after every process has left its block
+    without an error.
     """
     target = Path(output).expanduser().absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    name = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = target.parent / f".{target.name}{STAGING_MARK}{name}"
+    wait = barrier or (lambda name: None)
+    if leader:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    wait("staging directory created")
     try:
         yield staging
-        _move_into_place(staging, target, overwrite)
+        wait("every part of the output written")
+        if leader:
+            _move_into_place(staging, target, overwrite)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if leader:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -337,15 +399,21 @@ class WriteBehind:
             raise self._error
 
     def write(self, name: str, *pieces: np.ndarray) -> None:
+        self._put(self._writer.write, name, *pieces)
+
+    def write_rows(self, name: str, first_row: int, block: np.ndarray) -> None:
+        self._put(self._writer.write_rows, name, first_row, block)
+
+    def _put(self, write, *args) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((name, pieces))
+        self._queue.put((write, args))
 
     def _write_all(self) -> None:
         while (item := self._queue.get()) is not self._DONE:
             if self._error is None and not self._cancelled:  # else drain, so no put blocks
                 try:
-                    name, pieces = item
-                    self._writer.write(name, *pieces)
+                    write, args = item
+                    write(*args)
                 except BaseException as err:  # raised in the merging thread
                     self._error = err
