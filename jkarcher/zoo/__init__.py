@@ -1,0 +1,1 @@
+"""A zoo of tiny Qwen2 experts trained here, and the paper's merge study run on it."""

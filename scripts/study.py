@@ -1,0 +1,203 @@
+"""The paper's study on the zoo: every method, N = 2 .. 11 models, scored on every domain.
+
+    python scripts/study.py            # full zoo (built on first use), writes results/
+    python scripts/study.py --small    # the small zoo, writes results-small/ (minutes)
+
+Writes study.csv, study.md (average score by method and N, the per-domain table in the layout of
+the paper's Appendix A with the base and each expert alone as reference rows, and the Table 7
+diagnostics of the largest merges), average_vs_n.png, and diagnose.py's per-metric PNGs for the
+largest merges. With --readme, replaces README.md's Results section with the generated summary.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from jkarcher import models
+from jkarcher.fisher import causal_lm_fisher
+from jkarcher.zoo import report
+from jkarcher.zoo.build import FULL, SMALL, build_zoo, zoo_members
+from jkarcher.zoo.domains import DOMAINS, text_lines
+from jkarcher.zoo.evaluation import build_eval_set, evaluate
+from jkarcher.zoo.study import STUDY_PARAMS, merge_pool, run_study, study_rows, uses_fisher
+from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
+from jkarcher.zoo.training import domain_texts, packed_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+FISHER_TEXTS = 2000  # training strings sampled for each model's Fisher
+FISHER_ROWS = 64  # windows of seq_len tokens the Fisher is averaged over
+DIAGNOSED = (
+    "karcher",
+    "karcher+fisher",
+    "linear",
+    "ties",
+    "task_arithmetic",
+    "dare_ties",
+    "model_stock",
+    "multislerp",
+)
+
+_SMALL = flags.DEFINE_bool("small", False, "use the small zoo (CI-sized)")
+_ZOO = flags.DEFINE_string("zoo", None, "zoo directory (default cache/zoo or cache/zoo-small)")
+_OUT = flags.DEFINE_string("out", None, "output directory (default results or results-small)")
+_METHODS = flags.DEFINE_list(
+    "methods", None, "study rows to compare (default: every merging method and karcher+fisher)"
+)
+_EXAMPLES = flags.DEFINE_integer("examples", 64, "held-out prompts per task domain")
+_WINDOWS = flags.DEFINE_integer("text_windows", 24, "held-out 64-token windows per domain")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the evaluation data and random merges")
+_README = flags.DEFINE_string("readme", None, "README.md whose Results section to rewrite")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    start = time.perf_counter()
+    recipe = SMALL if _SMALL.value else FULL
+    suffix = "-small" if _SMALL.value else ""
+    zoo = Path(_ZOO.value or ROOT / "cache" / f"zoo{suffix}")
+    out = Path(_OUT.value or ROOT / f"results{suffix}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    build_zoo(zoo, recipe)
+    base_dir, expert_dirs = zoo_members(zoo)
+    config, base = models.load(base_dir)
+    pool = [base] + [models.load(d)[1] for d in expert_dirs]
+    tokenizer = byte_tokenizer()
+    evals = build_eval_set(
+        tokenizer,
+        examples=_EXAMPLES.value,
+        text_windows=_WINDOWS.value,
+        seq_len=recipe.seq_len,
+        seed=_SEED.value,
+    )
+
+    def score(params):
+        return evaluate(config, params, tokenizer, evals)
+
+    references = {"base": score(base)}
+    for path, params in zip(expert_dirs, pool[1:], strict=True):
+        references[path.name] = score(params)
+    rows = _METHODS.value or study_rows()
+    fishers = []
+    if any(uses_fisher(row) for row in rows):
+        fishers = pool_fishers(config, pool, [None, *(e.domain for e in recipe.experts)], recipe)
+    runs = run_study(pool, score, rows, fishers=fishers, seed=_SEED.value)
+
+    report.write_csv(runs, references, out / "study.csv")
+    report.plot_average_vs_n(runs, out / "average_vs_n.png")
+    diagnostics = diagnose_largest_merges(pool, fishers, config, tokenizer, recipe.seq_len, out)
+    seconds = time.perf_counter() - start
+    summary = summary_section(runs, out, diagnostics, seconds)
+    (out / "study.md").write_text(
+        summary + "\n\n## Scores by domain\n\n" + report.domain_table(runs, references) + "\n"
+    )
+    if _README.value:
+        report.update_readme(Path(_README.value), summary.replace("](", f"]({out.name}/"))
+    print(f"study done in {seconds:.0f} s; results in {out}")
+
+
+def pool_fishers(config, pool, domains, recipe) -> list:
+    """Each pool model's diagonal (true) Fisher on its own training data: the base's on the
+    mixture of domains (domain None), each expert's on its domain."""
+    tokenizer = byte_tokenizer()
+    bos = tokenizer.token_to_id(BOS)
+    all_domains = [d.name for d in DOMAINS]
+    fishers = []
+    for index, (params, name) in enumerate(zip(pool, domains, strict=True)):
+        texts = [
+            text
+            for d in ([name] if name else all_domains)
+            for text in domain_texts(
+                d, "train", FISHER_TEXTS // (1 if name else len(all_domains)), recipe.seed
+            )
+        ]
+        windows = packed_windows(tokenizer, texts, recipe.seq_len, bos, recipe.seed)[:FISHER_ROWS]
+        batches = [(w, np.ones_like(w)) for w in np.split(windows, FISHER_ROWS // 16)]
+        fishers.append(causal_lm_fisher(config, params, batches, key=jax.random.key(index)))
+    return fishers
+
+
+def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out: Path) -> str:
+    """Save the base and the N = pool-size merges, and run scripts/diagnose.py on them.
+
+    Returns diagnose's Markdown table (the paper's Table 7 layout).
+    """
+    n_models = len(pool)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints, names = [], []
+        chosen = [m for m in DIAGNOSED if fishers or not uses_fisher(m)]
+        for method in ("base", *chosen):
+            params = pool[0] if method == "base" else merge_pool(pool, method, n_models, 0, fishers)
+            directory = Path(tmp) / method
+            models.save(directory, config, params)
+            tokenizer.save(str(directory / "tokenizer.json"))
+            checkpoints.append(str(directory))
+            names.append(method if method == "base" else f"{method} N={n_models}")
+        text = Path(tmp) / "held_out.txt"
+        text.write_text("\n".join(text_lines("prose", "eval") + text_lines("code", "eval")))
+        diagnose_out = out / "diagnostics"
+        if diagnose_out.exists():
+            shutil.rmtree(diagnose_out)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "diagnose.py"),
+                f"--checkpoints={','.join(checkpoints)}",
+                f"--names={','.join(names)}",
+                f"--text={text}",
+                f"--seq_len={seq_len}",
+                "--batch_size=16",
+                "--max_batches=8",
+                f"--out_dir={diagnose_out}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return (diagnose_out / "diagnostics.md").read_text()
+
+
+def summary_section(runs, out: Path, diagnostics: str, seconds: float) -> str:
+    """The Markdown summary shared by study.md and README's Results section."""
+    pngs = sorted(p.name for p in (out / "diagnostics").glob("*.png"))
+    effective_rank = next(
+        (p for p in pngs if "effective" in p.lower() or "effrank" in p.lower()), None
+    )
+    lines = [
+        "### Average score by method and number of merged models",
+        "",
+        "The best of each column is in bold. The pool is the base model followed by the experts "
+        "in the zoo's fixed order; methods that need a base merge models 2..N onto model 1. "
+        "Weights are equal; parameters are mergekit's defaults except "
+        + ", ".join(f"{m} {p}" for m, p in sorted(STUDY_PARAMS.items()))
+        + ".",
+        "",
+        report.average_table(runs),
+        "",
+        *[f"- {s}" for s in report.findings(runs)],
+        "",
+        "![average score against N](average_vs_n.png)",
+        "",
+        f"### Collapse diagnostics of the N={max(r.n_models for r in runs)} merges "
+        "(the paper's Table 7)",
+        "",
+        diagnostics.strip(),
+        "",
+    ]
+    if effective_rank:
+        lines += [f"![effective rank per layer](diagnostics/{effective_rank})", ""]
+    lines.append(f"The study took {seconds / 60:.1f} minutes on this machine.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,133 @@
+"""The zoo: domains and splits, the byte tokenizer, packing, method applicability, report."""
+
+import random
+
+import numpy as np
+import pytest
+
+from jkarcher.zoo import report
+from jkarcher.zoo.domains import (
+    DOMAINS,
+    domain,
+    format_example,
+    is_held_out,
+    task_examples,
+    text_lines,
+)
+from jkarcher.zoo.study import MergeRun, applicable
+from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
+from jkarcher.zoo.training import packed_windows
+
+TASKS = [d for d in DOMAINS if d.kind == "task"]
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda d: d.name)
+def test_task_answers_are_right_and_splits_disjoint(task):
+    train = task_examples(task, 300, "train", seed=0)
+    held_out = task_examples(task, 40, "eval", seed=0)
+    assert len({p for p, _ in held_out}) == 40
+    assert not {p for p, _ in train} & {p for p, _ in held_out}
+    assert all(not is_held_out(p) for p, _ in train) and all(is_held_out(p) for p, _ in held_out)
+    assert task_examples(task, 40, "eval", seed=0) == held_out
+    for prompt, answer in held_out:
+        assert answer == _solve(task.name, prompt)
+
+
+def _solve(name: str, prompt: str) -> str:
+    """Each task's answer computed independently of the generators."""
+    if name in ("addition", "multiplication", "modulo"):
+        return str(eval(prompt))  # digits and one operator
+    words = prompt.split()
+    if name == "reversal":
+        return words[1][::-1]
+    if name == "sorting":
+        return "".join(sorted(words[1]))
+    if name == "brackets":
+        return "".join({"(": ")", "[": "]", "{": "}"}[c] for c in reversed(words[1]))
+    if name == "counting":
+        return str(words[2].count(words[1]))
+    if name == "successor":
+        return str(int(words[1]) + 1)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["code", "prose"])
+def test_text_domains_split_whole_files(name):
+    train, held_out = text_lines(name, "train"), text_lines(name, "eval")
+    assert len(train) > 1000 and len(held_out) > 100
+    assert all(line.strip() for line in held_out[:100])
+
+
+def test_unknown_domain_is_an_error():
+    with pytest.raises(ValueError, match="unknown domain 'poetry'"):
+        domain("poetry")
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tokenizer = byte_tokenizer()
+    text = "12+34=46\n  def f(x): return 'é' {[()]}"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) == len(text.encode())
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.get_vocab_size() == 259
+
+
+def test_packed_windows_start_with_bos_and_keep_the_text():
+    tokenizer = byte_tokenizer()
+    texts = [format_example(f"{i}+1", str(i + 1)) for i in range(50)]
+    windows = packed_windows(
+        tokenizer, texts, seq_len=16, bos_id=tokenizer.token_to_id(BOS), seed=0
+    )
+    assert windows.shape[1] == 16 and np.all(windows[:, 0] == tokenizer.token_to_id(BOS))
+    joined = "".join(tokenizer.decode(w[1:].tolist()) for w in windows)
+    complete_lines = joined.split("\n")[:-1]  # the tail that did not fill a window is dropped
+    assert set(complete_lines) <= {t.strip() for t in texts}
+    assert len(complete_lines) >= len(texts) - 3
+
+
+def test_applicability_follows_the_registry():
+    assert applicable("karcher", 2) and applicable("karcher", 11)
+    assert applicable("slerp", 2) and not applicable("slerp", 3)
+    assert applicable("arcee_fusion", 2) and not applicable("arcee_fusion", 3)
+    assert not applicable("model_stock", 2) and applicable("model_stock", 3)
+    assert not applicable("passthrough", 2)
+    assert applicable("karcher+fisher", 2) and applicable("fisher_merging", 5)
+
+
+def _runs():
+    rng = random.Random(0)
+    scores = lambda: {d.name: rng.random() for d in DOMAINS}
+    runs = [MergeRun(m, n, scores(), scores(), 1.0) for m in ("karcher", "linear") for n in (2, 3)]
+    return runs
+
+
+def test_average_table_bolds_the_best_of_each_column():
+    runs = _runs()
+    table = report.average_table(runs)
+    for n in (2, 3):
+        best = max((r for r in runs if r.n_models == n), key=lambda r: r.average)
+        assert f"**{best.average:.3f}**" in table
+    assert table.splitlines()[0] == "| method | N=2 | N=3 |"
+
+
+def test_findings_name_the_winner_of_every_column():
+    runs = _runs()
+    text = " ".join(report.findings(runs))
+    for n in (2, 3):
+        best = max((r for r in runs if r.n_models == n), key=lambda r: r.average)
+        if best.method == "karcher":
+            assert "best average score at N = " in text
+        else:
+            assert f"N={n} (linear {best.average:.3f}" in text
+
+
+def test_readme_section_is_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\noutro\n")
+    report.update_readme(readme, "new table")
+    assert readme.read_text() == (
+        f"intro\n{report.README_BEGIN}\nnew table\n{report.README_END}\noutro\n"
+    )
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no study markers"):
+        report.update_readme(tmp_path / "plain.md", "x")
