@@ -22,10 +22,11 @@ Fields:
   format          output format: "safetensors" (a Hugging Face checkpoint) or "orbax" (an Orbax
                   checkpoint in `params/` beside the same config, tokenizer and card files; see
                   `jkarcher.io.orbax_io`). Inputs of either format are recognized by their files.
-  mesh            the device mesh the merge runs on, as axis names and sizes: a mapping
-                  {"data": 2, "model": 4} or text "data:2,model:4"; one size may be -1 (the
-                  devices the other axes leave). None: all devices on one axis. Every tensor is
-                  split by rows over all the mesh's devices (`jkarcher.sharding`).
+  mesh            the device mesh the merge runs on, as axis names and sizes in text,
+                  "data:2,model:4" (a config given as a plain dict may use a mapping,
+                  {"data": 2, "model": 4}); one size may be -1 (the devices the other axes
+                  leave). None: all devices on one axis. Every tensor is split by rows over all
+                  the mesh's devices (`jkarcher.sharding`).
   distributed     several processes (hosts) running one merge with `jax.distributed`:
                     enabled              False: one process (the other fields stay unset);
                     coordinator_address  "host:port" of process 0's coordinator;

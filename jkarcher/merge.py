@@ -18,9 +18,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.methods.common import compute_dtype, with_auto_axes
+from jkarcher.sharding import place_on_mesh
 
 
 class MergeError(ValueError):
@@ -34,6 +36,7 @@ def merge(
     method: str = "karcher",
     base: Any = None,
     key: jax.Array | None = None,
+    mesh: Mesh | None = None,
     **params: Any,
 ) -> Any:
     """Merge N pytrees of one structure into one, leaf by leaf.
@@ -44,18 +47,25 @@ def merge(
       method: a name from `jkarcher.methods.names()`.
       base: the base model's parameters, same structure, for methods that use one.
       key: a `jax.random` key, required by random methods; each leaf folds in its path.
+      mesh: a device mesh for the leaves (of models, base and tensor inputs) that are not yet
+        spread over several devices (NumPy arrays, single-device arrays): each is placed on it
+        split along its first axis that the device count divides, or replicated when none does
+        (`jkarcher.sharding.place_on_mesh`). Leaves already sharded keep their sharding.
       **params: the method's parameters (see `jkarcher.methods.get(method).params`), and its
         tensor inputs (`.tensor_inputs`, e.g. `fisher=[fisher_0, ..., fisher_N-1]`: N pytrees
         shaped like the models).
 
     Returns:
-      A pytree of the same structure whose leaves have the sources' dtypes and shardings.
+      A pytree of the same structure whose leaves have the sources' dtypes and shardings (with
+      `mesh`, those they were placed with).
     """
     pytrees = list(pytrees)
     if not pytrees:
         raise MergeError("merge needs at least one model")
     spec = methods.get(method)
     tensor_inputs = {name: params.pop(name) for name in spec.tensor_inputs if name in params}
+    if mesh is not None:
+        pytrees, base, tensor_inputs = place_on_mesh((pytrees, base, tensor_inputs), mesh)
     if spec.tensor_inputs_required and len(tensor_inputs) < len(spec.tensor_inputs):
         missing = [name for name in spec.tensor_inputs if name not in tensor_inputs]
         raise MergeError(f"method {method!r} needs {missing[0]}=[one pytree per model]")

@@ -776,7 +776,8 @@ def _write_part(
 
 
 def _check_complete(plan: MergePlan, rows_written: Mapping[str, int]) -> None:
-    """Raise OutputError unless every rows of every planned tensor was written by some process."""
+    """Raise OutputError unless every row of every planned tensor was written, counting the rows
+    that each process wrote."""
     tensors = [tensor for shard in plan.shards for tensor in shard.tensors]
     written = distributed.sum_over_processes(np.array([rows_written[t.name] for t in tensors]))
     for tensor, count in zip(tensors, written, strict=True):
@@ -812,6 +813,8 @@ def _assembled(merged: jax.Array, tail: np.ndarray | None, shape: tuple[int, ...
 
 @functools.cache
 def _assembler(shape: tuple[int, ...], sharding: NamedSharding) -> Callable:
+    """The jitted `_assembled` for one shape and output sharding (cached)."""
+
     def assemble(merged: jax.Array, tail: jax.Array | None) -> jax.Array:
         if not shape:
             return merged

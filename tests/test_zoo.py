@@ -1,11 +1,13 @@
 """The zoo: domains and splits, the byte tokenizer, packing, method applicability, report."""
 
+import json
 import random
 
 import numpy as np
 import pytest
 
 from jkarcher.zoo import report
+from jkarcher.zoo.build import FULL, SMALL, recipe_record
 from jkarcher.zoo.domains import (
     DOMAINS,
     domain,
@@ -131,3 +133,11 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
     (tmp_path / "plain.md").write_text("no markers")
     with pytest.raises(ValueError, match="no study markers"):
         report.update_readme(tmp_path / "plain.md", "x")
+
+
+def test_a_saved_recipe_compares_equal_so_the_zoo_is_reused():
+    for recipe in (FULL, SMALL):
+        assert json.loads(json.dumps({"record": recipe_record(recipe)}))["record"] == (
+            recipe_record(recipe)
+        )
+    assert recipe_record(FULL) != recipe_record(SMALL)

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: safetensors in Hugging Face layout (and, later, Orbax)."""
+"""Checkpoint I/O: safetensors in Hugging Face layout (Orbax: `jkarcher.io.orbax_io`)."""
 
 from jkarcher.io.safetensors_io import (
     DTYPE_NAMES,

@@ -21,10 +21,17 @@ def methods_table_markdown() -> str:
 
 def _row(method: MergeMethod) -> str:
     name = f"`{method.name}`" + (" (random)" if method.random else "")
-    params = ", ".join(_param(p) for p in method.params) or "none"
+    need = "required" if method.tensor_inputs_required else "optional"
+    inputs = [f"`{name}` (tensors per model, {need})" for name in method.tensor_inputs]
+    params = ", ".join([_param(p) for p in method.params] + inputs) or "none"
     cells = (
-        name, method.summary, method.base, _models(method),
-        "yes" if method.weighted else "no", params, _reference(method.reference),
+        name,
+        method.summary,
+        method.base,
+        _models(method),
+        "yes" if method.weighted else "no",
+        params,
+        _reference(method.reference),
     )
     return "| " + " | ".join(cells) + " |"
 

@@ -86,10 +86,10 @@ FULL = ZooRecipe(
     layers=2,
     seq_len=64,
     batch_size=32,
-    base_steps=1500,
+    base_steps=1200,
     base_learning_rate=3e-3,
     examples_per_domain=20_000,
-    experts=_experts(300),
+    experts=_experts(250),
 )
 # Four experts, for CI: the same pipeline end to end in about two minutes.
 SMALL = ZooRecipe(
@@ -105,8 +105,10 @@ SMALL = ZooRecipe(
 
 
 def recipe_record(recipe: ZooRecipe) -> dict:
-    """The recipe as JSON-able data, with the Python version whose stdlib the text came from."""
-    return {"recipe": dataclasses.asdict(recipe), "python": platform.python_version()}
+    """The recipe as JSON data (as zoo.json holds it), with the Python version whose stdlib the
+    text came from."""
+    record = {"recipe": dataclasses.asdict(recipe), "python": platform.python_version()}
+    return json.loads(json.dumps(record))
 
 
 def build_zoo(directory: str | Path, recipe: ZooRecipe, log=print) -> Path:
@@ -116,8 +118,6 @@ def build_zoo(directory: str | Path, recipe: ZooRecipe, log=print) -> Path:
     if manifest.is_file() and json.loads(manifest.read_text())["record"] == recipe_record(recipe):
         log(f"zoo in {directory} is up to date")
         return directory
-    if directory.exists():
-        shutil.rmtree(directory)
     building = directory.with_name(directory.name + ".partial")
     if building.exists():
         shutil.rmtree(building)
@@ -170,6 +170,8 @@ def build_zoo(directory: str | Path, recipe: ZooRecipe, log=print) -> Path:
         )
     record = {"record": recipe_record(recipe), "training": timings}
     (building / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
     building.rename(directory)
     return directory
 
