@@ -185,30 +185,17 @@ def _flatten_models(pytrees: list) -> tuple[list[str], list[tuple], Any]:
     """Leaf names, the N sources of each leaf, and the tree structure; structures must agree."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(pytrees[0])
     names = [path_name(path) for path, _ in flat]
-    per_model = [[leaf for _, leaf in flat]]
-    for index, tree in enumerate(pytrees[1:], start=1):
-        other, other_def = jax.tree_util.tree_flatten_with_path(tree)
-        other_names = [path_name(path) for path, _ in other]
-        if other_def != treedef or other_names != names:
-            raise MergeError(
-                f"model {index} has a different structure from model 0: "
-                + _structure_difference(names, other_names)
-            )
-        per_model.append([leaf for _, leaf in other])
+    per_model = [
+        _leaves_like(tree, names, treedef, f"model {index}", "model 0")
+        for index, tree in enumerate(pytrees)
+    ]
     return names, list(zip(*per_model, strict=True)), treedef
 
 
 def _flatten_base(base: Any, names: list[str], treedef) -> list | None:
     if base is None:
         return None
-    flat, base_def = jax.tree_util.tree_flatten_with_path(base)
-    base_names = [path_name(path) for path, _ in flat]
-    if base_def != treedef or base_names != names:
-        raise MergeError(
-            "the base model has a different structure from model 0: "
-            + _structure_difference(names, base_names)
-        )
-    return [leaf for _, leaf in flat]
+    return _leaves_like(base, names, treedef, "the base model", "model 0")
 
 
 def _flatten_tensor_input(
@@ -218,17 +205,23 @@ def _flatten_tensor_input(
     trees = list(trees)
     if len(trees) != n_models:
         raise MergeError(f"{input_name} has {len(trees)} pytrees for {n_models} models")
-    per_model = []
-    for index, tree in enumerate(trees):
-        flat, tree_def = jax.tree_util.tree_flatten_with_path(tree)
-        tree_names = [path_name(path) for path, _ in flat]
-        if tree_def != treedef or tree_names != names:
-            raise MergeError(
-                f"{input_name} of model {index} has a different structure from the models: "
-                + _structure_difference(names, tree_names)
-            )
-        per_model.append([leaf for _, leaf in flat])
+    per_model = [
+        _leaves_like(tree, names, treedef, f"{input_name} of model {index}", "the models")
+        for index, tree in enumerate(trees)
+    ]
     return list(zip(*per_model, strict=True))
+
+
+def _leaves_like(tree: Any, names: list[str], treedef, what: str, reference: str) -> list:
+    """The leaves of `tree`, which must have the structure `treedef` with leaves `names`."""
+    flat, tree_def = jax.tree_util.tree_flatten_with_path(tree)
+    tree_names = [path_name(path) for path, _ in flat]
+    if tree_def != treedef or tree_names != names:
+        raise MergeError(
+            f"{what} has a different structure from {reference}: "
+            + _structure_difference(names, tree_names)
+        )
+    return [leaf for _, leaf in flat]
 
 
 def _structure_difference(names: list[str], other: list[str]) -> str:
