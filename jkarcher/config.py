@@ -12,7 +12,18 @@ Fields:
                   path is a local directory or a hub id found in the local HF cache.
   base_model      path or hub id of the base model, or None.
   params          the method's parameters (defaults from the registry); a list gives one value
-                  per model, for the parameters that take one.
+                  per model, for the parameters that take one. For the methods that take each
+                  model's diagonal Fisher (karcher, optionally; fisher_merging, necessarily),
+                  `params.fisher` says where the Fishers are (`jkarcher.fisher` files):
+                    "beside"            fisher.safetensors in each model's directory;
+                    [PATH, ...]         one per model: a Fisher file, or a directory holding
+                                        fisher.safetensors;
+                    {"text": FILE, "estimator": "true", "seq_len": 256, "batch_size": 8,
+                     "num_batches": None, "seed": 0}
+                                        estimated on a text file where missing, and written
+                                        as fisher.safetensors beside each model
+                                        (`jkarcher.pipeline.prepare_fishers`; an estimate there
+                                        made by other settings or text is made again).
   dtype           output dtype: "bfloat16", "float16" or "float32".
   output          output directory.
   out_shard_size  most bytes per output file, as text: "5GB", "500MB", "2GiB", "1000000".
@@ -65,6 +76,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from jkarcher import methods
+from jkarcher.fisher import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, ESTIMATORS
 from jkarcher.merge import MergeError, check_weights
 from jkarcher.methods.registry import BASE_NONE, BASE_REQUIRED, REQUIRED
 
@@ -93,8 +105,20 @@ FIELDS = (
 MODEL_FIELDS = ("path", "weight", "params")
 OUTPUT_FORMATS = ("safetensors", "orbax")
 DISTRIBUTED_FIELDS = ("enabled", "coordinator_address", "num_processes", "process_id")
-_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+FISHER_INPUT = "fisher"  # the tensor input `params.fisher` feeds
+FISHER_BESIDE = "beside"
+FISHER_ESTIMATE_FIELDS = ("text", "estimator", "seq_len", "batch_size", "num_batches", "seed")
+_SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 class ConfigError(ValueError):
@@ -174,6 +198,36 @@ class ModelEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class FisherEstimate:
+    """How the Fishers that are missing beside the models are estimated (`params.fisher` given
+    as a mapping; `jkarcher.fisher.checkpoint_fisher` takes these settings)."""
+
+    text: str
+    estimator: str = "true"
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
+    num_batches: int | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FisherSettings:
+    """Where each model's diagonal Fisher comes from (`params.fisher`): the files in `files`,
+    one per model (a file, or a directory holding fisher.safetensors), or else
+    fisher.safetensors beside each model, estimated first where `estimate` is given."""
+
+    files: tuple[str, ...] | None = None
+    estimate: FisherEstimate | None = None
+
+    def plain(self) -> Any:
+        if self.files is not None:
+            return list(self.files)
+        if self.estimate is not None:
+            return dataclasses.asdict(self.estimate)
+        return FISHER_BESIDE
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedSettings:
     """How this process joins a merge run by several (`jkarcher.distributed.initialize`)."""
 
@@ -202,6 +256,7 @@ class MergeConfig:
     format: str = "safetensors"
     mesh: tuple[tuple[str, int], ...] | None = None
     distributed: DistributedSettings = DistributedSettings()
+    fisher: FisherSettings | None = None
 
     @property
     def weights(self) -> tuple[Any, ...]:
@@ -226,7 +281,8 @@ class MergeConfig:
                 for m in self.models
             ],
             "base_model": self.base_model,
-            "params": _plain(self.params),
+            "params": _plain(self.params)
+            | ({FISHER_INPUT: self.fisher.plain()} if self.fisher else {}),
             "dtype": self.dtype,
             "output": str(self.output),
             "out_shard_size": self.out_shard_size,
@@ -275,7 +331,11 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
     base_model = _optional_text(raw.get("base_model"), "base_model")
     _check_model_count_and_base(spec, len(models), base_model)
     _check_weights(models)
-    params = _resolved_params(spec, raw.get("params"), models, base_model is not None)
+    raw_params = raw.get("params")
+    fisher = _fisher(
+        spec, raw_params.pop(FISHER_INPUT, None) if isinstance(raw_params, dict) else None, models
+    )
+    params = _resolved_params(spec, raw_params, models, base_model is not None)
     return MergeConfig(
         method=spec.name,
         models=models,
@@ -290,6 +350,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         format=_format(raw.get("format", "safetensors")),
         mesh=_mesh(raw.get("mesh")),
         distributed=distributed_settings(raw),
+        fisher=fisher,
     )
 
 
@@ -501,6 +562,67 @@ def _resolved_params(spec, value: Any, models: tuple[ModelEntry, ...], has_base:
     return resolved | settings
 
 
+def _fisher(spec, value: Any, models: tuple[ModelEntry, ...]) -> FisherSettings | None:
+    """`params.fisher`, checked against the method: only methods with a Fisher tensor input take
+    it, and those that need one must have it."""
+    takes = FISHER_INPUT in spec.tensor_inputs
+    forms = (
+        f"{FISHER_BESIDE!r} (fisher.safetensors in each model's directory), a list of one Fisher "
+        "file or directory per model, or {'text': FILE} to estimate them on a text"
+    )
+    if value is None:
+        if takes and spec.tensor_inputs_required:
+            raise ConfigError(
+                f"params.fisher: method {spec.name!r} needs each model's diagonal Fisher: give "
+                f"{forms} (scripts/fisher.py estimates one)"
+            )
+        return None
+    if not takes:
+        users = [m for m in methods.names() if FISHER_INPUT in methods.get(m).tensor_inputs]
+        raise ConfigError(
+            f"params.fisher: method {spec.name!r} takes no Fisher; the methods that do are "
+            f"{', '.join(users)}"
+        )
+    if value == FISHER_BESIDE:
+        return FisherSettings()
+    if isinstance(value, list):
+        if len(value) != len(models):
+            raise ConfigError(f"params.fisher: {len(value)} Fisher files for {len(models)} models")
+        return FisherSettings(
+            files=tuple(_path(v, f"params.fisher[{i}]") for i, v in enumerate(value))
+        )
+    if isinstance(value, dict):
+        return FisherSettings(estimate=_fisher_estimate(value))
+    raise ConfigError(f"params.fisher: must be {forms}; got {value!r}")
+
+
+def _fisher_estimate(value: dict) -> FisherEstimate:
+    unknown = sorted(set(value) - set(FISHER_ESTIMATE_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"params.fisher: unknown field {unknown[0]!r} (the fields are: "
+            f"{', '.join(FISHER_ESTIMATE_FIELDS)})"
+        )
+    text = _optional_text(value.get("text"), "params.fisher.text")
+    if text is None:
+        raise ConfigError("params.fisher.text: required (the text file to estimate Fishers on)")
+    estimator = value.get("estimator", "true")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(
+            f"params.fisher.estimator: must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
+        )
+    return FisherEstimate(
+        text=text,
+        estimator=estimator,
+        seq_len=_count(value.get("seq_len", DEFAULT_SEQ_LEN), "params.fisher.seq_len", 2),
+        batch_size=_count(
+            value.get("batch_size", DEFAULT_BATCH_SIZE), "params.fisher.batch_size", 1
+        ),
+        num_batches=_optional_count(value.get("num_batches"), "params.fisher.num_batches", 1),
+        seed=_count(value.get("seed", 0), "params.fisher.seed", 0),
+    )
+
+
 def _declared(spec, name: str, field: str):
     try:
         return spec.param(name)
@@ -651,6 +773,13 @@ def _optional_text(value: Any, field: str) -> str | None:
     return value
 
 
+def _path(value: Any, field: str) -> str:
+    text = _optional_text(value, field)
+    if text is None:
+        raise ConfigError(f"{field}: must be a path, got None")
+    return text
+
+
 def _format(value: Any) -> str:
     if value not in OUTPUT_FORMATS:
         raise ConfigError(f"format: must be one of {', '.join(OUTPUT_FORMATS)}, got {value!r}")
@@ -693,6 +822,12 @@ def _optional_count(value: Any, field: str, least: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ConfigError(f"{field}: must be an integer >= {least}, got {value!r}")
     return value
+
+
+def _count(value: Any, field: str, least: int) -> int:
+    if value is None:
+        raise ConfigError(f"{field}: must be an integer >= {least}, got None")
+    return _optional_count(value, field, least)
 
 
 def _dtype(value: Any) -> str:

@@ -43,14 +43,19 @@ one gradient and one sequence's activations, however many batches there are.
 
 Any model with categorical outputs fits through a `predict_fn(params, batch)` returning
 (logits [..., V], targets [...], mask [...]); `causal_lm_fisher` does it for the Flax decoder of
-`jkarcher.models`. `save_fisher` writes `fisher.safetensors` beside a checkpoint, with the
-checkpoint's tensor names, and `load_fisher` / `fisher_tensors` read it back.
+`jkarcher.models`. `checkpoint_fisher` estimates it for a checkpoint on disk from a text file
+and saves it with its recipe (`estimate_recipe`: a merge tells by it whether a saved estimate is
+current); `save_fisher` writes `fisher.safetensors` beside a checkpoint, with the checkpoint's
+tensor names, and `load_fisher` / `fisher_tensors` read it back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from tqdm import tqdm
 
 from jkarcher import models
 from jkarcher.io import (
@@ -71,11 +77,17 @@ from jkarcher.io import (
 
 ESTIMATORS = ("true", "empirical")
 FISHER_NAME = "fisher.safetensors"
+DEFAULT_SEQ_LEN = 256
+DEFAULT_BATCH_SIZE = 8
 
 Params = Any
 Batch = Any
 # predict_fn(params, batch) -> (logits [..., V], targets [...] int, mask [...] in {0, 1}).
 PredictFn = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+class FisherError(ValueError):
+    """A Fisher estimate cannot be made from the data given; the message names the file."""
 
 
 def diagonal_fisher(
@@ -230,6 +242,125 @@ def save_fisher(
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class FisherRun:
+    """A Fisher estimate that `checkpoint_fisher` made and wrote."""
+
+    path: Path
+    estimator: str
+    predictions: int
+    batches: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.estimator} Fisher over {self.predictions} predicted tokens of {self.batches} "
+            f"batches in {self.seconds:.1f} s with compilation; wrote {self.path}"
+        )
+
+
+def estimate_recipe(
+    text_file: str | os.PathLike,
+    *,
+    estimator: str = "true",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_batches: int | None = None,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Everything that decides a `checkpoint_fisher` estimate besides the model, as the text
+    metadata it is saved with: the text by its SHA-256, and the settings.
+
+    A saved estimate whose metadata holds the same recipe (`has_recipe`) need not be made again.
+    """
+    digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
+    return {
+        "text_sha256": digest,
+        "estimator": estimator,
+        "seq_len": str(seq_len),
+        "batch_size": str(batch_size),
+        "num_batches": "all" if num_batches is None else str(num_batches),
+        "seed": str(seed),
+    }
+
+
+def has_recipe(path: str | os.PathLike, recipe: Mapping[str, str]) -> bool:
+    """Whether `path` is a saved Fisher estimate made by `recipe` (`estimate_recipe`)."""
+    if not Path(path).is_file():
+        return False
+    _, metadata = read_header(path)
+    return all(metadata.get(key) == value for key, value in recipe.items())
+
+
+def checkpoint_fisher(
+    checkpoint_dir: str | os.PathLike,
+    text_file: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    estimator: str = "true",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_batches: int | None = None,
+    seed: int = 0,
+    dtype=jnp.float32,
+    progress: bool = False,
+) -> FisherRun:
+    """Estimate the diagonal Fisher of an HF checkpoint on a UTF-8 text file and save it.
+
+    The text is tokenized with the checkpoint's own `tokenizer.json`, cut into windows of
+    `seq_len` tokens and run in batches of `batch_size` windows (the last one padded), at most
+    `num_batches` of them, through `causal_lm_fisher` with the weights in `dtype` and the key
+    `jax.random.key(seed)`. The estimate is written by `save_fisher` (atomically) to `output`,
+    default `fisher_path(checkpoint_dir)`, with its `estimate_recipe`, the text's name and the
+    counts of predictions and sequences as metadata. `progress` shows a progress bar.
+
+    Raises FisherError, before the model is loaded, when the text gives no token to predict or
+    a token the model has no embedding for.
+    """
+    directory = resolve_checkpoint_dir(checkpoint_dir)
+    text_file = Path(text_file)
+    try:
+        batches = models.text_batches(
+            directory,
+            text_file.read_text(encoding="utf-8"),
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_batches=num_batches,
+            vocab_size=models.load_config(directory).vocab_size,
+        )
+    except models.TokenizerError as err:
+        raise FisherError(f"{text_file}: {err}") from None
+    predictions = sum(int(next_token_mask(mask).sum()) for _, mask in batches)
+    if not predictions:
+        raise FisherError(f"{text_file}: too short, it gives no token to predict")
+    config, params = models.load(directory, dtype=jnp.dtype(dtype))
+    start = time.perf_counter()
+    estimate = causal_lm_fisher(
+        config,
+        params,
+        tqdm(batches, desc=f"Fisher of {directory.name} ({estimator})", disable=not progress),
+        key=jax.random.key(seed),
+        estimator=estimator,
+    )
+    estimate = jax.block_until_ready(estimate)
+    seconds = time.perf_counter() - start
+    recipe = estimate_recipe(
+        text_file,
+        estimator=estimator,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        num_batches=num_batches,
+        seed=seed,
+    )
+    metadata = recipe | {
+        "text": text_file.name,
+        "predictions": str(predictions),
+        "sequences": str(sum(int(mask.any(axis=1).sum()) for _, mask in batches)),
+    }
+    path = save_fisher(estimate, output or fisher_path(directory), metadata)
+    return FisherRun(path, estimator, predictions, len(batches), seconds)
 
 
 def fisher_tensors(

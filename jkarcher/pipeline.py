@@ -32,6 +32,12 @@ Users' expectations that the plan encodes:
 - tied embeddings stay tied: no lm_head is written when the base (or first) model ties it; when
   that model has its own lm_head, a model that ties contributes its embedding matrix instead;
 - tensors that are not floating point are copied when every model agrees on them.
+
+Methods that weigh coordinates by each model's diagonal Fisher (`params.fisher`) read the Fisher
+files like the models, tensor by tensor, in float32: the plan checks that each holds every merged
+tensor with the model's shape (a tying model's embedding Fisher serves as its lm_head's), the
+leaf gets them as its `fisher` input, and a NaN or Inf in one is an error naming the file.
+`prepare_fishers(config)` first estimates the Fishers a config asks to estimate.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jkarcher import distributed, methods
-from jkarcher.config import ConfigError, MergeConfig, tensor_values
+from jkarcher import distributed, fisher, methods
+from jkarcher.config import FISHER_INPUT, ConfigError, MergeConfig, tensor_values
 from jkarcher.io.model_card import model_card
 from jkarcher.io.orbax_io import (
     OrbaxCheckpoint,
@@ -123,6 +129,7 @@ class TensorTask:
     `sources[i]` is model i's tensor (only the rows all models share, for a vocabulary tensor);
     `tail` holds the output's further rows, copied from the base (or first) model. Tensors that are
     not floating point (`merged` False) are copied from the first model once all agree.
+    `fishers[i]`, when the method is given Fishers, is model i's Fisher of the same rows.
     """
 
     name: str
@@ -134,10 +141,11 @@ class TensorTask:
     tail: TensorInfo | None
     settings: TensorSettings
     merged: bool
+    fishers: tuple[TensorInfo, ...] = ()
 
     def infos(self) -> tuple[TensorInfo, ...]:
         """Every distinct byte range this task reads (a model listed twice is read once)."""
-        wanted = (*self.sources, self.base, self.tail)
+        wanted = (*self.sources, self.base, self.tail, *self.fishers)
         return tuple(dict.fromkeys(i for i in wanted if i is not None))
 
     @property
@@ -154,6 +162,7 @@ class MergePlan:
     models: tuple[Checkpoint, ...]
     base: Checkpoint | None
     labels: tuple[str, ...]
+    fisher_labels: tuple[str, ...]
     tie_embeddings: bool
     tasks: tuple[TensorTask, ...]
     shards: tuple[Shard, ...]
@@ -178,10 +187,12 @@ class MergePlan:
         return sum(shard.nbytes for shard in self.shards)
 
     def input_labels(self, task: TensorTask) -> list[tuple[TensorInfo, str]]:
-        """Each tensor a task reads, with the input it comes from ('model 2 (PATH)')."""
+        """Each tensor a task reads, with the input it comes from ('model 2 (PATH)'), in the
+        order of the leaf's all-finite flags (sources, base, Fishers), then the tail."""
         labelled = list(zip(task.sources, self.labels, strict=False))
         if task.base is not None:
             labelled.append((task.base, self.labels[-1]))
+        labelled += zip(task.fishers, self.fisher_labels, strict=False)
         if task.tail is not None:
             labelled.append((task.tail, self.reference_label))
         return labelled
@@ -251,6 +262,10 @@ def layer_position(name: str, num_layers: int | None) -> float:
 def plan_merge(config: MergeConfig) -> MergePlan:
     """Open every checkpoint's headers, check that they fit together and fix the output layout.
 
+    With `params.fisher`, each model's Fisher file is opened too (its headers) and checked to
+    hold every merged tensor in the model's shape (`prepare_fishers` must have made those that
+    are to be estimated).
+
     Raises CheckpointError, MergeError or OutputError, naming the tensor, the model and the file,
     or ConfigError for a tensor whose weights or parameters the method cannot take, before any
     output is written.
@@ -266,6 +281,8 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             "model (or the first model), so that one needs it"
         )
     labels = [f"model {i} ({c.source})" for i, c in enumerate(models)]
+    fishers = _open_fishers(config, labels) if config.fisher else ()
+    fisher_labels = tuple(f"the Fisher of {label}" for label in labels[: len(fishers)])
     if base is not None:
         labels.append(f"the base model ({base.source})")
     reference_index = len(models) if base else 0
@@ -281,6 +298,10 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         task, warning = _plan_tensor(
             config, name, infos, labels, len(models), reference_index, num_layers
         )
+        if fishers and task.merged:
+            task = dataclasses.replace(
+                task, fishers=_fisher_sources(task, models, fishers, fisher_labels)
+            )
         tasks.append(task)
         warnings += [warning] if warning else []
     layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
@@ -290,12 +311,50 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         models=models,
         base=base,
         labels=tuple(labels),
+        fisher_labels=fisher_labels,
         tie_embeddings=tie,
         tasks=tuple(tasks),
         shards=plan_shards(layout, config.out_shard_size),
         warnings=tuple(warnings),
         mesh=_mesh(config),
     )
+
+
+def fisher_files(config: MergeConfig) -> tuple[Path, ...]:
+    """Each model's Fisher file as `params.fisher` places it: a file given, fisher.safetensors
+    in a directory given, or fisher.safetensors beside the model."""
+    if config.fisher.files is None:
+        return tuple(fisher.fisher_path(entry.path) for entry in config.models)
+    paths = (Path(p).expanduser() for p in config.fisher.files)
+    return tuple(p / fisher.FISHER_NAME if p.is_dir() else p for p in paths)
+
+
+def prepare_fishers(config: MergeConfig, progress: bool = False) -> list[fisher.FisherRun]:
+    """Estimate the Fishers that `params.fisher = {"text": FILE, ...}` asks for and that are not
+    yet beside the models, made by the same text and settings; return what was estimated.
+
+    Each estimate is `jkarcher.fisher.checkpoint_fisher` of one model on the text, written
+    atomically as fisher.safetensors in the model's directory. With several processes, process
+    0 estimates and the others wait for it. Nothing is done for other forms of `params.fisher`.
+    """
+    if config.fisher is None or config.fisher.estimate is None:
+        return []
+    settings = dataclasses.asdict(config.fisher.estimate)
+    text = Path(settings.pop("text")).expanduser()
+    if not text.is_file():
+        raise ConfigError(f"params.fisher.text: {text} is not a file")
+    recipe = fisher.estimate_recipe(text, **settings)
+    runs = []
+    if distributed.is_leader():
+        for entry, path in zip(config.models, fisher_files(config), strict=True):
+            if not fisher.has_recipe(path, recipe):
+                runs.append(
+                    fisher.checkpoint_fisher(
+                        entry.path, text, output=path, progress=progress, **settings
+                    )
+                )
+    distributed.barrier("Fisher estimates written")
+    return runs
 
 
 def ties_embeddings(checkpoint: Checkpoint) -> bool:
@@ -319,6 +378,45 @@ def _mesh(config: MergeConfig) -> Mesh:
         return make_mesh(config.mesh)
     except MeshError as err:
         raise ConfigError(f"mesh: {err}") from None
+
+
+def _open_fishers(config: MergeConfig, labels: Sequence[str]) -> tuple[dict[str, TensorInfo], ...]:
+    """The headers of each model's Fisher file; a missing one is an error naming it."""
+    opened = []
+    for path, entry, label in zip(fisher_files(config), config.models, labels, strict=True):
+        try:
+            opened.append(fisher.fisher_tensors(entry.path, path))
+        except CheckpointError as err:
+            raise CheckpointError(f"params.fisher, the Fisher of {label}: {err}") from None
+    return tuple(opened)
+
+
+def _fisher_sources(
+    task: TensorTask,
+    models: Sequence[Checkpoint],
+    fishers: Sequence[Mapping[str, TensorInfo]],
+    fisher_labels: Sequence[str],
+) -> tuple[TensorInfo, ...]:
+    """Each model's Fisher of a task's rows: the Fisher's tensor of the same name (of the
+    embedding, for the lm_head of a model that ties them), in the model's shape."""
+    chosen = []
+    for model, infos, label, source in zip(
+        models, fishers, fisher_labels, task.sources, strict=True
+    ):
+        full = _source_info(model, task.name)
+        if full.name not in infos:
+            raise MergeError(
+                f"tensor {full.name!r} is missing from {label}; the Fisher file needs every "
+                "tensor the model merges"
+            )
+        info = infos[full.name]
+        if info.shape != full.shape:
+            raise MergeError(
+                f"tensor {full.name!r} has shape {list(info.shape)} in {label} ({info.file}) "
+                f"but {list(full.shape)} in the model ({full.file})"
+            )
+        chosen.append(info if source.shape == info.shape else info.rows(0, source.shape[0]))
+    return tuple(chosen)
 
 
 def _embedding_name(checkpoint: Checkpoint) -> str | None:
@@ -505,8 +603,9 @@ def execution_order(tasks: Sequence[TensorTask]) -> tuple[TensorTask, ...]:
 
 
 def _read_task(mesh: Mesh, task: TensorTask) -> dict[TensorInfo, jax.Array | np.ndarray]:
-    """What a task reads: its sources and base as global arrays split by rows over the mesh (this
-    process reading only its own devices' rows); a tail, or a tensor that is copied, whole."""
+    """What a task reads: its sources and base (and Fishers, in float32) as global arrays split
+    by rows over the mesh (this process reading only its own devices' rows); a tail, or a tensor
+    that is copied, whole."""
     if not task.merged:
         return {info: _read_whole(info) for info in task.infos()}
     shape = padded_shape(task.sources[0].shape, mesh)
@@ -516,6 +615,7 @@ def _read_task(mesh: Mesh, task: TensorTask) -> dict[TensorInfo, jax.Array | np.
         info: _read_placed(info, shape, sharding, task.source_dtype)
         for info in dict.fromkeys(placed)
     }
+    arrays |= {info: _read_placed(info, shape, sharding, np.float32) for info in task.fishers}
     if task.tail is not None:
         arrays[task.tail] = _read_whole(task.tail)
     return arrays
@@ -648,11 +748,13 @@ class _Leaves:
             self._weights[weights] = check_weights(weights, len(weights))
         return self._weights[weights]
 
-    def merge(self, task: TensorTask, sources: tuple, base, key) -> tuple[jax.Array, jax.Array]:
-        """(merged rows on the mesh, per-source all-finite flags) from `leaf_function`, as
+    def merge(
+        self, task: TensorTask, sources: tuple, base, key, fishers: tuple = ()
+    ) -> tuple[jax.Array, jax.Array]:
+        """(merged rows on the mesh, per-input all-finite flags) from `leaf_function`, as
         `merge` gives them (see `placed_leaf`)."""
         self._compiled[_signature(task)].result()
-        return self._function(task)(sources, self.weights(task), base, key)
+        return self._function(task)(sources, self.weights(task), base, key, fishers)
 
     def _function(self, task: TensorTask) -> Callable:
         shape = task.sources[0].shape
@@ -666,7 +768,8 @@ class _Leaves:
         base = None if task.base is None else shaped
         key = None if self._seed_key is None else leaf_key(self._seed_key, task.name)
         sources = (shaped,) * len(task.sources)
-        self._function(task).lower(sources, self.weights(task), base, key).compile()
+        fishers = (jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),) * len(task.fishers)
+        self._function(task).lower(sources, self.weights(task), base, key, fishers).compile()
 
 
 @functools.cache
@@ -676,10 +779,11 @@ def placed_leaf(
     """`leaf_function(method, params)` for sources of `shape` split by rows over `mesh`, as
     `_read_task` places them (cached).
 
-    The padding rows are cut off before the leaf sees the sources and put back as zeros after
-    it, so the leaf merges exactly the tensor (its whole-tensor statistics and random draws are
-    those of one device); the result is cast to `out_dtype` and split like the sources, and the
-    all-finite flags are on every device.
+    The padding rows are cut off before the leaf sees the sources (and the Fishers, its
+    `fisher` input, when there are any) and put back as zeros after it, so the leaf merges
+    exactly the tensor (its whole-tensor statistics and random draws are those of one device);
+    the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
+    on every device.
     """
     leaf = leaf_function(method, dict(params_key))
     padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
@@ -687,9 +791,10 @@ def placed_leaf(
     def cut(x: jax.Array) -> jax.Array:
         return x[: shape[0]] if padding else x
 
-    def run(sources, weights, base, key):
+    def run(sources, weights, base, key, fishers):
         base = None if base is None else cut(base)
-        merged, finite = leaf(tuple(map(cut, sources)), weights, base, key)
+        tensors = {FISHER_INPUT: tuple(map(cut, fishers))} if fishers else None
+        merged, finite = leaf(tuple(map(cut, sources)), weights, base, key, tensors)
         merged = merged.astype(out_dtype)
         if padding:
             merged = jnp.pad(merged, [(0, padding)] + [(0, 0)] * (len(shape) - 1))
@@ -706,6 +811,7 @@ def _signature(task: TensorTask) -> tuple:
         task.source_dtype,
         task.base is not None,
         len(task.sources),
+        len(task.fishers),
         task.settings.params_key,
         task.out_dtype,
     )
@@ -724,7 +830,8 @@ def _merge_tensor(
         return _agreed_copy(plan, task, arrays), None
     sources = tuple(arrays[info] for info in task.sources)
     base = None if task.base is None else arrays[task.base]
-    merged, finite = leaves.merge(task, sources, base, key)
+    fishers = tuple(arrays[info] for info in task.fishers)
+    merged, finite = leaves.merge(task, sources, base, key, fishers)
     labelled = plan.input_labels(task)
     for index in np.flatnonzero(~np.asarray(finite)):
         _raise_not_finite(task, *labelled[index])

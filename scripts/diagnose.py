@@ -97,6 +97,7 @@ def measure(checkpoint: str, name: str, text: str) -> tuple[dict, int]:
         batch_size=FLAGS.batch_size,
         max_batches=FLAGS.max_batches,
         drop_remainder=True,
+        vocab_size=config.vocab_size,
     )
     if not batches:
         raise app.UsageError(

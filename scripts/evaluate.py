@@ -57,6 +57,7 @@ def evaluate(checkpoint: str, name: str, text: str) -> dict:
         seq_len=FLAGS.seq_len,
         batch_size=FLAGS.batch_size,
         max_batches=FLAGS.max_batches,
+        vocab_size=config.vocab_size,
     )
 
     def step(tokens, mask):

@@ -15,16 +15,13 @@ Fisher-weighted merges then take it with `jkarcher.fisher.load_fisher(checkpoint
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 from absl import app, flags
-from tqdm import tqdm
 
-from jkarcher import fisher, models
-from jkarcher.io import Checkpoint
+from jkarcher import fisher
+from jkarcher.io import CheckpointError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (or a hub id in the HF cache).")
@@ -36,8 +33,10 @@ flags.DEFINE_enum(
     "true: labels sampled from the model; empirical: the text's next tokens.",
 )
 flags.DEFINE_integer("num_batches", None, "Use at most this many batches of the text.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per window (with the tokenizer's leading specials).")
-flags.DEFINE_integer("batch_size", 8, "Windows per batch.")
+flags.DEFINE_integer(
+    "seq_len", fisher.DEFAULT_SEQ_LEN, "Tokens per window (with the tokenizer's leading specials)."
+)
+flags.DEFINE_integer("batch_size", fisher.DEFAULT_BATCH_SIZE, "Windows per batch.")
 flags.DEFINE_integer("seed", 0, "Seed of the label samples (true) or signs (empirical).")
 flags.DEFINE_enum(
     "dtype",
@@ -55,43 +54,22 @@ flags.mark_flags_as_required(["checkpoint", "text"])
 
 def main(argv):
     del argv
-    directory = Checkpoint(FLAGS.checkpoint).path  # a hub id resolves to its cached snapshot
-    batches = models.text_batches(
-        directory,
-        Path(FLAGS.text).read_text(encoding="utf-8"),
-        seq_len=FLAGS.seq_len,
-        batch_size=FLAGS.batch_size,
-        max_batches=FLAGS.num_batches,
-    )
-    predictions = sum(int(fisher.next_token_mask(mask).sum()) for _, mask in batches)
-    if not predictions:
-        raise app.UsageError(f"{FLAGS.text}: too short, it gives no token to predict")
-    config, params = models.load(directory, dtype=jnp.dtype(FLAGS.dtype))
-    start = time.perf_counter()
-    estimate = fisher.causal_lm_fisher(
-        config,
-        params,
-        tqdm(batches, desc=f"Fisher ({FLAGS.estimator})"),
-        key=jax.random.key(FLAGS.seed),
-        estimator=FLAGS.estimator,
-    )
-    estimate = jax.block_until_ready(estimate)
-    seconds = time.perf_counter() - start
-    output = Path(FLAGS.output) if FLAGS.output else fisher.fisher_path(directory)
-    metadata = {
-        "estimator": FLAGS.estimator,
-        "predictions": str(predictions),
-        "sequences": str(sum(int(mask.any(axis=1).sum()) for _, mask in batches)),
-        "seq_len": str(FLAGS.seq_len),
-        "seed": str(FLAGS.seed),
-        "text": Path(FLAGS.text).name,
-    }
-    fisher.save_fisher(estimate, output, metadata)
-    print(
-        f"{directory.name}: {FLAGS.estimator} Fisher over {predictions} predicted tokens of "
-        f"{len(batches)} batches in {seconds:.1f} s with compilation; "
-        f"wrote {output}"
-    )
+    try:
+        run = fisher.checkpoint_fisher(
+            FLAGS.checkpoint,
+            FLAGS.text,
+            output=FLAGS.output,
+            estimator=FLAGS.estimator,
+            seq_len=FLAGS.seq_len,
+            batch_size=FLAGS.batch_size,
+            num_batches=FLAGS.num_batches,
+            seed=FLAGS.seed,
+            dtype=jnp.dtype(FLAGS.dtype),
+            progress=True,
+        )
+    except (fisher.FisherError, CheckpointError) as err:
+        raise app.UsageError(str(err)) from None
+    print(f"{Path(FLAGS.checkpoint).name}: {run}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ Several processes (hosts) run one merge when each is started with the same confi
 `--config.distributed.enabled=True` (plus coordinator_address, num_processes and process_id,
 unless the cluster's environment gives them; see `jkarcher/config.py`): each reads and writes only
 the rows its own devices hold, and the output appears once all of them have finished.
+
+Methods that take each model's diagonal Fisher read it as `params.fisher` says; given a text
+(`{"text": FILE, ...}`), the Fishers not yet estimated on it are estimated first and saved beside
+the models.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tqdm import tqdm
 
 from jkarcher import distributed, mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, MergeConfig, distributed_settings, validate
+from jkarcher.fisher import FisherError
 from jkarcher.io import CheckpointError
 from jkarcher.io.writer import OutputError
 from jkarcher.merge import MergeError
@@ -43,7 +48,7 @@ _MERGEKIT_YAML = flags.DEFINE_string(
     "A mergekit YAML config to run instead of --config; set the output with --config.output=DIR.",
 )
 
-USER_ERRORS = (ConfigError, CheckpointError, OutputError, MergeError)
+USER_ERRORS = (ConfigError, CheckpointError, OutputError, MergeError, FisherError)
 
 
 def read_config() -> MergeConfig:
@@ -79,6 +84,8 @@ def main(argv: list[str]) -> None:
     try:
         distributed.initialize(distributed_settings(_CONFIG.value))
         config = read_config()
+        for estimate in pipeline.prepare_fishers(config, progress=distributed.is_leader()):
+            print(estimate)
         plan = pipeline.plan_merge(config)
         for warning in plan.warnings:
             logging.warning(warning)

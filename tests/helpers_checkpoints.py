@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 
 from jkarcher import demo
 from jkarcher.config import base_config
@@ -92,3 +93,17 @@ def merge_config(models: list[Path], output: Path, weights=None, **fields):
     for name, value in fields.items():
         setattr(config, name, value)
     return config
+
+
+def write_fisher(model: Path, seed: int, path: Path | None = None) -> dict[str, np.ndarray]:
+    """A made-up diagonal Fisher of a checkpoint (positive float32, log-normal over three orders
+    of magnitude, one tensor per weight of the model) saved as `path` (default
+    fisher.safetensors beside the model); returns it by tensor name."""
+    rng = np.random.default_rng(seed)
+    checkpoint = Checkpoint(model)
+    fisher = {
+        name: np.exp(rng.normal(0.0, 1.5, checkpoint.info(name).shape)).astype(np.float32)
+        for name in checkpoint.names()
+    }
+    safetensors.numpy.save_file(fisher, path or Path(model) / "fisher.safetensors")
+    return fisher

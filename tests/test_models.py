@@ -294,6 +294,10 @@ def test_text_becomes_fixed_shape_windows_with_leading_specials(tmp_path, bos):
     whole = models.text_batches(tmp_path, text, seq_len=16, batch_size=3, drop_remainder=True)
     assert len(whole) == sum(len(row) == 16 for row in rows) // 3
     assert all(mask.all() for _, mask in whole)
+    largest = max(ids + prefix)
+    models.text_batches(tmp_path, text, seq_len=16, batch_size=3, vocab_size=largest + 1)
+    with pytest.raises(models.TokenizerError, match=rf"tokenizer.json gives token id {largest} "):
+        models.text_batches(tmp_path, text, seq_len=16, batch_size=3, vocab_size=largest)
 
 
 def test_init_params_follow_the_hf_initialization():

@@ -15,6 +15,7 @@ from helpers_checkpoints import (
     read_all,
     tiny_config,
     tiny_weights,
+    write_fisher,
     write_tiny,
 )
 
@@ -132,9 +133,13 @@ def test_every_registered_method_equals_merge(tmp_path, method):
     fields = {"method": method, "seed": 5}
     if use_base:
         fields["base_model"] = str(base)
+    inputs = {}
+    if spec.tensor_inputs_required:
+        inputs["fisher"] = [write_fisher(m, seed) for seed, m in enumerate(models)]
+        fields["params"] = {"fisher": "beside"}
     _merge(models, tmp_path / "out", **fields)
     key = jax.random.key(5) if spec.random else None
-    want = _expected(models, base=base if use_base else None, method=method, key=key)
+    want = _expected(models, base=base if use_base else None, method=method, key=key, **inputs)
     _assert_equal_trees(read_all(tmp_path / "out"), want)
 
 

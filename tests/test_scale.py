@@ -109,7 +109,7 @@ def _device_bytes(plan, mesh):
     shape = padded_shape(task.shape, mesh)
     source = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=row_sharding(mesh, 2))
     weights = jnp.ones(len(task.sources))
-    compiled = fn.lower((source,) * len(task.sources), weights, None, None).compile()
+    compiled = fn.lower((source,) * len(task.sources), weights, None, None, ()).compile()
     usage = compiled.memory_analysis()
     return usage.argument_size_in_bytes + usage.output_size_in_bytes + usage.temp_size_in_bytes
 

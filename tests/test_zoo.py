@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 
+import jkarcher
 from jkarcher.zoo import report
 from jkarcher.zoo.build import FULL, SMALL, recipe_record
 from jkarcher.zoo.domains import (
@@ -16,7 +17,7 @@ from jkarcher.zoo.domains import (
     task_examples,
     text_lines,
 )
-from jkarcher.zoo.study import MergeRun, applicable
+from jkarcher.zoo.study import MergeRun, applicable, merge_pool, uses_fisher
 from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
 from jkarcher.zoo.training import packed_windows
 
@@ -94,6 +95,19 @@ def test_applicability_follows_the_registry():
     assert not applicable("model_stock", 2) and applicable("model_stock", 3)
     assert not applicable("passthrough", 2)
     assert applicable("karcher+fisher", 2) and applicable("fisher_merging", 5)
+
+
+def test_only_fisher_rows_merge_with_fishers():
+    assert uses_fisher("karcher+fisher") and uses_fisher("fisher_merging")
+    assert not uses_fisher("karcher") and not uses_fisher("linear")
+    rng = np.random.default_rng(0)
+    pool = [{"w": rng.normal(size=(4, 8)).astype(np.float32)} for _ in range(3)]
+    fishers = [{"w": np.exp(rng.normal(size=(4, 8))).astype(np.float32)} for _ in range(3)]
+    plain = merge_pool(pool, "karcher", 3, 0, fishers)["w"]
+    np.testing.assert_array_equal(plain, jkarcher.merge(pool)["w"])
+    preconditioned = merge_pool(pool, "karcher+fisher", 3, 0, fishers)["w"]
+    np.testing.assert_array_equal(preconditioned, jkarcher.merge(pool, fisher=fishers)["w"])
+    assert np.abs(np.asarray(plain) - np.asarray(preconditioned)).max() > 1e-3
 
 
 def _runs():

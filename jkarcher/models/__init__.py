@@ -18,6 +18,7 @@ from jkarcher.models.checkpoint import (
 )
 from jkarcher.models.config import ConfigError, ModelConfig, load_config
 from jkarcher.models.text import (
+    TokenizerError,
     batches,
     leading_special_tokens,
     load_tokenizer,
@@ -38,6 +39,7 @@ __all__ = [
     "CausalLM",
     "ConfigError",
     "ModelConfig",
+    "TokenizerError",
     "batches",
     "expected_tensors",
     "forward",

@@ -18,6 +18,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 
+class TokenizerError(ValueError):
+    """A checkpoint's tokenizer gives token ids that its model has no embedding for."""
+
+
 def load_tokenizer(checkpoint_dir: str | os.PathLike) -> Tokenizer:
     """The `tokenizer.json` of an HF checkpoint directory."""
     path = Path(checkpoint_dir) / "tokenizer.json"
@@ -69,13 +73,24 @@ def text_batches(
     batch_size: int,
     max_batches: int | None = None,
     drop_remainder: bool = False,
+    vocab_size: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The text as batches for the checkpoint's tokenizer (at most `max_batches`).
 
     With `drop_remainder`, a last window shorter than `seq_len` and a last batch of fewer than
     `batch_size` windows are left out, so every batch holds batch_size * seq_len real tokens.
+
+    Raises TokenizerError when a token id is `vocab_size` (the model's) or more: a tokenizer of
+    another model, whose tokens would read no embedding and give NaN.
     """
     windows = text_windows(load_tokenizer(checkpoint_dir), text, seq_len)
+    largest = max((max(window) for window in windows), default=-1)
+    if vocab_size is not None and largest >= vocab_size:
+        raise TokenizerError(
+            f"{Path(checkpoint_dir) / 'tokenizer.json'} gives token id {largest} on this text, "
+            f"but the model's vocab_size (config.json) is {vocab_size}: the tokenizer is not "
+            "the model's"
+        )
     if drop_remainder:
         windows = [window for window in windows if len(window) == seq_len]
         windows = windows[: len(windows) - len(windows) % batch_size]

@@ -60,8 +60,12 @@ def study_rows() -> list[str]:
 
 
 def uses_fisher(row: str) -> bool:
-    """Whether a study row merges with the models' diagonal Fishers."""
-    return row in FISHER_VARIANTS or "fisher" in methods.get(row).tensor_inputs
+    """Whether a study row merges with the models' diagonal Fishers: a Fisher variant, or a
+    method that needs them (a method that only may take them, as karcher, runs without)."""
+    if row in FISHER_VARIANTS:
+        return True
+    spec = methods.get(row)
+    return "fisher" in spec.tensor_inputs and spec.tensor_inputs_required
 
 
 def applicable(row: str, n_models: int) -> bool:
