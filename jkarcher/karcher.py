@@ -195,11 +195,18 @@ def _add_tuples(a: tuple, b: tuple) -> tuple:
 
 
 def _accurate_sum(values: jax.Array) -> jax.Array:
-    """Sum over the last axis by blocks of _CHUNK, so rounding grows with log(length)."""
+    """Sum over the last axis by blocks of _CHUNK, so rounding grows with log(length).
+
+    A remainder shorter than _CHUNK is summed as one more block rather than padded: XLA:CPU can
+    fuse a pad into the consumers of the sum and recompute it for each of them, which made one
+    Fisher-Karcher iteration on a 4864 x 896 tensor take seconds instead of milliseconds.
+    """
     while values.shape[-1] > _CHUNK:
-        pad = -values.shape[-1] % _CHUNK
-        values = jnp.pad(values, ((0, 0),) * (values.ndim - 1) + ((0, pad),))
-        values = values.reshape(*values.shape[:-1], -1, _CHUNK).sum(axis=-1)
+        whole = values.shape[-1] - values.shape[-1] % _CHUNK
+        sums = [values[..., :whole].reshape(*values.shape[:-1], -1, _CHUNK).sum(axis=-1)]
+        if whole < values.shape[-1]:
+            sums.append(values[..., whole:].sum(axis=-1, keepdims=True))
+        values = jnp.concatenate(sums, axis=-1)
     return values.sum(axis=-1)
 
 

@@ -28,7 +28,14 @@ from jkarcher.zoo import report
 from jkarcher.zoo.build import FULL, SMALL, build_zoo, zoo_members
 from jkarcher.zoo.domains import DOMAINS, text_lines
 from jkarcher.zoo.evaluation import build_eval_set, evaluate
-from jkarcher.zoo.study import STUDY_PARAMS, merge_pool, run_study, study_rows, uses_fisher
+from jkarcher.zoo.study import (
+    FISHER_VARIANTS,
+    STUDY_PARAMS,
+    merge_pool,
+    run_study,
+    study_rows,
+    uses_fisher,
+)
 from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
 from jkarcher.zoo.training import domain_texts, packed_windows
 
@@ -97,7 +104,8 @@ def main(argv):
     report.plot_average_vs_n(runs, out / "average_vs_n.png")
     diagnostics = diagnose_largest_merges(pool, fishers, config, tokenizer, recipe.seq_len, out)
     seconds = time.perf_counter() - start
-    summary = summary_section(runs, out, diagnostics, seconds)
+    base_average = sum(references["base"][d.name]["score"] for d in DOMAINS) / len(DOMAINS)
+    summary = summary_section(runs, base_average, out, diagnostics, seconds)
     (out / "study.md").write_text(
         summary + "\n\n## Scores by domain\n\n" + report.domain_table(runs, references) + "\n"
     )
@@ -166,7 +174,7 @@ def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out:
     return (diagnose_out / "diagnostics.md").read_text()
 
 
-def summary_section(runs, out: Path, diagnostics: str, seconds: float) -> str:
+def summary_section(runs, base_average: float, out: Path, diagnostics: str, seconds: float) -> str:
     """The Markdown summary shared by study.md and README's Results section."""
     pngs = sorted(p.name for p in (out / "diagnostics").glob("*.png"))
     effective_rank = next(
@@ -184,6 +192,8 @@ def summary_section(runs, out: Path, diagnostics: str, seconds: float) -> str:
         report.average_table(runs),
         "",
         *[f"- {s}" for s in report.findings(runs)],
+        *[f"- {s}" for s in report.variant_findings(runs, FISHER_VARIANTS)],
+        *[f"- {s}" for s in report.reference_findings(runs, base_average)],
         "",
         "![average score against N](average_vs_n.png)",
         "",

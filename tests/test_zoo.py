@@ -137,6 +137,25 @@ def test_findings_name_the_winner_of_every_column():
             assert f"N={n} (linear {best.average:.3f}" in text
 
 
+def test_variant_and_reference_findings_state_the_measured_differences():
+    scores = lambda value: {d.name: value for d in DOMAINS}
+    runs = [
+        MergeRun("karcher", 2, scores(0.30), scores(2.0), 1.0),
+        MergeRun("karcher", 3, scores(0.20), scores(2.0), 1.0),
+        MergeRun("karcher+fisher", 2, scores(0.35), scores(2.0), 1.0),
+        MergeRun("karcher+fisher", 3, scores(0.15), scores(2.0), 1.0),
+    ]
+    (variant,) = report.variant_findings(runs, {"karcher+fisher": "karcher"})
+    assert variant == (
+        "karcher+fisher against karcher: the average changes by +0.050 at N=2, -0.050 at N=3 "
+        "(mean +0.000; higher at 1 of 2)."
+    )
+    assert report.variant_findings(runs, {"ties+fisher": "ties"}) == []
+    (reference,) = report.reference_findings(runs, base_average=0.32)
+    assert "averages 0.320; the best merge exceeds it at N = 2 " in reference
+    assert "exceeds it at no N" in report.reference_findings(runs, base_average=0.5)[0]
+
+
 def test_readme_section_is_replaced_between_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\noutro\n")

@@ -148,6 +148,38 @@ def findings(runs: Sequence[MergeRun], focus: str = "karcher") -> list[str]:
     return sentences
 
 
+def variant_findings(runs: Sequence[MergeRun], variants: dict[str, str]) -> list[str]:
+    """For each variant row (label -> the method it varies, e.g. karcher+fisher -> karcher), how
+    much it changes that method's average score at each N both ran at."""
+    table = _by_method(runs)
+    sentences = []
+    for variant, method in variants.items():
+        shared = sorted(set(table.get(variant, {})) & set(table.get(method, {})))
+        if not shared:
+            continue
+        changes = [table[variant][n].average - table[method][n].average for n in shared]
+        better = sum(change > 0 for change in changes)
+        sentences.append(
+            f"{variant} against {method}: the average changes by "
+            + ", ".join(f"{c:+.3f} at N={n}" for n, c in zip(shared, changes, strict=True))
+            + f" (mean {sum(changes) / len(changes):+.3f}; higher at {better} of {len(shared)})."
+        )
+    return sentences
+
+
+def reference_findings(runs: Sequence[MergeRun], base_average: float) -> list[str]:
+    """Where the best merge of each N stands against the base model alone."""
+    ns = sorted({r.n_models for r in runs})
+    best = {n: max((r for r in runs if r.n_models == n), key=lambda r: r.average) for n in ns}
+    above = [n for n in ns if best[n].average > base_average]
+    where = f"N = {', '.join(map(str, above))}" if above else "no N"
+    return [
+        f"The base model alone averages {base_average:.3f}; the best merge exceeds it at {where} "
+        f"(the best merges range from {min(b.average for b in best.values()):.3f} to "
+        f"{max(b.average for b in best.values()):.3f})."
+    ]
+
+
 def _spread_by_method(runs: Sequence[MergeRun], ns: list[int]) -> dict[str, float]:
     """For methods run at every N: best average minus the average at the largest N."""
     table = _by_method(runs)
