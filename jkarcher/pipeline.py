@@ -967,7 +967,8 @@ def _write_side_files(plan: MergePlan, directory: Path) -> None:
         model_card(
             title=config.output.name,
             method=plan.method.name,
-            method_summary=plan.method.summary,
+            method_summary=plan.method.summary
+            + (", with each model's diagonal Fisher (params.fisher)" if config.fisher else ""),
             method_reference=plan.method.reference,
             models=[(m.path, m.weight) for m in config.models],
             base_model=config.base_model,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers_checkpoints import make_models, read_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,19 @@ def test_demo_config_merges_the_builtin_example(tmp_path):
         p.name for p in out.iterdir()
     }
     assert len(read_all(out)) == 27
+
+
+@pytest.mark.slow
+def test_fisher_demo_config_estimates_fishers_and_merges_with_them(tmp_path):
+    config = ROOT / "configs" / "demo_fisher.py"
+    result = _merge_script("--config", config, f"--config.output={tmp_path / 'o'}")
+    assert result.returncode == 0, result.stderr
+    assert "merged 27 tensors" in result.stdout
+    experts = sorted((ROOT / "cache" / "demo").glob("*/expert-*"))
+    assert len(experts) >= 3 and all((e / "fisher.safetensors").is_file() for e in experts)
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "with each model's diagonal Fisher" in card and "README.md" in card
+    assert len(read_all(tmp_path / "o")) == 27
 
 
 def test_overrides_reach_the_merge(tmp_path):

@@ -58,7 +58,7 @@ def test_fisher_karcher_from_files_and_directories_equals_merge(tmp_path):
     source_bytes = sum(a.nbytes for m in models for a in read_all(m).values())
     assert plan.bytes_to_read == source_bytes + sum(a.nbytes for f in fishers for a in f.values())
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "first.safetensors" in card
+    assert "first.safetensors" in card and "with each model's diagonal Fisher" in card
 
 
 def test_fisher_merging_beside_the_models_on_a_mesh_equals_one_device(tmp_path):
