@@ -66,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,9 +323,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
     raw = _plain(raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a mapping of fields, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"unknown field {unknown[0]!r} (the fields are: {', '.join(FIELDS)})")
+    _check_known(raw, FIELDS, "")
     spec = _method(raw.get("method"))
     models = _models(raw.get("models"))
     base_model = _optional_text(raw.get("base_model"), "base_model")
@@ -364,12 +362,7 @@ def distributed_settings(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> 
     value = raw.get("distributed") or {}
     if not isinstance(value, dict):
         raise ConfigError(f"distributed: must be a mapping of {DISTRIBUTED_FIELDS}, got {value!r}")
-    unknown = sorted(set(value) - set(DISTRIBUTED_FIELDS))
-    if unknown:
-        raise ConfigError(
-            f"distributed: unknown field {unknown[0]!r} (the fields are: "
-            f"{', '.join(DISTRIBUTED_FIELDS)})"
-        )
+    _check_known(value, DISTRIBUTED_FIELDS, "distributed")
     enabled = _flag(value.get("enabled", False), "distributed.enabled")
     address = _optional_text(value.get("coordinator_address"), "distributed.coordinator_address")
     if address is not None and not re.fullmatch(r"\S+:\d+", address):
@@ -461,11 +454,7 @@ def _models(value: Any) -> tuple[ModelEntry, ...]:
 def _model(entry: Any, field: str) -> ModelEntry:
     if not isinstance(entry, dict):
         raise ConfigError(f"{field}: must be a mapping with a 'path', got {entry!r}")
-    unknown = sorted(set(entry) - set(MODEL_FIELDS))
-    if unknown:
-        raise ConfigError(
-            f"{field}: unknown field {unknown[0]!r} (a model has: {', '.join(MODEL_FIELDS)})"
-        )
+    _check_known(entry, MODEL_FIELDS, field)
     path = _optional_text(entry.get("path"), f"{field}.path")
     if path is None:
         raise ConfigError(f"{field}.path: required (a checkpoint directory or a hub id)")
@@ -597,12 +586,7 @@ def _fisher(spec, value: Any, models: tuple[ModelEntry, ...]) -> FisherSettings 
 
 
 def _fisher_estimate(value: dict) -> FisherEstimate:
-    unknown = sorted(set(value) - set(FISHER_ESTIMATE_FIELDS))
-    if unknown:
-        raise ConfigError(
-            f"params.fisher: unknown field {unknown[0]!r} (the fields are: "
-            f"{', '.join(FISHER_ESTIMATE_FIELDS)})"
-        )
+    _check_known(value, FISHER_ESTIMATE_FIELDS, "params.fisher")
     text = _optional_text(value.get("text"), "params.fisher.text")
     if text is None:
         raise ConfigError("params.fisher.text: required (the text file to estimate Fishers on)")
@@ -691,9 +675,7 @@ def _is_rule_list(value: Any) -> bool:
 
 
 def _rule(entry: dict, field: str, problem: Callable[[Any], str | None]) -> Rule:
-    unknown = sorted(set(entry) - {"filter", "value"})
-    if unknown:
-        raise ConfigError(f"{field}: unknown field {unknown[0]!r} (a rule has: filter, value)")
+    _check_known(entry, ("filter", "value"), field)
     if "value" not in entry:
         raise ConfigError(f"{field}.value: required")
     text = entry.get("filter")
@@ -761,6 +743,16 @@ def _has_gradient(setting: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_known(value: Mapping[str, Any], fields: Sequence[str], field: str) -> None:
+    """Raise ConfigError naming the first key of `value` that is not one of `fields`."""
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        where = f"{field}: " if field else ""
+        raise ConfigError(
+            f"{where}unknown field {unknown[0]!r} (the fields are: {', '.join(fields)})"
+        )
 
 
 def _optional_text(value: Any, field: str) -> str | None:

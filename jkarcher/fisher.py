@@ -257,7 +257,7 @@ class FisherRun:
     def __str__(self) -> str:
         return (
             f"{self.estimator} Fisher over {self.predictions} predicted tokens of {self.batches} "
-            f"batches in {self.seconds:.1f} s with compilation; wrote {self.path}"
+            f"batches in {self.seconds:.1f} s (compilation included); wrote {self.path}"
         )
 
 

@@ -300,7 +300,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         )
         if fishers and task.merged:
             task = dataclasses.replace(
-                task, fishers=_fisher_sources(task, models, fishers, fisher_labels)
+                task, fishers=_fisher_sources(task, infos[: len(models)], fishers, fisher_labels)
             )
         tasks.append(task)
         warnings += [warning] if warning else []
@@ -393,17 +393,16 @@ def _open_fishers(config: MergeConfig, labels: Sequence[str]) -> tuple[dict[str,
 
 def _fisher_sources(
     task: TensorTask,
-    models: Sequence[Checkpoint],
+    model_infos: Sequence[TensorInfo],
     fishers: Sequence[Mapping[str, TensorInfo]],
     fisher_labels: Sequence[str],
 ) -> tuple[TensorInfo, ...]:
-    """Each model's Fisher of a task's rows: the Fisher's tensor of the same name (of the
-    embedding, for the lm_head of a model that ties them), in the model's shape."""
+    """Each model's Fisher of a task's rows: the Fisher's tensor named like the model's tensor
+    (`model_infos[i]`, the embedding for the lm_head of a model that ties them), of its shape."""
     chosen = []
-    for model, infos, label, source in zip(
-        models, fishers, fisher_labels, task.sources, strict=True
+    for full, infos, label, source in zip(
+        model_infos, fishers, fisher_labels, task.sources, strict=True
     ):
-        full = _source_info(model, task.name)
         if full.name not in infos:
             raise MergeError(
                 f"tensor {full.name!r} is missing from {label}; the Fisher file needs every "

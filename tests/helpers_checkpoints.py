@@ -14,8 +14,8 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from jkarcher import demo
-from jkarcher.config import base_config
+from jkarcher import demo, pipeline
+from jkarcher.config import base_config, validate
 from jkarcher.io import Checkpoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -107,3 +107,28 @@ def write_fisher(model: Path, seed: int, path: Path | None = None) -> dict[str, 
     }
     safetensors.numpy.save_file(fisher, path or Path(model) / "fisher.safetensors")
     return fisher
+
+
+def merge_checkpoints(models: list[Path], output: Path, **fields):
+    """Plan and run the merge that `merge_config(models, output, **fields)` describes; returns
+    (plan, summary)."""
+    plan = pipeline.plan_merge(validate(merge_config(models, output, **fields)))
+    return plan, pipeline.run(plan)
+
+
+def assert_equal_trees(got: dict, want: dict) -> None:
+    """The same tensor names, dtypes and values, bit for bit."""
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+
+
+def assert_close_trees(got: dict, want: dict, tolerance: float) -> None:
+    """The same tensor names and dtypes, every value within `tolerance` times the largest
+    magnitude of its tensor in `want`."""
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        scale = max(float(np.abs(want[name]).max()), np.finfo(np.float32).tiny)
+        assert float(np.abs(got[name] - want[name]).max()) <= tolerance * scale, name

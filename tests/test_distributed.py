@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_checkpoints import make_models, merge_config, read_all
+from helpers_checkpoints import assert_close_trees, make_models, merge_config, read_all
 
 from jkarcher import pipeline
 from jkarcher.config import ConfigError, DistributedSettings, distributed_settings, validate
@@ -87,11 +87,7 @@ def _run_processes(config_file: Path) -> list[tuple[int, str]]:
 
 
 def _assert_close(got: dict, want: dict):
-    assert set(got) == set(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype, name
-        scale = max(float(np.abs(want[name]).max()), np.finfo(np.float32).tiny)
-        assert float(np.abs(got[name] - want[name]).max()) <= TOLERANCE * scale, name
+    assert_close_trees(got, want, TOLERANCE)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers_checkpoints import (
+    assert_equal_trees,
     make_models,
+    merge_checkpoints,
     merge_config,
     read_all,
     tiny_config,
@@ -32,23 +34,11 @@ EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 
 
-def _merge(models, output, **fields):
-    plan = pipeline.plan_merge(validate(merge_config(models, output, **fields)))
-    return plan, pipeline.run(plan)
-
-
 def _expected(models, *, weights=None, base=None, **kwargs):
     """What `jkarcher.merge` gives on the same arrays."""
     trees = [read_all(p) for p in models]
     base_tree = None if base is None else read_all(base)
     return jkarcher.merge(trees, weights, base=base_tree, **kwargs)
-
-
-def _assert_equal_trees(got, want):
-    assert set(got) == set(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype, name
-        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
 
 
 def _entries(directory):
@@ -73,9 +63,9 @@ def transformers_model():
 def test_end_to_end_loads_in_transformers_and_equals_merge(tmp_path, transformers_model):
     models = make_models(tmp_path, n=3)
     out = tmp_path / "merged"
-    plan, summary = _merge(models, out, dtype="bfloat16")
+    plan, summary = merge_checkpoints(models, out, dtype="bfloat16")
     assert not plan.warnings
-    _assert_equal_trees(read_all(out), _expected(models))
+    assert_equal_trees(read_all(out), _expected(models))
     logits = transformers_model(out)
     assert logits.shape[-1] == 64 and np.isfinite(logits).all()
     assert _entries(out) == [
@@ -97,19 +87,19 @@ def test_end_to_end_loads_in_transformers_and_equals_merge(tmp_path, transformer
 def test_weights_and_base_model_match_merge(tmp_path):
     models = make_models(tmp_path, n=4)
     *experts, base = models
-    _merge(experts, tmp_path / "lin", method="linear", weights=[1.0, 2.0, 0.5])
-    _assert_equal_trees(
+    merge_checkpoints(experts, tmp_path / "lin", method="linear", weights=[1.0, 2.0, 0.5])
+    assert_equal_trees(
         read_all(tmp_path / "lin"), _expected(experts, weights=[1.0, 2.0, 0.5], method="linear")
     )
-    _merge(experts, tmp_path / "tv", base_model=str(base), params={"block": "row"})
-    _assert_equal_trees(read_all(tmp_path / "tv"), _expected(experts, base=base, block="row"))
+    merge_checkpoints(experts, tmp_path / "tv", base_model=str(base), params={"block": "row"})
+    assert_equal_trees(read_all(tmp_path / "tv"), _expected(experts, base=base, block="row"))
 
 
 def test_float32_output_of_bfloat16_sources(tmp_path):
     models = make_models(tmp_path, n=2)
-    _merge(models, tmp_path / "out", dtype="float32")
+    merge_checkpoints(models, tmp_path / "out", dtype="float32")
     want = {k: np.asarray(v).astype(np.float32) for k, v in _expected(models).items()}
-    _assert_equal_trees(read_all(tmp_path / "out"), want)
+    assert_equal_trees(read_all(tmp_path / "out"), want)
 
 
 def _method_cases():
@@ -137,10 +127,10 @@ def test_every_registered_method_equals_merge(tmp_path, method):
     if spec.tensor_inputs_required:
         inputs["fisher"] = [write_fisher(m, seed) for seed, m in enumerate(models)]
         fields["params"] = {"fisher": "beside"}
-    _merge(models, tmp_path / "out", **fields)
+    merge_checkpoints(models, tmp_path / "out", **fields)
     key = jax.random.key(5) if spec.random else None
     want = _expected(models, base=base if use_base else None, method=method, key=key, **inputs)
-    _assert_equal_trees(read_all(tmp_path / "out"), want)
+    assert_equal_trees(read_all(tmp_path / "out"), want)
 
 
 def test_random_methods_get_a_key_per_tensor(tmp_path, monkeypatch):
@@ -150,7 +140,7 @@ def test_random_methods_get_a_key_per_tensor(tmp_path, monkeypatch):
     spec = MergeMethod("noise_probe", noise, base=BASE_NONE, random=True)
     monkeypatch.setitem(methods.registry._REGISTRY, spec.name, spec)
     models = make_models(tmp_path, n=2)
-    _merge(models, tmp_path / "out", method="noise_probe", seed=11)
+    merge_checkpoints(models, tmp_path / "out", method="noise_probe", seed=11)
     got = read_all(tmp_path / "out")
     for name, value in got.items():
         want = jax.random.uniform(leaf_key(jax.random.key(11), name), value.shape, jnp.float32)
@@ -173,7 +163,7 @@ def test_plan_reads_headers_only(tmp_path, monkeypatch):
 
 def test_merge_order_groups_by_leaf_while_files_keep_name_order(tmp_path):
     models = make_models(tmp_path, n=2)
-    plan, _ = _merge(models, tmp_path / "out")
+    plan, _ = merge_checkpoints(models, tmp_path / "out")
     order = pipeline.execution_order(plan.tasks)
     assert sorted(t.name for t in order) == sorted(t.name for t in plan.tasks)
     signatures = [pipeline._signature(t) for t in order]
@@ -189,41 +179,41 @@ def test_merge_order_groups_by_leaf_while_files_keep_name_order(tmp_path):
 def test_sharded_inputs_and_outputs(tmp_path, transformers_model):
     models = make_models(tmp_path / "in", n=2, max_shard_bytes=1500)
     assert all((p / INDEX_NAME).is_file() for p in models)
-    plan, _ = _merge(models, tmp_path / "out", out_shard_size="1200")
+    plan, _ = merge_checkpoints(models, tmp_path / "out", out_shard_size="1200")
     out = tmp_path / "out"
     files = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(files) == len(plan.shards) > 2 and not (out / "model.safetensors").exists()
     index = json.loads((out / INDEX_NAME).read_text())
     assert set(index["weight_map"].values()) == set(files)
     assert all(s.nbytes <= 1200 or len(s.tensors) == 1 for s in plan.shards)
-    _assert_equal_trees(read_all(out), _expected(models))
+    assert_equal_trees(read_all(out), _expected(models))
     assert np.isfinite(transformers_model(out)).all()
 
 
 def test_tied_embeddings_stay_tied(tmp_path, transformers_model):
     models = make_models(tmp_path, n=2, ties=[True, True])
-    plan, _ = _merge(models, tmp_path / "out")
+    plan, _ = merge_checkpoints(models, tmp_path / "out")
     out = tmp_path / "out"
     assert plan.tie_embeddings and not plan.warnings
     assert HEAD not in read_all(out)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
-    _assert_equal_trees(read_all(out), _expected(models))
+    assert_equal_trees(read_all(out), _expected(models))
     assert np.isfinite(transformers_model(out)).all()
 
 
 def test_a_tying_model_gives_its_embedding_as_lm_head(tmp_path):
     models = make_models(tmp_path, n=3, ties=[False, True, False])
-    plan, _ = _merge(models, tmp_path / "out")
+    plan, _ = merge_checkpoints(models, tmp_path / "out")
     assert not plan.tie_embeddings
     assert any("model 1" in w and "ties lm_head" in w for w in plan.warnings)
     trees = [read_all(p) for p in models]
     trees[1][HEAD] = trees[1][EMBED]
-    _assert_equal_trees(read_all(tmp_path / "out"), jkarcher.merge(trees))
+    assert_equal_trees(read_all(tmp_path / "out"), jkarcher.merge(trees))
 
 
 def test_an_untied_lm_head_is_dropped_when_the_reference_ties(tmp_path):
     models = make_models(tmp_path, n=2, ties=[True, False])
-    plan, _ = _merge(models, tmp_path / "out")
+    plan, _ = merge_checkpoints(models, tmp_path / "out")
     assert plan.tie_embeddings and HEAD not in read_all(tmp_path / "out")
     assert any("model 1" in w and "not used" in w for w in plan.warnings)
 
@@ -231,7 +221,7 @@ def test_an_untied_lm_head_is_dropped_when_the_reference_ties(tmp_path):
 @pytest.mark.parametrize("vocab_sizes", [[72, 64, 80], [64, 72, 64]])
 def test_vocabulary_sizes_that_differ(tmp_path, vocab_sizes):
     models = make_models(tmp_path, n=3, vocab_sizes=vocab_sizes)
-    plan, _ = _merge(models, tmp_path / "out")
+    plan, _ = merge_checkpoints(models, tmp_path / "out")
     got = read_all(tmp_path / "out")
     shared, reference = min(vocab_sizes), vocab_sizes[0]
     warnings = [w for w in plan.warnings if "vocabulary sizes differ" in w]
@@ -243,7 +233,7 @@ def test_vocabulary_sizes_that_differ(tmp_path, vocab_sizes):
     for name in (EMBED, HEAD):
         want[name] = np.concatenate([want[name], read_all(models[0])[name][shared:]])
         assert got[name].shape == (reference, 16)
-    _assert_equal_trees(got, want)
+    assert_equal_trees(got, want)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == reference
 
 
@@ -251,9 +241,9 @@ def test_float_dtypes_that_differ_are_merged_in_the_wider_one(tmp_path):
     config = tiny_config()
     low = write_tiny(tmp_path / "low", tiny_weights(config, 0), config)
     high = write_tiny(tmp_path / "high", tiny_weights(config, 1, np.float32), config)
-    _merge([low, high], tmp_path / "out", dtype="float32")
+    merge_checkpoints([low, high], tmp_path / "out", dtype="float32")
     trees = [{k: v.astype(np.float32) for k, v in read_all(p).items()} for p in (low, high)]
-    _assert_equal_trees(read_all(tmp_path / "out"), jkarcher.merge(trees))
+    assert_equal_trees(read_all(tmp_path / "out"), jkarcher.merge(trees))
 
 
 def _add_tensor(directory, name, value):
@@ -267,11 +257,11 @@ def test_integer_tensors_are_copied_when_all_agree(tmp_path):
     models = make_models(tmp_path, n=2)
     for path in models:
         _add_tensor(path, "model.position_ids", np.arange(8, dtype=np.int64))
-    _merge(models, tmp_path / "out")
+    merge_checkpoints(models, tmp_path / "out")
     np.testing.assert_array_equal(read_all(tmp_path / "out")["model.position_ids"], np.arange(8))
     _add_tensor(models[1], "model.position_ids", np.arange(1, 9, dtype=np.int64))
     with pytest.raises(MergeError, match="'model.position_ids' is not floating point") as err:
-        _merge(models, tmp_path / "again")
+        merge_checkpoints(models, tmp_path / "again")
     assert "model 1" in str(err.value) and str(models[1]) in str(err.value)
     assert not (tmp_path / "again").exists()
 
@@ -287,7 +277,7 @@ def _assert_no_output(tmp_path, name="out"):
 def test_missing_directory(tmp_path):
     models = make_models(tmp_path, n=1)
     with pytest.raises(CheckpointError, match=r"models\[1\]: model .*nowhere.*: no such directory"):
-        _merge([*models, tmp_path / "nowhere"], tmp_path / "out")
+        merge_checkpoints([*models, tmp_path / "nowhere"], tmp_path / "out")
     _assert_no_output(tmp_path)
 
 
@@ -299,7 +289,7 @@ def test_tensor_missing_in_one_model(tmp_path):
     save_checkpoint(models[2], tensors)
     missing = "'model.layers.0.mlp.up_proj.weight' is missing from model 2"
     with pytest.raises(MergeError, match=missing):
-        _merge(models, tmp_path / "out")
+        merge_checkpoints(models, tmp_path / "out")
     _assert_no_output(tmp_path)
 
 
@@ -307,7 +297,7 @@ def test_extra_tensor_in_one_model(tmp_path):
     models = make_models(tmp_path, n=2)
     _add_tensor(models[1], "model.extra.weight", np.ones(3, np.float32))
     with pytest.raises(MergeError, match="'model.extra.weight' of model 1") as err:
-        _merge(models, tmp_path / "out")
+        merge_checkpoints(models, tmp_path / "out")
     assert str(models[1] / "model.safetensors") in str(err.value)
 
 
@@ -315,7 +305,7 @@ def test_shapes_that_differ(tmp_path):
     models = make_models(tmp_path, n=2)
     _add_tensor(models[1], "model.norm.weight", np.ones(17, np.float32))
     with pytest.raises(MergeError, match=r"'model.norm.weight' has shape \[17\] in model 1") as err:
-        _merge(models, tmp_path / "out")
+        merge_checkpoints(models, tmp_path / "out")
     assert str(models[1] / "model.safetensors") in str(err.value)
     _assert_no_output(tmp_path)
 
@@ -327,7 +317,7 @@ def test_corrupt_or_truncated_safetensors(tmp_path, damage):
     data = path.read_bytes()
     path.write_bytes(data[:-100] if damage == "truncate" else data[:8] + b"\xff" * 40 + data[48:])
     with pytest.raises(CheckpointError, match=r"models\[1\]: ") as err:
-        _merge(models, tmp_path / "out")
+        merge_checkpoints(models, tmp_path / "out")
     assert str(path) in str(err.value)
     _assert_no_output(tmp_path)
 
@@ -336,7 +326,7 @@ def test_only_pickled_weights(tmp_path):
     models = make_models(tmp_path, n=2)
     (models[1] / "model.safetensors").rename(models[1] / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"models\[1\]: .*only pickled weights"):
-        _merge(models, tmp_path / "out")
+        merge_checkpoints(models, tmp_path / "out")
     _assert_no_output(tmp_path)
 
 
@@ -350,7 +340,7 @@ def test_nan_in_a_source_names_tensor_model_and_file(tmp_path, where):
     save_checkpoint(poisoned, tensors)
     label = "model 1" if where == "model" else "the base model"
     with pytest.raises(MergeError, match=f"'model.layers.0.self_attn.o_proj.weight': {label}") as e:
-        _merge(models, tmp_path / "out", base_model=str(base))
+        merge_checkpoints(models, tmp_path / "out", base_model=str(base))
     assert str(poisoned / "model.safetensors") in str(e.value) and "NaN or Inf" in str(e.value)
     _assert_no_output(tmp_path)
 
@@ -362,13 +352,13 @@ def test_inf_in_the_copied_vocabulary_rows(tmp_path):
     (models[0] / "model.safetensors").unlink()
     save_checkpoint(models[0], tensors)
     with pytest.raises(MergeError, match=f"'{EMBED}': model 0 .* holds NaN or Inf"):
-        _merge(models, tmp_path / "out")
+        merge_checkpoints(models, tmp_path / "out")
 
 
 def test_output_inside_an_input(tmp_path):
     models = make_models(tmp_path, n=2)
     with pytest.raises(OutputError, match="inside the input model directory"):
-        _merge(models, models[0] / "merged")
+        merge_checkpoints(models, models[0] / "merged")
     assert not (models[0] / "merged").exists()
 
 
@@ -377,9 +367,9 @@ def test_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(pipeline, "read_tensor", lambda info: pytest.fail("read before refusing"))
     with pytest.raises(OutputError, match="already exists"):
-        _merge(models, tmp_path / "out")
+        merge_checkpoints(models, tmp_path / "out")
     monkeypatch.undo()
-    _merge(models, tmp_path / "out", overwrite=True)
+    merge_checkpoints(models, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -464,7 +454,7 @@ def test_inputs_held_in_memory_stay_near_one_tensor_across_models(tmp_path, monk
 
     monkeypatch.setattr(pipeline, "read_tensor", counted_read)
     monkeypatch.setattr(pipeline, "MIN_READ_AHEAD_BYTES", 0)
-    plan, summary = _merge(models, tmp_path / "out")
+    plan, summary = merge_checkpoints(models, tmp_path / "out")
     largest = max(t.read_bytes for t in plan.tasks)
     assert summary.bytes_read > 6 * largest
     assert largest <= peak[0] <= 2 * largest

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from helpers_checkpoints import make_models, merge_config, read_all, write_fisher
+from helpers_checkpoints import (
+    assert_equal_trees,
+    make_models,
+    merge_checkpoints,
+    merge_config,
+    read_all,
+    write_fisher,
+)
 
 import jkarcher
 from jkarcher import pipeline
@@ -24,19 +31,8 @@ EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 
 
-def _merge(models, output, weights=None, **fields):
-    plan = pipeline.plan_merge(validate(merge_config(models, output, weights, **fields)))
-    return plan, pipeline.run(plan)
-
-
 def _expected(models, fishers, **kwargs):
     return jkarcher.merge([read_all(p) for p in models], fisher=fishers, **kwargs)
-
-
-def _assert_equal_trees(got, want):
-    assert set(got) == set(want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
 
 
 def test_fisher_karcher_from_files_and_directories_equals_merge(tmp_path):
@@ -50,9 +46,11 @@ def test_fisher_karcher_from_files_and_directories_equals_merge(tmp_path):
     ]
     files = [elsewhere / "first.safetensors", elsewhere / "second", models[2]]
     weights = [1.0, 2.0, 0.5]
-    plan, _ = _merge(models, tmp_path / "out", weights, params={"fisher": list(map(str, files))})
+    plan, _ = merge_checkpoints(
+        models, tmp_path / "out", weights=weights, params={"fisher": list(map(str, files))}
+    )
     want = _expected(models, fishers, weights=weights)
-    _assert_equal_trees(read_all(tmp_path / "out"), want)
+    assert_equal_trees(read_all(tmp_path / "out"), want)
     plain = jkarcher.merge([read_all(p) for p in models], weights)
     assert not np.array_equal(np.asarray(want[EMBED]), np.asarray(plain[EMBED]))
     source_bytes = sum(a.nbytes for m in models for a in read_all(m).values())
@@ -65,10 +63,10 @@ def test_fisher_merging_beside_the_models_on_a_mesh_equals_one_device(tmp_path):
     models = make_models(tmp_path, n=2, dtype=np.float32)
     fishers = [write_fisher(m, seed) for seed, m in enumerate(models)]
     fields = {"method": "fisher_merging", "dtype": "float32", "params": {"fisher": "beside"}}
-    _merge(models, tmp_path / "one", **fields)
-    _merge(models, tmp_path / "eight", mesh="devices:8", **fields)
+    merge_checkpoints(models, tmp_path / "one", **fields)
+    merge_checkpoints(models, tmp_path / "eight", mesh="devices:8", **fields)
     want = _expected(models, fishers, method="fisher_merging")
-    _assert_equal_trees(read_all(tmp_path / "one"), want)
+    assert_equal_trees(read_all(tmp_path / "one"), want)
     for name, value in read_all(tmp_path / "eight").items():
         np.testing.assert_allclose(value, np.asarray(want[name]), rtol=2e-6, err_msg=name)
 
@@ -163,7 +161,7 @@ def test_nan_in_a_fisher_fails_naming_it_and_leaves_no_output(tmp_path):
         match=r"tensor 'model.norm.weight': the Fisher of model 2 "
         r"\(.*model2\) holds NaN or Inf values \(file .*model2/fisher.safetensors",
     ):
-        _merge(models, tmp_path / "out", params={"fisher": "beside"})
+        merge_checkpoints(models, tmp_path / "out", params={"fisher": "beside"})
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model0", "model1", "model2"]
 
@@ -239,6 +237,6 @@ def test_fishers_estimated_on_a_text_are_made_once_and_merged(tmp_path):
     assert result.stdout.count("true Fisher over") == 2  # seed 0 again: both made anew
     fishers = [safetensors.numpy.load_file(m / "fisher.safetensors") for m in models]
     want = _expected(models, fishers, method="fisher_merging")
-    _assert_equal_trees(read_all(tmp_path / "out"), want)
+    assert_equal_trees(read_all(tmp_path / "out"), want)
     card = json.dumps((tmp_path / "out" / "README.md").read_text())
     assert "calibration.txt" in card

@@ -5,7 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers_checkpoints import make_models, merge_config, read_all
+from helpers_checkpoints import (
+    assert_close_trees,
+    make_models,
+    merge_checkpoints,
+    merge_config,
+    read_all,
+)
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -19,18 +25,12 @@ TOLERANCE = 1e-6
 
 
 def _merge(models, output, **fields):
-    plan = pipeline.plan_merge(validate(merge_config(models, output, **fields)))
-    pipeline.run(plan)
+    plan, _ = merge_checkpoints(models, output, **fields)
     return plan, read_all(output)
 
 
 def _assert_close(got, want):
-    """Every tensor within TOLERANCE of the reference, relative to its largest value."""
-    assert set(got) == set(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype, name
-        scale = max(float(np.abs(want[name]).max()), np.finfo(np.float32).tiny)
-        assert float(np.abs(got[name] - want[name]).max()) <= TOLERANCE * scale, name
+    assert_close_trees(got, want, TOLERANCE)
 
 
 @pytest.fixture(scope="module")

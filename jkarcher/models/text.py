@@ -84,13 +84,14 @@ def text_batches(
     another model, whose tokens would read no embedding and give NaN.
     """
     windows = text_windows(load_tokenizer(checkpoint_dir), text, seq_len)
-    largest = max((max(window) for window in windows), default=-1)
-    if vocab_size is not None and largest >= vocab_size:
-        raise TokenizerError(
-            f"{Path(checkpoint_dir) / 'tokenizer.json'} gives token id {largest} on this text, "
-            f"but the model's vocab_size (config.json) is {vocab_size}: the tokenizer is not "
-            "the model's"
-        )
+    if vocab_size is not None:
+        largest = max((max(window) for window in windows), default=-1)
+        if largest >= vocab_size:
+            raise TokenizerError(
+                f"{Path(checkpoint_dir) / 'tokenizer.json'} gives token id {largest} on this "
+                f"text, but the model's vocab_size (config.json) is {vocab_size}: the tokenizer "
+                "is not the model's"
+            )
     if drop_remainder:
         windows = [window for window in windows if len(window) == seq_len]
         windows = windows[: len(windows) - len(windows) % batch_size]
