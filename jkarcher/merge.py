@@ -90,8 +90,11 @@ def merge(
             merged.append(_merge_non_float(name, sources))
             continue
         leaf_rng = None if key is None else leaf_key(key, name)
-        result, finite = fn(tuple(sources), weight_array, base_leaf, leaf_rng, extras or None)
+        result, finite, result_finite = fn(
+            tuple(sources), weight_array, base_leaf, leaf_rng, extras or None
+        )
         _raise_if_not_finite(name, finite, labels)
+        _raise_if_result_not_finite(name, result_finite, method, resolved, weight_array)
         merged.append(_keep_sharding(result, sources[0]))
     return jax.tree_util.tree_unflatten(treedef, merged)
 
@@ -141,16 +144,19 @@ def path_name(path: tuple) -> str:
 
 
 @functools.cache
-def _jitted_leaf(method: str, params: tuple[tuple[str, Any], ...]) -> Callable:
+def _jitted_leaf(
+    method: str, params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None
+) -> Callable:
     leaf = with_auto_axes(functools.partial(methods.get(method).leaf, **dict(params)))
 
     def merge_one(sources, weights, base, key, tensors=None):
         tensors = tensors or {}
         stacked_tensors = {name: jnp.stack(arrays) for name, arrays in tensors.items()}
         merged = leaf(jnp.stack(sources), weights, base, key=key, **stacked_tensors)
+        merged = merged.astype(sources[0].dtype if out_dtype is None else out_dtype)
         checked = (*sources, *([base] if base is not None else []))
         checked += tuple(array for arrays in tensors.values() for array in arrays)
-        return merged, all_finite(checked)
+        return merged, all_finite(checked), all_finite((merged,))[0]
 
     return jax.jit(merge_one)
 
@@ -171,14 +177,20 @@ def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
     return jnp.stack([jnp.sum(s) == 0 for s in sums])
 
 
-def leaf_function(method: str, params: Mapping[str, Any]) -> Callable:
+def leaf_function(
+    method: str, params: Mapping[str, Any], out_dtype: np.dtype | None = None
+) -> Callable:
     """The jitted leaf merge for a method and resolved parameters (cached).
 
     It maps (sources: tuple of N arrays, weights [N], base | None, key | None, tensor inputs:
     {name: tuple of N arrays} | None) to (merged array, all-finite flags of the sources, then
-    the base, then each tensor input's N arrays; `input_labels` names them).
+    the base, then each tensor input's N arrays (`input_labels` names them), whether the merged
+    array is all finite). The leaf computes in float32 (float64 under x64); its result is
+    rounded once, to `out_dtype` (None: the sources' dtype), and checked after that rounding,
+    so a value that overflows the output dtype counts as not finite.
     """
-    return _jitted_leaf(method, tuple(sorted(params.items())))
+    dtype = None if out_dtype is None else np.dtype(out_dtype)
+    return _jitted_leaf(method, tuple(sorted(params.items())), dtype)
 
 
 def _flatten_models(pytrees: list) -> tuple[list[str], list[tuple], Any]:
@@ -275,6 +287,26 @@ def _raise_if_not_finite(name: str, finite: jax.Array, labels: Sequence[str]) ->
     bad = np.flatnonzero(~np.asarray(finite))
     if bad.size:
         raise MergeError(f"leaf {name!r}: {labels[int(bad[0])]} holds NaN or Inf values")
+
+
+def _raise_if_result_not_finite(
+    name: str, finite: jax.Array, method: str, params: Mapping[str, Any], weights: jax.Array
+) -> None:
+    if isinstance(finite, jax.core.Tracer) or bool(finite):
+        return
+    raise MergeError(
+        f"leaf {name!r}: {describe_merge(method, params, weights)} gives NaN or Inf values "
+        "(from finite sources)"
+    )
+
+
+def describe_merge(method: str, params: Mapping[str, Any], weights: Any) -> str:
+    """'method ties (density=0.5, lambda=1.0; weights 1, 0.5)': what a merge was asked to do."""
+    settings = ", ".join(f"{key}={value!r}" for key, value in sorted(params.items()))
+    if weights is not None and not isinstance(weights, jax.core.Tracer):
+        shown = ", ".join(f"{w:g}" for w in np.asarray(weights, np.float64).reshape(-1))
+        settings = f"{settings}; weights {shown}" if settings else f"weights {shown}"
+    return f"method {method}" + (f" ({settings})" if settings else "")
 
 
 def _keep_sharding(result: Any, source: Any) -> Any:

@@ -92,7 +92,7 @@ from jkarcher.io.writer import (
     write_index,
     write_json,
 )
-from jkarcher.merge import MergeError, check_weights, leaf_function, leaf_key
+from jkarcher.merge import MergeError, check_weights, describe_merge, leaf_function, leaf_key
 from jkarcher.sharding import (
     MeshError,
     even_sharding,
@@ -749,9 +749,10 @@ class _Leaves:
 
     def merge(
         self, task: TensorTask, sources: tuple, base, key, fishers: tuple = ()
-    ) -> tuple[jax.Array, jax.Array]:
-        """(merged rows on the mesh, per-input all-finite flags) from `leaf_function`, as
-        `merge` gives them (see `placed_leaf`)."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
+        the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
+        `placed_leaf`)."""
         self._compiled[_signature(task)].result()
         return self._function(task)(sources, self.weights(task), base, key, fishers)
 
@@ -784,7 +785,7 @@ def placed_leaf(
     the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
     on every device.
     """
-    leaf = leaf_function(method, dict(params_key))
+    leaf = leaf_function(method, dict(params_key), out_dtype)
     padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
 
     def cut(x: jax.Array) -> jax.Array:
@@ -793,13 +794,13 @@ def placed_leaf(
     def run(sources, weights, base, key, fishers):
         base = None if base is None else cut(base)
         tensors = {FISHER_INPUT: tuple(map(cut, fishers))} if fishers else None
-        merged, finite = leaf(tuple(map(cut, sources)), weights, base, key, tensors)
-        merged = merged.astype(out_dtype)
+        merged, finite, merged_finite = leaf(tuple(map(cut, sources)), weights, base, key, tensors)
         if padding:
             merged = jnp.pad(merged, [(0, padding)] + [(0, 0)] * (len(shape) - 1))
-        return merged, finite
+        return merged, finite, merged_finite
 
-    return jax.jit(run, out_shardings=(row_sharding(mesh, len(shape)), replicated(mesh)))
+    flags = replicated(mesh)
+    return jax.jit(run, out_shardings=(row_sharding(mesh, len(shape)), flags, flags))
 
 
 def _signature(task: TensorTask) -> tuple:
@@ -830,15 +831,23 @@ def _merge_tensor(
     sources = tuple(arrays[info] for info in task.sources)
     base = None if task.base is None else arrays[task.base]
     fishers = tuple(arrays[info] for info in task.fishers)
-    merged, finite = leaves.merge(task, sources, base, key, fishers)
+    merged, finite, merged_finite = leaves.merge(task, sources, base, key, fishers)
     labelled = plan.input_labels(task)
     for index in np.flatnonzero(~np.asarray(finite)):
         _raise_not_finite(task, *labelled[index])
+    if not bool(merged_finite):
+        _raise_merge_not_finite(plan, task)
     if task.tail is None:
         return merged, None
     if not bool(_all_finite(arrays[task.tail])):
         _raise_not_finite(task, *labelled[-1])
-    return merged, arrays[task.tail].astype(task.out_dtype)
+    tail = arrays[task.tail].astype(task.out_dtype)
+    if not bool(_all_finite(tail)):
+        raise MergeError(
+            f"tensor {task.name!r}: rows copied from {labelled[-1][1]} overflow the output "
+            f"dtype {np.dtype(task.out_dtype).name}; nothing was written"
+        )
+    return merged, tail
 
 
 @jax.jit
@@ -935,6 +944,14 @@ def _raise_not_finite(task: TensorTask, info: TensorInfo, label: str) -> None:
     raise MergeError(
         f"tensor {task.name!r}: {label} holds NaN or Inf values (file {info.file}); "
         "nothing was written"
+    )
+
+
+def _raise_merge_not_finite(plan: MergePlan, task: TensorTask) -> None:
+    what = describe_merge(plan.method.name, task.settings.params, task.settings.weights)
+    raise MergeError(
+        f"tensor {task.name!r}: {what} gives NaN or Inf values in the output dtype "
+        f"{np.dtype(task.out_dtype).name} (from finite sources); nothing was written"
     )
 
 
