@@ -17,7 +17,7 @@ u stays in the span of the u_i, so the iteration runs on coefficients: u = sum_j
 inner product comes from the N x N Gram matrix of the unit sources. The data is read twice,
 whatever the number of iterations: once for the Gram matrix (a fused reduction of all pairwise
 products), once to form sum_j gamma_j x_j. Arithmetic is in float32 (float64 under x64) whatever
-the storage dtype, and the result is cast back to the sources' dtype.
+the storage dtype, and the result is rounded once, to the sources' dtype unless another is asked.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def karcher_mean(
     block: str = "tensor",
     eps: float = DEFAULT_EPS,
     fisher: jax.Array | None = None,
+    out_dtype: jnp.dtype | None = None,
     return_info: bool = False,
 ) -> jax.Array | tuple[jax.Array, KarcherInfo]:
     """Weighted Karcher mean of the N sources stacked along axis 0, with the mean norm restored.
@@ -75,10 +76,11 @@ def karcher_mean(
       eps: sources of norm <= eps take no part in the direction (their norm still counts in s).
       fisher: [N, ...] diagonal Fisher estimates of the sources (>= 0; negative entries count as
         0), for the Fisher-preconditioned mean (see `_solve_fisher`); None for the plain mean.
+      out_dtype: the dtype the result is rounded to, once; None for the sources' dtype.
       return_info: also return a `KarcherInfo` (one entry per block).
 
     Returns:
-      The merged tensor, shaped like one source, in the sources' dtype (and the info if asked).
+      The merged tensor, shaped like one source, in `out_dtype` (and the info if asked).
     """
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
@@ -90,19 +92,28 @@ def karcher_mean(
         raise ValueError(f"fisher has shape {fisher.shape}, the sources {stacked.shape}")
     run = _karcher_mean if isinstance(stacked, jax.core.Tracer) else _jitted_karcher_mean
     merged, info = run(
-        stacked, weights, fisher, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps
+        stacked,
+        weights,
+        fisher,
+        max_iter=max_iter,
+        tol=tol,
+        step=step,
+        block=block,
+        eps=eps,
+        out_dtype=jnp.dtype(stacked.dtype if out_dtype is None else out_dtype),
     )
     return (merged, info) if return_info else merged
 
 
-def _karcher_mean(stacked, weights, fisher, *, max_iter, tol, step, block, eps):
+def _karcher_mean(stacked, weights, fisher, *, max_iter, tol, step, block, eps, out_dtype):
     solver = _solve if fisher is None else _solve_fisher
     solve = functools.partial(solver, max_iter=max_iter, tol=tol, step=step, block=block, eps=eps)
-    return with_auto_axes(solve)(stacked, jnp.asarray(weights), fisher)
+    merged, info = with_auto_axes(solve)(stacked, jnp.asarray(weights), fisher)
+    return merged.astype(out_dtype), info
 
 
 _jitted_karcher_mean = jax.jit(
-    _karcher_mean, static_argnames=("max_iter", "tol", "step", "block", "eps")
+    _karcher_mean, static_argnames=("max_iter", "tol", "step", "block", "eps", "out_dtype")
 )
 
 
@@ -123,11 +134,10 @@ def _solve(stacked, weights, fisher, *, max_iter, tol, step, block, eps):
 
 
 def _unchunked(merged: jax.Array, stacked: jax.Array) -> jax.Array:
-    """An [R, K, c] result back in the shape and dtype of one source (padding dropped)."""
+    """An [R, K, c] result back in the shape of one source (padding dropped)."""
     last = (stacked.shape[1:] or (1,))[-1]
     padded = last + -last % _chunk_length(last)
-    merged = merged.reshape(-1, padded)[:, :last].reshape(stacked.shape[1:])
-    return merged.astype(stacked.dtype)
+    return merged.reshape(-1, padded)[:, :last].reshape(stacked.shape[1:])
 
 
 def _source_chunks(stacked: jax.Array, block: str) -> list[jax.Array]:

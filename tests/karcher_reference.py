@@ -63,6 +63,22 @@ def first_order_residual(merged, sources, weights) -> float:
     return float(np.linalg.norm(mean_log(m / np.linalg.norm(m), x / norms[:, None], w / w.sum())))
 
 
+def curvature_bound(sources, weights) -> float:
+    """A lower bound of the Hessian of f(u) = 1/2 sum a_i theta_i^2 at the Karcher mean.
+
+    Each term's Hessian has eigenvalues 1 and theta_i cot theta_i <= 1, so the sum is at least
+    sum_i a_i theta_i cot theta_i (for all theta_i < pi/2). A direction u with first-order residual
+    r = |sum_i a_i log_u(u_i)| is then within r / lambda of the mean.
+    """
+    x = np.asarray(sources, np.float64).reshape(len(sources), -1)
+    u = karcher_reference(x, weights)
+    u = u / np.linalg.norm(u)
+    thetas = np.arccos(np.clip((x / np.linalg.norm(x, axis=1, keepdims=True)) @ u, -1, 1))
+    assert thetas.max() < np.pi / 2
+    alphas = np.asarray(weights) / np.sum(weights)
+    return float(np.sum(alphas * thetas / np.tan(thetas)))
+
+
 def sources_with_cosine(rng, n, shape, cosine, norms=None) -> np.ndarray:
     """N random sources whose pairwise cosines are about `cosine`: c g + e_i, c^2 = cos/(1-cos)."""
     size = int(np.prod(shape))

@@ -86,13 +86,25 @@ def test_a_zero_weight_model_takes_no_part_and_weights_are_scale_free():
     np.testing.assert_allclose(scaled, without, rtol=1e-6, atol=1e-6)
 
 
-def test_keeps_the_sources_dtype():
+def test_computes_in_float32_and_merge_rounds_once_to_the_sources_dtype():
+    """The leaf's float32 result is within (N + 3) eps * max |x| of the float64 one (N products
+    and sums, one division); `merge` rounds that once to bfloat16."""
     sources, fisher = problem(5)
     bf16 = sources.astype(ml_dtypes.bfloat16)
-    result = merged(bf16, [1.0, 1.0, 1.0], fisher)
-    assert result.dtype == ml_dtypes.bfloat16
-    expected = reference(bf16.astype(np.float64), [1.0, 1.0, 1.0], fisher)
-    np.testing.assert_array_equal(result, expected.astype(np.float32).astype(ml_dtypes.bfloat16))
+    weights = [1.0, 1.0, 1.0]
+    result = merged(bf16, weights, fisher)
+    assert result.dtype == np.float32
+    expected = reference(bf16.astype(np.float64), weights, fisher)
+    bound = (len(weights) + 3) * np.finfo(np.float32).eps * np.abs(sources).max()
+    np.testing.assert_allclose(result, expected, rtol=0, atol=bound)
+    via_merge = jkarcher.merge(
+        [{"x": s} for s in bf16],
+        weights,
+        method="fisher_merging",
+        fisher=[{"x": f} for f in fisher],
+    )["x"]
+    assert via_merge.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(via_merge, result.astype(ml_dtypes.bfloat16))
 
 
 def test_registered_with_a_required_fisher_input():

@@ -1,6 +1,7 @@
 """Fisher-preconditioned Karcher: a float64 reference, its two limits, and merge(fisher=...)."""
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from karcher_reference import (
@@ -69,6 +70,24 @@ def test_row_blocks_match_a_per_row_reference():
     for r in range(6):
         expected = fisher_karcher_reference(sources[:, r], np.ones(3), fisher[:, r])
         assert relative_error(merged[r], expected) <= 1e-6
+
+
+def test_bfloat16_sources_give_the_float32_mean_when_asked():
+    rng = np.random.default_rng(6)
+    sources = sources_with_cosine(rng, 3, SHAPE, 0.7, [1.0, 2.0, 1.5]).astype(ml_dtypes.bfloat16)
+    fisher = _fishers(rng, 3, SHAPE).astype(ml_dtypes.bfloat16)
+    weights = np.array([1.0, 0.5, 2.0])
+    merged = karcher_mean(
+        jnp.asarray(sources),
+        jnp.asarray(weights),
+        fisher=jnp.asarray(fisher),
+        out_dtype=jnp.float32,
+    )
+    expected = fisher_karcher_reference(
+        sources.astype(np.float64), weights, fisher.astype(np.float64)
+    )
+    assert merged.dtype == jnp.float32
+    assert relative_error(merged, expected) <= 1e-6
 
 
 def test_merge_takes_fisher_pytrees_and_checks_them():

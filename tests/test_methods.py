@@ -5,6 +5,7 @@ hold whatever another implementation does: exact order statistics, counts of kep
 norms that rescaling keeps, hand-worked merges, dtypes, reproducible randomness.
 """
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import jkarcher
 from jkarcher import MergeError, methods
 from jkarcher.methods import selection, sparsify, task_arithmetic
+from jkarcher.methods.common import compute_dtype
 from jkarcher.methods.sums import tensor_sum
 from jkarcher.methods.table import methods_table_markdown
 
@@ -261,6 +263,23 @@ def test_every_method_keeps_shape_and_bfloat16_dtype(method):
     np.testing.assert_array_equal(merged, as_float32.astype(ml_dtypes.bfloat16))
 
 
+@pytest.mark.parametrize("x64", [False, True])
+def test_every_leaf_returns_the_compute_dtype(x64):
+    """Leaves compute in float32 (float64 under x64) and return that, whatever the sources'
+    dtype: the caller rounds once, to the output dtype. Traced only, nothing is compiled."""
+    with jax.enable_x64(x64):
+        for name in methods.names():
+            spec = methods.get(name)
+            n = MODEL_COUNTS.get(name, 3)
+            stacked = jnp.ones((n, 6, 10), jnp.bfloat16)
+            base = stacked[0] if spec.base == methods.BASE_REQUIRED else None
+            params = spec.resolve(REQUIRED_PARAMS.get(name, {}), n, base is not None)
+            inputs = {input_name: stacked for input_name in spec.tensor_inputs}
+            leaf = functools.partial(spec.leaf, key=jax.random.key(0), **params, **inputs)
+            merged = jax.eval_shape(leaf, stacked, jnp.ones(n), base)
+            assert merged.dtype == compute_dtype() and merged.shape == (6, 10), name
+
+
 # Order statistics.
 
 
@@ -284,14 +303,14 @@ def test_order_statistics_of_negative_zero_and_extremes():
 
 
 @pytest.mark.parametrize("size", [5000, 150_000])
-def test_largest_and_rank_range_masks_select_the_sorted_slices(size):
+def test_largest_and_position_range_masks_select_the_sorted_slices(size):
     values = np.random.default_rng(0).permutation(size).astype(np.float32) - size // 2
-    order = np.argsort(values)
+    decreasing = np.argsort(-values)
     largest = jax.jit(selection.largest_mask)(values, 1234)
-    assert set(np.flatnonzero(largest)) == set(order[-1234:])
-    middle = jax.jit(selection.rank_range_mask, static_argnums=(1, 2))(values, 100, size - 900)
-    assert set(np.flatnonzero(middle)) == set(order[100 : size - 900])
-    assert not np.asarray(selection.rank_range_mask(jnp.asarray(values), 7, 7)).any()
+    assert set(np.flatnonzero(largest)) == set(decreasing[:1234])
+    middle = jax.jit(selection.position_range_mask, static_argnums=(1, 2))(values, 100, size - 900)
+    assert set(np.flatnonzero(middle)) == set(decreasing[100 : size - 900])
+    assert not np.asarray(selection.position_range_mask(jnp.asarray(values), 7, 7)).any()
 
 
 @pytest.mark.parametrize("shape", [(5,), (64, 48), (300, 201)])

@@ -1,9 +1,11 @@
 """Every merge method against mergekit's own implementation, through its in-memory API.
 
 mergekit (0.1.5, the version the test extra pins) is the reference for what each method's name and
-parameters mean. Deterministic methods must agree to 1e-6 on random float32 tensors; random methods
-must agree exactly when given the same keep-masks, and in distribution over many draws; karcher
-agrees to the tolerance mergekit iterates to, and differs where this library differs on purpose.
+parameters mean. Deterministic methods must agree to 1e-6 on random float32 tensors, and on
+bfloat16-valued ones but at the entries tied across a top-k cut (which each library breaks in its
+own order); random methods must agree exactly when given the same keep-masks, and in
+distribution over many draws; karcher agrees to the tolerance mergekit iterates to, and differs
+where this library differs on purpose.
 Without mergekit the module is skipped, except in CI, where it must run.
 """
 
@@ -15,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from karcher_reference import (
+    curvature_bound,
     first_order_residual,
     karcher_reference,
     relative_error,
@@ -23,10 +26,11 @@ from karcher_reference import (
 
 import jkarcher
 from jkarcher import methods
-from jkarcher.methods import arcee_fusion, sparsify, task_arithmetic
+from jkarcher.methods import arcee_fusion, sce, sparsify, task_arithmetic
 
 try:
     import torch
+    from mergekit.merge_methods import sce as mergekit_sce
     from mergekit.merge_methods.api import merge_tensors
     from mergekit.sparsify import SparsificationMethod
     from mergekit.sparsify import sparsify as mergekit_sparsify
@@ -36,6 +40,10 @@ except ImportError:
     pytest.skip("mergekit is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 TOLERANCE = 1e-6
+# At most this many entries, or this share of a tensor, may tie across the cuts of a merge: a cut
+# of bfloat16 magnitudes (spacing 2^-8 v near v) ties about 0.5% of the D entries, per model.
+MAX_TIED = 8
+MAX_TIED_SHARE = 0.02
 SHAPES = [(97,), (16, 16), (24, 40)]
 # mergekit's slerp takes its t = 0 end as the base model; here it is model 0 of two.
 BASE_IS_MODEL_0 = {"slerp"}
@@ -132,15 +140,90 @@ def _on_every_shape(cases):
     ]
 
 
+# float32 values drawn at random, or rounded to bfloat16 first: then many magnitudes tie.
+VALUES = ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize("values", VALUES)
 @pytest.mark.parametrize(
     "method,n_models,with_base,params,data,shape", _on_every_shape(DETERMINISTIC)
 )
-def test_deterministic_methods_equal_mergekit(method, n_models, with_base, params, data, shape):
+def test_deterministic_methods_equal_mergekit(
+    method, n_models, with_base, params, data, shape, values, record_property, monkeypatch
+):
+    """Equal to 1e-6 everywhere but at the entries tied across a top-k cut, where mergekit's sort
+    breaks ties in its own order; those are few. Both compute in float32 on the same values. SCE
+    is given mergekit's variance mask (see `_ours_given_mergekits_sce_mask`)."""
     models, weights, base = _inputs(len(shape) + n_models, shape, n_models, with_base, **data)
-    ours = _ours(method, models, weights, base, **params)
+    if values == "bfloat16":
+        models, base = _bfloat16_valued(models), _bfloat16_valued(base)
+    resolved = methods.get(method).resolve(params, n_models, with_base)
+    if method == "sce" and resolved["select_topk"] < 1:
+        ours = _ours_given_mergekits_sce_mask(models, base, resolved, monkeypatch)
+    else:
+        ours = _ours(method, models, weights, base, **params)
     theirs = _theirs(method, models, weights, base, **params)
+    boundary = _tied_across_a_cut(method, models, base, resolved)
+    difference = np.abs(ours.astype(np.float64) - theirs)
+    off_boundary = float(np.max(difference[~boundary], initial=0.0))
+    record_property("max_abs_difference_off_boundary", off_boundary)
+    record_property("boundary_entries", int(boundary.sum()))
+    print(
+        f"{method} {params} {values} {shape}: max |ours - mergekit| off the boundary "
+        f"{off_boundary:.3g}, {int(boundary.sum())} of {boundary.size} entries on it"
+    )
     assert ours.dtype == np.float32 and ours.shape == shape
-    assert np.max(np.abs(ours - theirs)) <= TOLERANCE
+    assert boundary.sum() <= max(MAX_TIED, MAX_TIED_SHARE * boundary.size)
+    assert off_boundary <= TOLERANCE
+
+
+def _bfloat16_valued(array):
+    return None if array is None else array.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _tied_across_a_cut(method, models, base, params):
+    """The entries whose magnitude ties across a top-k cut, where each library may keep a
+    different one of the tied entries: the union over the models' cuts.
+
+    TIES cuts each model's magnitudes |x_i - base| at k = max(1, floor(density D)), breadcrumbs at
+    o = min(floor(gamma D), D - m) and o + m with m = floor(density D) (positions in decreasing
+    order). Both libraries compute the same float32 magnitudes, so a tie is an equality: the
+    entries equal to the values on both sides of a cut.
+    """
+    tied = np.zeros(models.shape[1:], bool)
+    if method not in {"ties", "breadcrumbs", "breadcrumbs_ties"}:
+        return tied
+    n, size = len(models), models[0].size
+    densities = task_arithmetic.per_model(params["density"], n)
+    gammas = task_arithmetic.per_model(params.get("gamma", 0.0), n)
+    for model, density, gamma in zip(models, densities, gammas, strict=True):
+        if density >= 1:
+            continue
+        kept = int(density * size)
+        if method == "ties":
+            cuts = [max(1, kept)]
+        else:
+            outliers = min(int(gamma * size), size - kept)
+            cuts = [outliers, outliers + kept]
+        magnitude = np.abs(model - base)
+        ordered = np.sort(magnitude, axis=None)[::-1]
+        for cut in cuts:
+            if 0 < cut < size and ordered[cut - 1] == ordered[cut]:
+                tied |= magnitude == ordered[cut]
+    return tied
+
+
+def _ours_given_mergekits_sce_mask(models, base, params, monkeypatch):
+    """SCE with the variance mask that mergekit selects. Where variances tie across the cut
+    (within float32 rounding, which each library, and each compilation, does its own way) the two
+    keep different entries, and the model weights, computed after masking, then differ
+    everywhere; test_topk checks that the masks differ only there. A fresh jit of the leaf keeps
+    merge's cached one untouched."""
+    deltas = torch.from_numpy(models - base)
+    mask = jnp.asarray(mergekit_sce.sce_mask(deltas, params["select_topk"]).numpy() != 0)
+    monkeypatch.setattr(sce, "variance_topk_mask", lambda deltas, select_topk: mask)
+    leaf = jax.jit(lambda s, b: sce.sce(s, None, b, select_topk=params["select_topk"]))
+    return np.asarray(leaf(jnp.asarray(models), jnp.asarray(base)))
 
 
 LARGE = [  # beyond 2^17 entries the order statistics take the radix-selection path
@@ -303,22 +386,6 @@ def _torch_dtype(array):
     return torch.bfloat16 if array.dtype == ml_dtypes.bfloat16 else torch.float32
 
 
-def _curvature_bound(sources, weights):
-    """A lower bound of the Hessian of f(u) = 1/2 sum a_i theta_i^2 at the Karcher mean.
-
-    Each term's Hessian has eigenvalues 1 and theta_i cot theta_i <= 1, so the sum is at least
-    sum_i a_i theta_i cot theta_i (for all theta_i < pi/2). A direction u with first-order residual
-    r = |sum_i a_i log_u(u_i)| is then within r / lambda of the mean.
-    """
-    x = np.asarray(sources, np.float64).reshape(len(sources), -1)
-    u = karcher_reference(x, weights)
-    u = u / np.linalg.norm(u)
-    thetas = np.arccos(np.clip((x / np.linalg.norm(x, axis=1, keepdims=True)) @ u, -1, 1))
-    assert thetas.max() < np.pi / 2
-    alphas = np.asarray(weights) / np.sum(weights)
-    return float(np.sum(alphas * thetas / np.tan(thetas)))
-
-
 @pytest.mark.parametrize("cosine", [0.9, 0.5])
 @pytest.mark.parametrize("n", [3, 5])
 def test_karcher_equals_mergekit_to_its_tolerance_with_equal_weights(cosine, n):
@@ -333,7 +400,7 @@ def test_karcher_equals_mergekit_to_its_tolerance_with_equal_weights(cosine, n):
     residual_theirs = first_order_residual(theirs, sources, equal)
     residual_ours = first_order_residual(ours, sources, equal)
     assert residual_theirs <= MERGEKIT_KARCHER_TOL  # mergekit reached its tolerance
-    bound = (residual_theirs + residual_ours) / _curvature_bound(sources, equal) + 2e-6
+    bound = (residual_theirs + residual_ours) / curvature_bound(sources, equal) + 2e-6
     assert bound <= 3 * MERGEKIT_KARCHER_TOL
     assert relative_error(ours, theirs) <= bound
 

@@ -30,9 +30,7 @@ PROBABILITY_EPS = 1e-8
 IQR_FACTOR = 1.5
 
 
-def arcee_fusion(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None
-) -> jax.Array:
+def arcee_fusion(stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None) -> jax.Array:
     """Arcee Fusion (Goddard et al. 2024): b + (x - b) [s >= Q2 + 1.5 (Q3 - Q1)] with the
     importance s = |x - b| KL(softmax x || softmax b) (module docstring)."""
     del weights, key
@@ -42,7 +40,7 @@ def arcee_fusion(
     importance = fusion_importance(model, origin)
     keep = importance >= fusion_threshold(importance)
     merged = origin + (model - origin) * keep
-    return merged.reshape(stacked.shape[1:]).astype(stacked.dtype)
+    return merged.reshape(stacked.shape[1:])
 
 
 def fusion_importance(model: jax.Array, base: jax.Array) -> jax.Array:

@@ -46,7 +46,7 @@ def fisher_merging(
       fisher: [N, ...] the sources' diagonal Fisher estimates (negative entries count as 0).
       fisher_floor: the least value a Fisher entry counts as (> 0).
 
-    Computed in float32 (float64 under x64) and returned in the sources' dtype.
+    Computed and returned in float32 (float64 under x64).
     """
     del base, key
     dtype = compute_dtype()
@@ -57,7 +57,7 @@ def fisher_merging(
         for i in range(stacked.shape[0])
     ]
     numerator = sum_over_models(p * stacked[i].astype(dtype) for i, p in enumerate(precisions))
-    return (numerator / sum_over_models(precisions)).astype(stacked.dtype)
+    return numerator / sum_over_models(precisions)
 
 
 register(

@@ -35,16 +35,18 @@ def karcher(
 
     With a base model the mean is taken of the task vectors x_i - base and the base is added back.
     With `fisher` (the sources' diagonal Fisher estimates, stacked like them) the tangent average
-    is Fisher-preconditioned (`jkarcher.karcher_mean`).
+    is Fisher-preconditioned (`jkarcher.karcher_mean`). Computed and returned in float32 (float64
+    under x64).
     """
     del key
-    options = dict(max_iter=max_iter, tol=tol, step=step, block=block, eps=eps, fisher=fisher)
+    dtype = compute_dtype()
+    options = dict(
+        max_iter=max_iter, tol=tol, step=step, block=block, eps=eps, fisher=fisher, out_dtype=dtype
+    )
     if base is None:
         return karcher_mean(stacked, weights, **options)
-    dtype = compute_dtype()
     deltas = stacked.astype(dtype) - base.astype(dtype)[None]
-    merged = karcher_mean(deltas, weights, **options)
-    return (base.astype(dtype) + merged).astype(stacked.dtype)
+    return base.astype(dtype) + karcher_mean(deltas, weights, **options)
 
 
 register(

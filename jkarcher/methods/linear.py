@@ -19,13 +19,13 @@ def linear(
 ) -> jax.Array:
     """Weighted average  sum_i w_i x_i / sum_i w_i  (or the plain weighted sum if not normalize).
 
-    Computed in float32 (float64 under x64) and returned in the sources' dtype.
+    Computed and returned in float32 (float64 under x64).
     """
     del base, key
     total = weighted_sum(stacked, weights)
     if normalize:
         total = total / jnp.sum(weights.astype(total.dtype))
-    return total.astype(stacked.dtype)
+    return total
 
 
 register(

@@ -30,7 +30,11 @@ SINGULAR_EPS = 1e-6
 
 
 def model_stock(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key=None,
     filter_wise: bool = False,
 ) -> jax.Array:
     """Model Stock (Jang et al. 2024, arXiv:2403.19522): t * mean(x) + (1 - t) * base with
@@ -56,8 +60,7 @@ def model_stock(
     t = jnp.where(singular, 0.0, n * cosine / jnp.where(singular, 1.0, denominator))
     dtype = cosine.dtype
     average = sum_over_models(stacked[i].astype(dtype) for i in range(n)) / n
-    merged = t * average + (1.0 - t) * base.astype(dtype)
-    return merged.astype(stacked.dtype)
+    return t * average + (1.0 - t) * base.astype(dtype)
 
 
 register(
@@ -65,8 +68,12 @@ register(
         name="model_stock",
         leaf=model_stock,
         params=(
-            Param("filter_wise", False, "one interpolation per slice along the last axis",
-                  check=boolean),
+            Param(
+                "filter_wise",
+                False,
+                "one interpolation per slice along the last axis",
+                check=boolean,
+            ),
         ),
         base=BASE_REQUIRED,
         min_models=2,

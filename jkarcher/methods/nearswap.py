@@ -38,7 +38,7 @@ def nearswap(
     dtype = compute_dtype()
     a, b = base.astype(dtype), stacked[0].astype(dtype)
     w = jnp.clip(t / jnp.maximum(jnp.abs(a - b), DIFFERENCE_FLOOR), 0.0, 1.0)
-    return (w * b + (1.0 - w) * a).astype(stacked.dtype)
+    return w * b + (1.0 - w) * a
 
 
 register(
@@ -46,8 +46,9 @@ register(
         name="nearswap",
         leaf=nearswap,
         params=(
-            Param("t", REQUIRED, "distance below which the model's value is taken",
-                  check=non_negative),
+            Param(
+                "t", REQUIRED, "distance below which the model's value is taken", check=non_negative
+            ),
         ),
         base=BASE_REQUIRED,
         max_models=1,

@@ -10,14 +10,17 @@ from jkarcher.methods.registry import MergeMethod, Param, number, optional, regi
 
 
 def passthrough(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    key=None,
     scale: float | None = None,
 ) -> jax.Array:
-    """x_0, or scale * x_0 (computed in float32, returned in x_0's dtype)."""
+    """x_0, or scale * x_0, in float32 (float64 under x64)."""
     del weights, base, key
-    if scale is None:
-        return stacked[0]
-    return (stacked[0].astype(compute_dtype()) * scale).astype(stacked.dtype)
+    model = stacked[0].astype(compute_dtype())
+    return model if scale is None else model * scale
 
 
 register(

@@ -4,11 +4,12 @@ Every method is a pure *leaf function*
 
     leaf(stacked[N, ...], weights[N], base[...] | None, *, key, **params) -> array[...]
 
-that merges one tensor stacked along axis 0 (one slice per source model). It does no I/O, reads no
-globals and draws randomness only from the explicit `jax.random` key. The registry records, for
-each method, its parameters with defaults and checks, whether it needs a base model and whether it
-is random, so that the Python API, the config validation, the CLI and the README's table of methods
-all read one source of truth.
+that merges one tensor stacked along axis 0 (one slice per source model). It computes in, and
+returns, `common.compute_dtype()` (float32; float64 under x64), whatever the sources' dtype: the
+caller rounds once to the output dtype. It does no I/O, reads no globals and draws randomness only
+from the explicit `jax.random` key. The registry records, for each method, its parameters with
+defaults and checks, whether it needs a base model and whether it is random, so that the Python
+API, the config validation, the CLI and the README's table of methods all read one source of truth.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from jkarcher.errors import JkarcherError
+
 BASE_NONE = "none"
 BASE_OPTIONAL = "optional"
 BASE_REQUIRED = "required"
 
 
-class MethodError(ValueError):
+class MethodError(JkarcherError):
     """A method was asked for that does not exist, or with parameters it cannot take."""
 
 

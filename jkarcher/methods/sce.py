@@ -4,7 +4,8 @@ With task vectors delta_i = x_i - base:
 
 1. select: with select_topk < 1, keep only the entries whose variance across the models,
    v = (1/N) sum_i (delta_i - mean delta)^2, is among the k = floor(select_topk * #{v != 0})
-   largest (k computed in float32, as mergekit does); the other entries of every delta are 0;
+   largest (k computed in float32, as mergekit does; of equal variances the lowest-index entries,
+   the selection order of `jkarcher.methods.selection`); the other entries of every delta are 0;
 2. calculate: model weights a_i = mean(delta_i^2) / sum_j mean(delta_j^2), or 1/N when that sum
    is below 1e-6;
 3. erase: TIES sign election on the (unweighted) deltas;
@@ -35,7 +36,11 @@ DIVISOR_FLOOR = 1e-6
 
 
 def sce(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key=None,
     select_topk: float = 1.0,
 ) -> jax.Array:
     """SCE (Wan et al. 2024, arXiv:2408.07990) of the task vectors delta_i = x_i - base:
@@ -51,13 +56,18 @@ def sce(
     elected = [jnp.where(a, importance[i], 0.0) for i, a in enumerate(agree)]
     merged = sum_over_models(d * e for d, e in zip(deltas, elected, strict=True))
     merged = merged / jnp.maximum(sum_over_models(elected), DIVISOR_FLOOR)
-    return (base.astype(merged.dtype) + merged).astype(stacked.dtype)
+    return base.astype(merged.dtype) + merged
 
 
 def variance_topk_mask(deltas: list[jax.Array], select_topk: float) -> jax.Array:
-    """True at the floor(select_topk * #nonzero) entries of largest variance across models."""
+    """True at the floor(select_topk * #nonzero) entries of largest variance across models.
+
+    The mean is taken as delta_0 + mean(delta_i - delta_0), which is delta_0 exactly where every
+    model agrees, so that the variance is exactly 0 there and the count of nonzero variances is
+    mergekit's.
+    """
     n = len(deltas)
-    mean = sum_over_models(deltas) / n
+    mean = deltas[0] + sum_over_models(d - deltas[0] for d in deltas) / n
     variance = sum_over_models(jnp.square(d - mean) for d in deltas) / n
     nonzero = jnp.sum(variance != 0)
     k = jnp.floor(nonzero.astype(jnp.float32) * jnp.float32(select_topk)).astype(jnp.int32)
@@ -78,8 +88,7 @@ register(
         name="sce",
         leaf=sce,
         params=(
-            Param("select_topk", 1.0, "fraction of highest-variance entries kept",
-                  check=fraction),
+            Param("select_topk", 1.0, "fraction of highest-variance entries kept", check=fraction),
         ),
         base=BASE_REQUIRED,
         weighted=False,

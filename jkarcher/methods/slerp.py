@@ -10,7 +10,7 @@ which for unit vectors follows the great circle, and for vectors of other norms 
 with those spherical coefficients (as mergekit does). (Multi-)SLERP is the spherical baseline of
 Wang, Ye, Yin (2026, Sec. 4); their Karcher mean is the N-model generalization of SLERP (for two
 models with weights (1-t, t) it is SLERP of the directions times the mean norm). Computation is in
-float32 (float64 under x64) and results are in the models' dtype; thresholds follow mergekit 0.1.5.
+float32 (float64 under x64), and so are the results; thresholds follow mergekit 0.1.5.
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ WEIGHT_SUM_EPS = 1e-6
 
 
 def slerp(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    key=None,
     t: float,
 ) -> jax.Array:
     """SLERP (Shoemake 1985) of two whole tensors: slerp(x_0, x_1; t), linear where
@@ -63,12 +67,17 @@ def slerp(
     coef_a, coef_b = _slerp_coefficients(jnp.where(linear, 0.0, cosine), t)
     coef_a = jnp.where(linear, 1.0 - t, coef_a)
     coef_b = jnp.where(linear, t, coef_b)
-    return (coef_a * a + coef_b * b).astype(stacked.dtype)
+    return coef_a * a + coef_b * b
 
 
 def nuslerp(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
-    nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    key=None,
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
 ) -> jax.Array:
     """NuSLERP (mergekit's SLERP by weights): slerp(x_0, x_1; t) at t = w_1 / (w_0 + w_1), of
     task vectors with a base.
@@ -94,12 +103,17 @@ def nuslerp(
     merged = jnp.where(collinear, (1.0 - t) * v0 + t * v1, coef_0 * v0 + coef_1 * v1)
     if base is not None:
         merged = base.astype(dtype) + merged
-    return merged.astype(stacked.dtype)
+    return merged
 
 
 def multislerp(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array | None = None, *, key=None,
-    normalize_weights: bool = True, eps: float = 1e-8,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    key=None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
 ) -> jax.Array:
     """Multi-SLERP (Goddard 2024): the weighted mean direction of the models, at the weighted
     mean norm, of task vectors x_i - base when a base is given.
@@ -114,9 +128,9 @@ def multislerp(
     """
     del key
     n = stacked.shape[0]
-    if n == 1:
-        return stacked[0]
     dtype = compute_dtype()
+    if n == 1:
+        return stacked[0].astype(dtype)
     w = weights.astype(dtype)
     if normalize_weights:
         w = w / jnp.sum(w)
@@ -132,7 +146,7 @@ def multislerp(
     merged = jnp.where(mean_norm < eps, linear, spherical)
     if base is not None:
         merged = base.astype(dtype) + merged
-    return merged.astype(stacked.dtype)
+    return merged
 
 
 def _slerp_coefficients(cosine: jax.Array, t) -> tuple[jax.Array, jax.Array]:
@@ -176,8 +190,7 @@ register(
         name="nuslerp",
         leaf=nuslerp,
         params=(
-            Param("nuslerp_row_wise", False, "interpolate the slices along axis 0",
-                  check=boolean),
+            Param("nuslerp_row_wise", False, "interpolate the slices along axis 0", check=boolean),
             Param("nuslerp_flatten", True, "interpolate whole tensors", check=boolean),
         ),
         base=BASE_OPTIONAL,

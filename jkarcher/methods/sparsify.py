@@ -5,7 +5,10 @@ Each function decides which elements of one model's task vector delta = x - base
 merge itself (`jkarcher.methods.task_arithmetic`) is a deterministic function of the masks, so a
 test can hand the same mask to this library and to another implementation. Element counts follow
 mergekit's integer rounding exactly (Python floats, truncation), so a density means the same
-number of elements in both. Random masks draw only from the explicit `jax.random` key.
+number of elements in both. Magnitudes are ranked in the selection order of
+`jkarcher.methods.selection`: largest first and, among equal magnitudes, the lowest flat index
+first; every count is then exact, however many magnitudes tie (as they do in bfloat16 weights).
+Random masks draw only from the explicit `jax.random` key.
 
 These are the sparsifiers of the baselines that Wang, Ye, Yin (2026, Sec. 4) compare the Karcher
 merge with.
@@ -16,7 +19,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.selection import largest_mask, rank_range_mask
+from jkarcher.methods.selection import (
+    largest_mask,
+    position_range_mask,
+    positions_along_last_axis,
+)
 from jkarcher.methods.sums import tensor_sum
 
 # Below this L1 norm (of the task vector or of what is kept) no rescaling is done.
@@ -25,7 +32,8 @@ RESCALE_EPS = 1e-7
 
 def magnitude_mask(delta: jax.Array, density: float) -> jax.Array:
     """TIES trimming (Yadav et al. 2023, arXiv:2306.01708): keep the k = max(1, floor(density D))
-    entries of largest |delta| out of D; density >= 1 keeps everything."""
+    entries of largest |delta| out of D, of equal magnitudes the lowest-index ones; density >= 1
+    keeps everything."""
     if density >= 1:
         return jnp.ones(delta.shape, bool)
     k = max(1, int(density * delta.size))
@@ -36,16 +44,18 @@ def outlier_mask(delta: jax.Array, density: float, gamma: float) -> jax.Array:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the largest
     floor(gamma D) magnitudes as outliers and the smallest, keeping floor(density D) entries.
 
-    With m = floor(density D) and g = floor(gamma D), the kept entries are those of ascending
-    magnitude rank in [b, b + m) with b = max(0, D - m - g): when density + gamma > 1 fewer
-    outliers are dropped so that m entries remain. density >= 1 keeps everything.
+    With m = floor(density D) and g = floor(gamma D), the kept entries are those at positions
+    [o, o + m) of the magnitudes' selection order (largest first, then lowest index), with
+    o = min(g, D - m): when density + gamma > 1 fewer outliers are dropped so that m entries
+    remain. (mergekit counts the same slice from the smallest: ascending ranks [D - o - m, D - o).)
+    density >= 1 keeps everything.
     """
     if density >= 1:
         return jnp.ones(delta.shape, bool)
     size = delta.size
     kept = int(density * size)
-    bottom = max(0, size - kept - int(gamma * size))
-    return rank_range_mask(jnp.abs(delta), bottom, bottom + kept)
+    outliers = min(int(gamma * size), size - kept)
+    return position_range_mask(jnp.abs(delta), outliers, outliers + kept)
 
 
 def bernoulli_mask(key: jax.Array, shape: tuple[int, ...], density: float) -> jax.Array:
@@ -62,11 +72,13 @@ def della_keep_probabilities(delta: jax.Array, density: float, epsilon: float) -
     Along axis 1 (the whole vector for 0-d and 1-d tensors), rank the magnitudes r = 1..n,
     smallest first, and keep with probability p = density - epsilon + 2 epsilon (r - 1) / (n - 1):
     from density - epsilon for the smallest to density + epsilon for the largest, density on
-    average. A length-1 axis gets p = density (mergekit divides 0 by 0 there).
+    average. Ranks follow the selection order reversed, r = n - position: of equal magnitudes the
+    lowest-index one ranks highest, as a top-k would keep it first. A length-1 axis gets
+    p = density (mergekit divides 0 by 0 there).
     """
     rows = delta.reshape(1, -1) if delta.ndim < 2 else jnp.moveaxis(delta, 1, -1)
     n = rows.shape[-1]
-    ranks = _ranks_along_last_axis(jnp.abs(rows))
+    ranks = (n - 1) - positions_along_last_axis(jnp.abs(rows))
     spread = ranks.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rows.shape, 0.5)
     probabilities = (density - epsilon) + 2 * epsilon * spread
     if delta.ndim < 2:
@@ -93,17 +105,3 @@ def rescaled(delta: jax.Array, keep: jax.Array) -> jax.Array:
     after = tensor_sum(jnp.abs(kept))
     scale = jnp.where((before < RESCALE_EPS) | (after < RESCALE_EPS), 1.0, before / after)
     return kept * scale
-
-
-def _ranks_along_last_axis(values: jax.Array) -> jax.Array:
-    """0-based ascending ranks along the last axis (ties in sort order).
-
-    One sort carries the positions along and a scatter inverts the permutation: about twice as
-    fast on XLA's CPU backend as argsorting twice.
-    """
-    positions = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
-    _, order = jax.lax.sort((values, positions), dimension=values.ndim - 1, num_keys=1)
-    ranks = jnp.zeros(values.shape, jnp.int32)
-    batch = jnp.indices(values.shape[:-1], sparse=True)
-    index = (*(b[..., None] for b in batch), order)
-    return ranks.at[index].set(positions, unique_indices=True)

@@ -92,7 +92,7 @@ def merge_task_vectors(
       lambda_: the scale of the merged task vector (mergekit's `lambda`).
 
     Returns:
-      The merge in the models' dtype (computed in float32, float64 under x64).
+      The merge, computed and returned in float32 (float64 under x64).
     """
     dtype = compute_dtype()
     w = weights.astype(dtype)
@@ -114,7 +114,7 @@ def merge_task_vectors(
         mixed = mixed / divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
-    return (base.astype(dtype) + mixed).astype(stacked.dtype)
+    return base.astype(dtype) + mixed
 
 
 def magnitude_masks(stacked: jax.Array, base: jax.Array, density) -> jax.Array:
@@ -163,8 +163,13 @@ def della_masks(key: jax.Array, stacked: jax.Array, base: jax.Array, density, ep
 
 
 def task_arithmetic(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None,
-    normalize: bool = False, lambda_: float = 1.0,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key=None,
+    normalize: bool = False,
+    lambda_: float = 1.0,
 ) -> jax.Array:
     """Task arithmetic (Ilharco et al. 2023): base + lambda sum_i w_i (x_i - base), divided by
     sum_i w_i with `normalize`."""
@@ -173,22 +178,42 @@ def task_arithmetic(
 
 
 def ties(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None,
-    density=1.0, normalize: bool = True, rescale: bool = False, lambda_: float = 1.0,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key=None,
+    density=1.0,
+    normalize: bool = True,
+    rescale: bool = False,
+    lambda_: float = 1.0,
 ) -> jax.Array:
     """TIES (Yadav et al. 2023, arXiv:2306.01708): trim each task vector to its top-density
     magnitudes, elect signs, average the agreeing entries (disjoint mean with `normalize`)."""
     del key
     keep = magnitude_masks(stacked, base, density)
     return merge_task_vectors(
-        stacked, weights, base, keep, rescale=rescale, sign_consensus=True,
-        normalize=normalize, lambda_=lambda_,
+        stacked,
+        weights,
+        base,
+        keep,
+        rescale=rescale,
+        sign_consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
 def dare_linear(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key: jax.Array,
-    density=1.0, normalize: bool = False, rescale: bool = True, lambda_: float = 1.0,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key: jax.Array,
+    density=1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
 ) -> jax.Array:
     """DARE (Yu et al. 2023, arXiv:2311.03099): drop each entry with probability 1 - density,
     rescale to the L1 norm, then the weighted sum of task vectors."""
@@ -199,20 +224,40 @@ def dare_linear(
 
 
 def dare_ties(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key: jax.Array,
-    density=1.0, normalize: bool = False, rescale: bool = True, lambda_: float = 1.0,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key: jax.Array,
+    density=1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
 ) -> jax.Array:
     """DARE's random drop and L1 rescale followed by TIES sign election (Yu et al. 2023)."""
     keep = dare_masks(key, stacked, density)
     return merge_task_vectors(
-        stacked, weights, base, keep, rescale=rescale, sign_consensus=True,
-        normalize=normalize, lambda_=lambda_,
+        stacked,
+        weights,
+        base,
+        keep,
+        rescale=rescale,
+        sign_consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
 def breadcrumbs(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None,
-    density=1.0, gamma=0.01, normalize: bool = False, rescale: bool = False,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key=None,
+    density=1.0,
+    gamma=0.01,
+    normalize: bool = False,
+    rescale: bool = False,
     lambda_: float = 1.0,
 ) -> jax.Array:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the largest gamma
@@ -225,8 +270,15 @@ def breadcrumbs(
 
 
 def breadcrumbs_ties(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None,
-    density=1.0, gamma=0.01, normalize: bool = False, rescale: bool = False,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key=None,
+    density=1.0,
+    gamma=0.01,
+    normalize: bool = False,
+    rescale: bool = False,
     lambda_: float = 1.0,
 ) -> jax.Array:
     """Model Breadcrumbs' trimming (Davari & Belilovsky 2023) followed by TIES sign election
@@ -234,28 +286,54 @@ def breadcrumbs_ties(
     del key
     keep = outlier_masks(stacked, base, density, gamma)
     return merge_task_vectors(
-        stacked, weights, base, keep, rescale=rescale, sign_consensus=True,
-        normalize=normalize, lambda_=lambda_,
+        stacked,
+        weights,
+        base,
+        keep,
+        rescale=rescale,
+        sign_consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
 def della(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key: jax.Array,
-    density=1.0, epsilon=0.15, normalize: bool = True, rescale: bool = True,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key: jax.Array,
+    density=1.0,
+    epsilon=0.15,
+    normalize: bool = True,
+    rescale: bool = True,
     lambda_: float = 1.0,
 ) -> jax.Array:
     """DELLA (Deep et al. 2024, arXiv:2406.11617): MagPrune (keep with probability rising with
     magnitude rank, density +- epsilon), L1 rescale, TIES sign election."""
     keep = della_masks(key, stacked, base, density, epsilon)
     return merge_task_vectors(
-        stacked, weights, base, keep, rescale=rescale, sign_consensus=True,
-        normalize=normalize, lambda_=lambda_,
+        stacked,
+        weights,
+        base,
+        keep,
+        rescale=rescale,
+        sign_consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
     )
 
 
 def della_linear(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key: jax.Array,
-    density=1.0, epsilon=0.15, normalize: bool = False, rescale: bool = True,
+    stacked: jax.Array,
+    weights: jax.Array,
+    base: jax.Array,
+    *,
+    key: jax.Array,
+    density=1.0,
+    epsilon=0.15,
+    normalize: bool = False,
+    rescale: bool = True,
     lambda_: float = 1.0,
 ) -> jax.Array:
     """DELLA's MagPrune and L1 rescale (Deep et al. 2024), then the weighted sum of task vectors
@@ -295,7 +373,8 @@ def _params(normalize: bool, rescale: bool | None, *extra: Param) -> tuple[Param
     params = [
         *extra,
         Param(
-            "normalize", normalize,
+            "normalize",
+            normalize,
             "divide by the sum of the weights (of the sign-agreeing models, with sign election)",
             check=boolean,
         ),
@@ -312,18 +391,29 @@ _DENSITY = Param(
     "density", 1.0, "fraction of each task vector's entries kept", per_model=True, check=fraction
 )
 _GAMMA = Param(
-    "gamma", 0.01, "fraction of largest magnitudes dropped as outliers", per_model=True,
+    "gamma",
+    0.01,
+    "fraction of largest magnitudes dropped as outliers",
+    per_model=True,
     check=unit_interval,
 )
 _EPSILON = Param(
-    "epsilon", 0.15, "keep probabilities range over density +- epsilon by magnitude rank",
-    per_model=True, check=non_negative,
+    "epsilon",
+    0.15,
+    "keep probabilities range over density +- epsilon by magnitude rank",
+    per_model=True,
+    check=non_negative,
 )
 
 
 def _register(
-    leaf: Callable, summary: str, reference: str, params: tuple[Param, ...], *,
-    random: bool = False, check: Callable | None = None,
+    leaf: Callable,
+    summary: str,
+    reference: str,
+    params: tuple[Param, ...],
+    *,
+    random: bool = False,
+    check: Callable | None = None,
 ) -> None:
     register(
         MergeMethod(
@@ -339,21 +429,57 @@ def _register(
     )
 
 
-_register(task_arithmetic, "weighted sum of task vectors", "https://arxiv.org/abs/2212.04089",
-          _params(False, None))
-_register(ties, "top-magnitude trim, sign election, disjoint mean",
-          "https://arxiv.org/abs/2306.01708", _params(True, False, _DENSITY))
-_register(dare_linear, "random drop, L1 rescale, weighted sum", "https://arxiv.org/abs/2311.03099",
-          _params(False, True, _DENSITY), random=True)
-_register(dare_ties, "random drop, L1 rescale, sign election", "https://arxiv.org/abs/2311.03099",
-          _params(False, True, _DENSITY), random=True)
-_register(breadcrumbs, "drop outliers and small magnitudes, weighted sum",
-          "https://arxiv.org/abs/2312.06795", _params(False, False, _DENSITY, _GAMMA))
-_register(breadcrumbs_ties, "drop outliers and small magnitudes, sign election",
-          "https://arxiv.org/abs/2312.06795", _params(False, False, _DENSITY, _GAMMA))
-_register(della, "rank-dependent random drop, L1 rescale, sign election",
-          "https://arxiv.org/abs/2406.11617", _params(True, True, _DENSITY, _EPSILON),
-          random=True, check=_della_check)
-_register(della_linear, "rank-dependent random drop, L1 rescale, weighted sum",
-          "https://arxiv.org/abs/2406.11617", _params(False, True, _DENSITY, _EPSILON),
-          random=True, check=_della_check)
+_register(
+    task_arithmetic,
+    "weighted sum of task vectors",
+    "https://arxiv.org/abs/2212.04089",
+    _params(False, None),
+)
+_register(
+    ties,
+    "top-magnitude trim, sign election, disjoint mean",
+    "https://arxiv.org/abs/2306.01708",
+    _params(True, False, _DENSITY),
+)
+_register(
+    dare_linear,
+    "random drop, L1 rescale, weighted sum",
+    "https://arxiv.org/abs/2311.03099",
+    _params(False, True, _DENSITY),
+    random=True,
+)
+_register(
+    dare_ties,
+    "random drop, L1 rescale, sign election",
+    "https://arxiv.org/abs/2311.03099",
+    _params(False, True, _DENSITY),
+    random=True,
+)
+_register(
+    breadcrumbs,
+    "drop outliers and small magnitudes, weighted sum",
+    "https://arxiv.org/abs/2312.06795",
+    _params(False, False, _DENSITY, _GAMMA),
+)
+_register(
+    breadcrumbs_ties,
+    "drop outliers and small magnitudes, sign election",
+    "https://arxiv.org/abs/2312.06795",
+    _params(False, False, _DENSITY, _GAMMA),
+)
+_register(
+    della,
+    "rank-dependent random drop, L1 rescale, sign election",
+    "https://arxiv.org/abs/2406.11617",
+    _params(True, True, _DENSITY, _EPSILON),
+    random=True,
+    check=_della_check,
+)
+_register(
+    della_linear,
+    "rank-dependent random drop, L1 rescale, weighted sum",
+    "https://arxiv.org/abs/2406.11617",
+    _params(False, True, _DENSITY, _EPSILON),
+    random=True,
+    check=_della_check,
+)
