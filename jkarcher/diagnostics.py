@@ -24,6 +24,9 @@ Conventions: a matrix with no energy (all zeros, or a constant matrix once cente
 measures 0, as `np.linalg.matrix_rank` gives for a zero matrix. All arithmetic runs in float32
 (float64 where JAX's x64 mode is on) whatever the input dtype; `eps` in `numerical_rank` is the
 machine epsilon of that precision, as in `np.linalg.matrix_rank` on a float32 (float64) matrix.
+Every sum and mean adds blocks of 16 entries and then the block sums pairwise
+(`jkarcher.methods.sums.tensor_sum`), so its rounding error grows with the logarithm of its length
+and does not depend on whether the function runs jitted (as in `activation_report`) or eagerly.
 Singular values come from a singular value decomposition, never from squaring A, so values far
 below s_1 stay accurate where the numerical-rank threshold needs them.
 
@@ -39,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkarcher.methods import sums
+
 ACTIVATION_METRICS = (
     "activation_variance",
     "effective_rank",
@@ -46,6 +51,12 @@ ACTIVATION_METRICS = (
     "participation_ratio",
     "numerical_rank",
 )
+
+
+# Jitted, so that a measure called eagerly compiles one small program per shape, not one per step
+# of the pairwise tree.
+_sum = jax.jit(sums.tensor_sum)
+_norm = jax.jit(sums.tensor_norm)
 
 
 def _float(x) -> jax.Array:
@@ -60,11 +71,16 @@ def _matrix(activations) -> jax.Array:
     return a
 
 
+def _token_mean(a: jax.Array) -> jax.Array:
+    """The per-feature mean over tokens, shape (1, features), each column summed accurately."""
+    return jax.vmap(_sum, in_axes=1)(a)[None, :] / a.shape[0]
+
+
 def _centered(a: jax.Array) -> jax.Array:
     """A minus its per-feature mean over tokens, the mean refined by one corrective pass
     (mu += mean(A - mu)) so that a constant column centers to exactly zero."""
-    mean = jnp.mean(a, axis=0, keepdims=True)
-    mean = mean + jnp.mean(a - mean, axis=0, keepdims=True)
+    mean = _token_mean(a)
+    mean = mean + _token_mean(a - mean)
     return a - mean
 
 
@@ -77,21 +93,21 @@ def singular_values(activations, *, center: bool = False) -> jax.Array:
 def activation_variance(activations) -> jax.Array:
     """mean over features j of Var_t(A[t, j]), the population variance over tokens."""
     centered = _centered(_matrix(activations))
-    return jnp.mean(centered * centered)
+    return _sum(centered * centered) / centered.size
 
 
 def effective_rank_of_spectrum(s: jax.Array) -> jax.Array:
     """exp(entropy of p = s / sum s), with 0 log 0 = 0; 0 when all s are 0 (Roy & Vetterli)."""
-    total = jnp.sum(s)
+    total = _sum(s)
     p = s / jnp.where(total > 0, total, 1.0)
-    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    entropy = -_sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return jnp.where(total > 0, jnp.exp(entropy), 0.0)
 
 
 def stable_rank_of_spectrum(s: jax.Array) -> jax.Array:
     """sum s^2 / max(s)^2 (= ||A||_F^2 / ||A||_2^2); 0 when all s are 0."""
     top = jnp.max(s)
-    return jnp.where(top > 0, jnp.sum((s / jnp.where(top > 0, top, 1.0)) ** 2), 0.0)
+    return jnp.where(top > 0, _sum((s / jnp.where(top > 0, top, 1.0)) ** 2), 0.0)
 
 
 def numerical_rank_of_spectrum(s: jax.Array, shape: tuple[int, int], eps: float) -> jax.Array:
@@ -128,7 +144,7 @@ def participation_ratio(activations) -> jax.Array:
     """
     a = _centered(_matrix(activations))
     gram = a @ a.T if a.shape[0] < a.shape[1] else a.T @ a
-    trace, frobenius_sq = jnp.trace(gram), jnp.sum(gram * gram)
+    trace, frobenius_sq = _sum(jnp.diagonal(gram)), _sum(gram * gram)
     has_variance = frobenius_sq > 0
     return jnp.where(has_variance, trace**2 / jnp.where(has_variance, frobenius_sq, 1.0), 0.0)
 
@@ -157,13 +173,13 @@ def _source_norms_and_dots(merged, sources) -> tuple[jax.Array, jax.Array, jax.A
         )
     flat = sources.reshape(sources.shape[0], -1)
     vector = merged.reshape(-1)
-    return jnp.linalg.norm(vector), jnp.linalg.norm(flat, axis=1), flat @ vector
+    return _norm(vector), jax.vmap(_norm)(flat), jax.vmap(_sum)(flat * vector)
 
 
 def norm_shrinkage(merged, sources) -> jax.Array:
     """||merged|| / mean_i ||x_i|| for sources stacked [N, ...]: 1 keeps the sources' scale."""
     merged_norm, source_norms, _ = _source_norms_and_dots(merged, sources)
-    return merged_norm / jnp.mean(source_norms)
+    return merged_norm / (_sum(source_norms) / source_norms.size)
 
 
 def source_angles(merged, sources) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Reading and writing HF checkpoints: headers, shards, hub cache, refusals, staging, model card."""
+"""Reading and writing HF checkpoints: headers, shards, hub cache, refusals."""
 
 import itertools
 import json
@@ -14,19 +14,15 @@ from helpers_checkpoints import make_models, read_all, tiny_config, tiny_weights
 from safetensors import safe_open
 
 from jkarcher.io import Checkpoint, CheckpointError, read_header, read_tensor
-from jkarcher.io.model_card import model_card
 from jkarcher.io.safetensors_io import BUFFER_ALIGNMENT, INDEX_NAME
 from jkarcher.io.writer import (
-    OutputError,
     OutputTensor,
     ShardWriter,
     WriteBehind,
-    check_output_dir,
     natural_key,
     output_model_config,
     plan_shards,
     save_checkpoint,
-    staged_directory,
 )
 
 MIXED = {
@@ -257,64 +253,47 @@ def test_hub_id_not_in_cache_says_so(tmp_path, monkeypatch):
     assert "network" in str(err.value)
 
 
+def test_a_single_snapshot_without_refs_main_is_used(tmp_path, monkeypatch):
+    (source,) = make_models(tmp_path / "src", n=1)
+    snapshot = _fake_hub_cache(tmp_path / "hub", "someorg/tiny-qwen", source)
+    (snapshot.parent.parent / "refs" / "main").unlink()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert Checkpoint("someorg/tiny-qwen").path == snapshot
+
+
+def test_several_snapshots_without_refs_main_are_listed(tmp_path, monkeypatch):
+    """Not "not found": the error names each snapshot and says how to choose one."""
+    (source,) = make_models(tmp_path / "src", n=1)
+    snapshot = _fake_hub_cache(tmp_path / "hub", "someorg/tiny-qwen", source)
+    repo = snapshot.parent.parent
+    (repo / "snapshots" / "fedcba9876").mkdir()
+    (repo / "refs" / "main").unlink()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="2 snapshots") as err:
+        Checkpoint("someorg/tiny-qwen")
+    message = str(err.value)
+    assert "\n" not in message and "'someorg/tiny-qwen'" in message
+    assert f"({snapshot.name}, fedcba9876)" in message
+    assert "pass one snapshot directory" in message and "refs/main" in message
+    assert "not found" not in message
+
+
+def test_refs_main_naming_a_missing_snapshot_says_so(tmp_path, monkeypatch):
+    (source,) = make_models(tmp_path / "src", n=1)
+    snapshot = _fake_hub_cache(tmp_path / "hub", "someorg/tiny-qwen", source)
+    ref = snapshot.parent.parent / "refs" / "main"
+    ref.write_text("feedface")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="names snapshot 'feedface', which is not in") as err:
+        Checkpoint("someorg/tiny-qwen")
+    assert str(ref) in str(err.value) and snapshot.name in str(err.value)
+
+
 def test_corrupt_model_config(tmp_path):
     save_checkpoint(tmp_path, MIXED)
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="config.json: unreadable model config"):
         Checkpoint(tmp_path)
-
-
-def test_staged_directory_appears_only_when_complete(tmp_path):
-    output = tmp_path / "out"
-    with staged_directory(output, overwrite=False) as staging:
-        (staging / "file").write_text("done")
-        assert not output.exists() and staging.parent == tmp_path
-        assert staging.name.startswith(".out.incomplete-")
-    assert (output / "file").read_text() == "done"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-def test_staged_directory_leaves_nothing_on_error(tmp_path):
-    output = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        with staged_directory(output, overwrite=False) as staging:
-            (staging / "model.safetensors").write_text("half")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_staged_directory_replaces_only_with_overwrite(tmp_path):
-    output = tmp_path / "out"
-    output.mkdir()
-    (output / "old").write_text("old")
-    with pytest.raises(OutputError, match="appeared"):
-        with staged_directory(output, overwrite=False) as staging:
-            (staging / "new").write_text("new")
-    assert [p.name for p in output.iterdir()] == ["old"]
-    with staged_directory(output, overwrite=True) as staging:
-        (staging / "new").write_text("new")
-    assert [p.name for p in output.iterdir()] == ["new"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-@pytest.mark.parametrize(
-    "output, problem",
-    [("in/sub", "inside the input"), ("in", "inside the input"), (".", "is inside output")],
-)
-def test_output_may_not_overlap_an_input(tmp_path, output, problem):
-    (tmp_path / "in").mkdir()
-    with pytest.raises(OutputError, match=problem):
-        check_output_dir(tmp_path / output, [tmp_path / "in"], overwrite=True)
-
-
-def test_existing_output_is_refused_without_overwrite(tmp_path):
-    (tmp_path / "out").mkdir()
-    with pytest.raises(OutputError, match="overwrite=True"):
-        check_output_dir(tmp_path / "out", [], overwrite=False)
-    check_output_dir(tmp_path / "out", [], overwrite=True)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="not a directory"):
-        check_output_dir(tmp_path / "file", [], overwrite=True)
 
 
 def test_output_model_config_states_dtype_and_tying():
@@ -327,26 +306,6 @@ def test_output_model_config_states_dtype_and_tying():
         "tie_word_embeddings": True,
     }
     assert source["torch_dtype"] == "float32"
-
-
-def test_model_card_front_matter_and_config():
-    card = model_card(
-        title="merged",
-        method="karcher",
-        method_summary="weighted Karcher mean",
-        method_reference="a paper",
-        models=[("org/a", 1.0), ("org/b", 2.0)],
-        base_model="org/base",
-        resolved_config={"method": "karcher", "params": {"tol": 1e-6}},
-    )
-    lines = card.splitlines()
-    assert lines[0] == "---"
-    front = lines[1 : lines.index("---", 1)]
-    assert front[:4] == ["base_model:", '- "org/base"', '- "org/a"', '- "org/b"']
-    tags = front[front.index("tags:") + 1 :]
-    assert tags == ["- merge", "- jkarcher", "- karcher"]
-    body = card.split("```json\n")[1].split("```")[0]
-    assert json.loads(body) == {"method": "karcher", "params": {"tol": 1e-6}}
 
 
 def test_write_tiny_makes_a_complete_hf_directory(tmp_path):

@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from jkarcher.io.safetensors_io import is_hub_id
+
+
+def display_name(path_or_id: str | os.PathLike) -> str:
+    """How the card names an input model, never by an absolute local path.
+
+    A hub id resolved from the local HF cache (`org/name` that is not a local directory) stays
+    as given; a directory inside a cached hub repo (`.../models--org--name/snapshots/<rev>`) is
+    named by that repo's id; any other directory by its own name, once resolved (so that "." or
+    "../x/" give real names).
+    """
+    path = Path(path_or_id).expanduser()
+    if not path.is_dir():
+        return str(path_or_id) if is_hub_id(str(path_or_id)) else path.name
+    resolved = path.resolve()
+    for folder in resolved.parents:
+        repo = folder.parent
+        if folder.name == "snapshots" and repo.name.startswith("models--"):
+            org, _, name = repo.name.removeprefix("models--").partition("--")
+            return f"{org}/{name}"
+    return resolved.name
 
 
 def model_card(
@@ -18,6 +44,9 @@ def model_card(
 ) -> str:
     """Markdown with Hugging Face front matter (base_model list; tags merge, jkarcher, the method).
 
+    Models are named by `display_name`, in the front matter and in the body alike. The front
+    matter is YAML with non-ASCII names written as UTF-8 text.
+
     Args:
       title: the card's heading (the output directory's name).
       method, method_summary, method_reference: the merge method and what the registry says of it.
@@ -26,11 +55,15 @@ def model_card(
       base_model: the base model's path or hub id, if the merge used one.
       resolved_config: the config with every default filled in, shown as JSON.
     """
-    bases = list(dict.fromkeys(([base_model] if base_model else []) + [m for m, _ in models]))
-    lines = ["---", "base_model:"]
-    lines += [f"- {json.dumps(b)}" for b in bases]
-    lines += ["library_name: transformers", "tags:", "- merge", "- jkarcher", f"- {method}", "---"]
-    lines += ["", f"# {title}", ""]
+    names = [display_name(path) for path, _ in models]
+    base_name = display_name(base_model) if base_model else None
+    front_matter = {
+        "base_model": list(dict.fromkeys(([base_name] if base_name else []) + names)),
+        "library_name": "transformers",
+        "tags": ["merge", "jkarcher", method],
+    }
+    lines = ["---", yaml.safe_dump(front_matter, allow_unicode=True, sort_keys=False).rstrip()]
+    lines += ["---", "", f"# {title}", ""]
     described = f"{method_summary} ({method_reference})" if method_reference else method_summary
     lines += [
         f"This model is a weight-space merge of {len(models)} models made with jkarcher, using "
@@ -39,9 +72,12 @@ def model_card(
         "## Merged models",
         "",
     ]
-    lines += [f"- `{path}` ({_weight_text(weight)})" for path, weight in models]
-    if base_model:
-        lines += ["", f"Base model: `{base_model}`."]
+    lines += [
+        f"- `{name}` ({_weight_text(weight)})"
+        for name, (_, weight) in zip(names, models, strict=True)
+    ]
+    if base_name:
+        lines += ["", f"Base model: `{base_name}`."]
     lines += [
         "",
         "## Configuration",
@@ -49,7 +85,7 @@ def model_card(
         "The configuration with every default filled in:",
         "",
         "```json",
-        json.dumps(resolved_config, indent=2),
+        json.dumps(resolved_config, indent=2, ensure_ascii=False),
         "```",
         "",
     ]

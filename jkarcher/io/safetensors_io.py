@@ -8,8 +8,10 @@ checkpoints are refused and never unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import mmap
 import os
 import struct
@@ -19,10 +21,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from jkarcher.errors import JkarcherError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the `safetensors` library's limit
 # Arrays are read into buffers aligned like this, so that JAX on CPU can use them without a copy.
 BUFFER_ALIGNMENT = 64
 # Buffers at least this large get memory maps of their own (see `aligned_bytes`).
@@ -45,7 +49,7 @@ DTYPES: dict[str, np.dtype] = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JkarcherError):
     """A checkpoint is missing, unreadable, corrupt, truncated or in a refused format."""
 
 
@@ -79,15 +83,26 @@ class TensorInfo:
         )
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn an OSError while opening or reading `path` into a CheckpointError naming the file."""
+    try:
+        yield
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse one safetensors file's header: ({name: TensorInfo}, metadata).
 
-    Every byte range is checked against the file size and the declared dtype and shape, so a
-    truncated or corrupt file fails here, naming the file and the tensor.
+    Every byte range is checked against the declared dtype and shape, and the ranges must tile
+    the data that follows the header exactly, as the `safetensors` library requires: sorted by
+    offset, the first starts at 0, each starts where the previous one ends, and the last ends at
+    the end of the file. A truncated or corrupt file fails here, naming the file and the tensor.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with _reading(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -109,20 +124,35 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     tensors = {}
     for name, entry in header.items():
         tensors[name] = _tensor_info(path, name, entry, data_start, size)
+    _check_layout(path, list(tensors.values()), data_start, size)
     return tensors, metadata
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _tensor_info(path: Path, name: str, entry, data_start: int, size: int) -> TensorInfo:
     try:
         dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape = tuple(int(d) for d in shape)
+        shape = tuple(shape)
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+    if not all(_is_count(n) for n in (*shape, begin, end)):
+        raise CheckpointError(
+            f"{path}: corrupt header entry for tensor {name!r} (shape {entry['shape']}, "
+            f"data_offsets {entry['data_offsets']}: need whole numbers >= 0)"
+        )
     if dtype_name not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
+    if end < begin:
+        raise CheckpointError(
+            f"{path}: corrupt header: tensor {name!r} has data_offsets [{begin}, {end}], which "
+            "end before they start"
+        )
     dtype = DTYPES[dtype_name]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end - begin != expected or begin < 0:
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
         raise CheckpointError(
             f"{path}: corrupt header: tensor {name!r} of shape {list(shape)} {dtype_name} "
             f"declares {end - begin} bytes, needs {expected}"
@@ -135,6 +165,42 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, size: int) -> Te
     return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
 
 
+def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
+    """The byte ranges, sorted by (start, end), must tile [data_start, size) with no overlap or gap.
+
+    Every range already ends within the file (see `_tensor_info`).
+    """
+    position, previous = data_start, None
+    for info in sorted(infos, key=lambda i: (i.start, i.end)):
+        if previous is None and info.start != data_start:
+            raise CheckpointError(
+                f"{path}: corrupt header: tensor {info.name!r}, the first in the data, starts at "
+                f"data byte {info.start - data_start}, not 0"
+            )
+        if info.start < position:
+            raise CheckpointError(
+                f"{path}: corrupt header: tensor {info.name!r} (data_offsets "
+                f"{_offsets(info, data_start)}) overlaps tensor {previous.name!r} (data_offsets "
+                f"{_offsets(previous, data_start)})"
+            )
+        if info.start > position:
+            raise CheckpointError(
+                f"{path}: corrupt header: data bytes [{position - data_start}, "
+                f"{info.start - data_start}) between tensor {previous.name!r} and tensor "
+                f"{info.name!r} belong to no tensor"
+            )
+        position, previous = info.end, info
+    if position != size:
+        last = f"the last tensor, {previous.name!r}," if previous else "a header that lists none"
+        raise CheckpointError(
+            f"{path}: corrupt file: {size - position} bytes after {last} belong to no tensor"
+        )
+
+
+def _offsets(info: TensorInfo, data_start: int) -> list[int]:
+    return [info.start - data_start, info.end - data_start]
+
+
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor from disk into a new NumPy array of its dtype and shape.
 
@@ -142,7 +208,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     may_alias=True)` on CPU can use it in place.
     """
     raw = aligned_bytes(info.nbytes)
-    with open(info.file, "rb") as f:
+    with _reading(info.file), open(info.file, "rb") as f:
         f.seek(info.start)
         got = f.readinto(memoryview(raw)) if info.nbytes else 0
     if got != info.nbytes:
@@ -154,9 +220,10 @@ def map_tensor(info: TensorInfo) -> np.ndarray:
     """A read-only memory map of one tensor: only the pages that are used get read."""
     if not info.nbytes:
         return np.zeros(info.shape, info.dtype)
-    mapped = np.memmap(
-        info.file, info.dtype, "r", offset=info.start, shape=info.nbytes // info.dtype.itemsize
-    )
+    with _reading(info.file):
+        mapped = np.memmap(
+            info.file, info.dtype, "r", offset=info.start, shape=info.nbytes // info.dtype.itemsize
+        )
     return mapped.view(np.ndarray).reshape(info.shape)
 
 
@@ -178,16 +245,17 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a hub id (`org/name`) found in the local HF cache.
 
     The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`; the
-    snapshot is the one `refs/main` points to. The network is never used.
+    snapshot is the one `refs/main` points to, or the only one when there is no `refs/main`. The
+    network is never used.
     """
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_id)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if is_hub_id(text):
         cache = _hub_cache_dir()
         repo = cache / ("models--" + text.replace("/", "--"))
-        snapshot = _cached_snapshot(repo)
+        snapshot = _cached_snapshot(text, repo)
         if snapshot is not None:
             return snapshot
         raise CheckpointError(
@@ -204,14 +272,35 @@ def _hub_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _cached_snapshot(repo: Path) -> Path | None:
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo / "snapshots" / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-    snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
-    return snapshots[-1] if len(snapshots) == 1 else None
+def is_hub_id(text: str) -> bool:
+    """Whether `text` has the form of a hub id, `org/name`, rather than of a local path."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
+def _cached_snapshot(repo_id: str, repo: Path) -> Path | None:
+    """The snapshot of cached `repo` that `refs/main` names, else its only snapshot; None when
+    the cache has no snapshot of it. A missing or ambiguous snapshot is an error that says so."""
+    snapshots_dir, ref = repo / "snapshots", repo / "refs" / "main"
+    with _reading(repo):
+        found = snapshots_dir.iterdir() if snapshots_dir.is_dir() else []
+        names = sorted(p.name for p in found if p.is_dir())
+        revision = ref.read_text().strip() if ref.is_file() else None
+    listed = ", ".join(names) or "none"
+    if revision is not None:
+        if (snapshots_dir / revision).is_dir():
+            return snapshots_dir / revision
+        raise CheckpointError(
+            f"model {repo_id!r}: {ref} names snapshot {revision!r}, which is not in "
+            f"{snapshots_dir} (snapshots there: {listed}); download the model again, or pass "
+            "one snapshot directory"
+        )
+    if len(names) > 1:
+        raise CheckpointError(
+            f"model {repo_id!r}: the local Hugging Face cache holds {len(names)} snapshots of it "
+            f"({listed}) and no refs/main to choose one; pass one snapshot directory (e.g. "
+            f"{snapshots_dir / names[-1]}) or write the revision to use into {ref}"
+        )
+    return snapshots_dir / names[0] if names else None
 
 
 class Checkpoint:
