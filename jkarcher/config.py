@@ -29,7 +29,11 @@ Fields:
   out_shard_size  most bytes per output file, as text: "5GB", "500MB", "2GiB", "1000000".
   seed            seed of the `jax.random` key that random methods draw from.
   copy_tokenizer  copy the tokenizer files of the base (or first) model into the output.
-  overwrite       replace an existing output directory.
+  overwrite       replace an existing output directory, if it is an earlier jkarcher output
+                  (or empty); any other directory is never replaced. On the command line, a
+                  config file's overwrite=True covers only the output the file names.
+  allow_crimes    merge models whose config.json disagree on the architecture (mergekit's
+                  name): by default such models are refused, the differences listed.
   format          output format: "safetensors" (a Hugging Face checkpoint) or "orbax" (an Orbax
                   checkpoint in `params/` beside the same config, tokenizer and card files; see
                   `jkarcher.io.orbax_io`). Inputs of either format are recognized by their files.
@@ -76,6 +80,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from jkarcher import methods
+from jkarcher.errors import JkarcherError
 from jkarcher.fisher import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, ESTIMATORS
 from jkarcher.merge import MergeError, check_weights
 from jkarcher.methods.registry import BASE_NONE, BASE_REQUIRED, REQUIRED
@@ -98,6 +103,7 @@ FIELDS = (
     "seed",
     "copy_tokenizer",
     "overwrite",
+    "allow_crimes",
     "format",
     "mesh",
     "distributed",
@@ -121,7 +127,7 @@ _SIZE_UNITS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(JkarcherError):
     """A config field is missing, unknown or has a bad value; the message names the field."""
 
 
@@ -253,6 +259,7 @@ class MergeConfig:
     seed: int
     copy_tokenizer: bool
     overwrite: bool
+    allow_crimes: bool = False
     format: str = "safetensors"
     mesh: tuple[tuple[str, int], ...] | None = None
     distributed: DistributedSettings = DistributedSettings()
@@ -289,6 +296,7 @@ class MergeConfig:
             "seed": self.seed,
             "copy_tokenizer": self.copy_tokenizer,
             "overwrite": self.overwrite,
+            "allow_crimes": self.allow_crimes,
             "format": self.format,
             "mesh": None if self.mesh is None else dict(self.mesh),
             "distributed": dataclasses.asdict(self.distributed),
@@ -308,6 +316,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.copy_tokenizer = True
     config.overwrite = False
+    config.allow_crimes = False
     config.format = "safetensors"
     config.mesh = config_dict.placeholder(str)
     config.distributed = ml_collections.ConfigDict()
@@ -345,6 +354,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         seed=_seed(raw.get("seed", 0)),
         copy_tokenizer=_flag(raw.get("copy_tokenizer", True), "copy_tokenizer"),
         overwrite=_flag(raw.get("overwrite", False), "overwrite"),
+        allow_crimes=_flag(raw.get("allow_crimes", False), "allow_crimes"),
         format=_format(raw.get("format", "safetensors")),
         mesh=_mesh(raw.get("mesh")),
         distributed=distributed_settings(raw),

@@ -17,7 +17,8 @@ import ml_dtypes
 import numpy as np
 import tokenizers
 
-from jkarcher.io.writer import save_checkpoint, staged_directory, write_json
+from jkarcher.io.output_dir import staged_directory
+from jkarcher.io.writer import save_checkpoint, write_json
 
 DEMO_MODELS = ("expert-a", "expert-b", "expert-c")
 DEMO_VERSION = "qwen2-tiny-v1"

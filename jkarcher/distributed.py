@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jkarcher.config import DistributedSettings
-from jkarcher.io.writer import staged_directory
+from jkarcher.io.output_dir import staged_directory, staging_token
+
+# Room for a staging token when it is sent to every process.
+TOKEN_BYTES = 64
 
 
 def initialize(settings: DistributedSettings) -> None:
@@ -63,15 +65,19 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
 
 
 def shared_token() -> str:
-    """A random text, the same in every process (process 0 draws it)."""
-    drawn = np.frombuffer(uuid.uuid4().bytes, np.int32)
+    """Process 0's `staging_token()` (its host, process id and a random part), in every process.
+
+    The staging directory is named after process 0, which creates it, so that a later run on
+    that host can tell when it was left by a process that died."""
+    token = staging_token().encode().ljust(TOKEN_BYTES)
+    drawn = np.frombuffer(token, np.uint8).astype(np.int32)
     shared = np.asarray(multihost_utils.broadcast_one_to_all(drawn), np.int32)
-    return shared.tobytes().hex()[:16]
+    return shared.astype(np.uint8).tobytes().decode().strip()
 
 
 @contextlib.contextmanager
 def staged_output(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """`jkarcher.io.writer.staged_directory` shared by every process of the run.
+    """`jkarcher.io.output_dir.staged_directory` shared by every process of the run.
 
     All processes get the same staging directory; process 0 creates it, and renames it to
     `output` only once every process has finished its block without an error.

@@ -67,6 +67,7 @@ import safetensors.numpy
 from tqdm import tqdm
 
 from jkarcher import models
+from jkarcher.errors import JkarcherError
 from jkarcher.io import (
     CheckpointError,
     TensorInfo,
@@ -86,7 +87,7 @@ Batch = Any
 PredictFn = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array]]
 
 
-class FisherError(ValueError):
+class FisherError(JkarcherError):
     """A Fisher estimate cannot be made from the data given; the message names the file."""
 
 

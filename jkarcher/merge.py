@@ -18,14 +18,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.sharding import Mesh
 
 from jkarcher import methods
+from jkarcher.errors import JkarcherError
 from jkarcher.methods.common import compute_dtype, with_auto_axes
 from jkarcher.sharding import place_on_mesh
 
 
-class MergeError(ValueError):
+class MergeError(JkarcherError):
     """The inputs to a merge do not fit together; the message names the leaf and the model."""
 
 
@@ -107,22 +109,47 @@ def input_labels(n_models: int, has_base: bool, tensor_inputs: Sequence[str]) ->
 
 
 def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) -> jax.Array:
-    """The weights as a float array [N]; errors for a wrong count, negative values or zero sum."""
+    """The weights as a float array [N] in the compute dtype.
+
+    Errors for a wrong count, values that are not numbers, negative or not finite, that
+    overflow the compute dtype (float32: beyond 3.4e38), or that sum to zero (or overflow). Traced
+    weights (inside a caller's jit) can only be checked by `jax.experimental.checkify`: the same
+    checks run there as `checkify.debug_check`s, which do nothing unless the caller's function
+    is wrapped in `checkify.checkify`.
+    """
+    dtype = compute_dtype()
     if weights is None:
-        return jnp.ones((n_models,), compute_dtype())
+        return jnp.ones((n_models,), dtype)
     if isinstance(weights, jax.core.Tracer):
         if weights.shape != (n_models,):
             raise MergeError(f"got weights of shape {weights.shape} for {n_models} models")
-        return weights.astype(compute_dtype())
-    values = np.asarray(weights, dtype=np.float64).reshape(-1)
+        weights = weights.astype(dtype)
+        total = jnp.sum(weights)
+        checkify.debug_check(
+            jnp.all(jnp.isfinite(weights) & (weights >= 0)) & jnp.isfinite(total) & (total > 0),
+            "the weights must be finite, >= 0 and not all zero",
+        )
+        return weights
+    try:
+        values = np.asarray(weights, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise MergeError(f"weights must be numbers, got {weights!r}") from None
     if values.shape != (n_models,):
         raise MergeError(f"got {values.size} weights for {n_models} models")
+    largest = float(jnp.finfo(dtype).max)
     for index, value in enumerate(values):
         if not np.isfinite(value) or value < 0:
             raise MergeError(f"weight of model {index} is {value}; weights must be finite and >= 0")
+        if value > largest:
+            raise MergeError(
+                f"weight of model {index} is {value:g}, beyond the {dtype.name} range "
+                f"({largest:.3g}) that merges compute in"
+            )
     if values.sum() <= 0:
         raise MergeError("the weights sum to zero; at least one model needs a positive weight")
-    return jnp.asarray(values, compute_dtype())
+    if values.sum() > largest:
+        raise MergeError(f"the weights sum to {values.sum():g}, beyond the {dtype.name} range")
+    return jnp.asarray(values, dtype)
 
 
 def leaf_key(key: jax.Array, name: str) -> jax.Array:
@@ -233,7 +260,18 @@ def _leaves_like(tree: Any, names: list[str], treedef, what: str, reference: str
             f"{what} has a different structure from {reference}: "
             + _structure_difference(names, tree_names)
         )
-    return [leaf for _, leaf in flat]
+    return [_as_array(leaf, name, what) for (_, leaf), name in zip(flat, names, strict=True)]
+
+
+def _as_array(leaf: Any, name: str, what: str) -> Any:
+    """An array leaf as it is; a Python or NumPy number as a 0-d array (JAX's default dtypes)."""
+    if isinstance(leaf, jax.Array | np.ndarray | jax.core.Tracer):
+        return leaf
+    if isinstance(leaf, bool | int | float | np.generic):
+        return jnp.asarray(leaf)
+    raise MergeError(
+        f"leaf {name!r} of {what} is a {type(leaf).__name__}, not an array or a number"
+    )
 
 
 def _structure_difference(names: list[str], other: list[str]) -> str:
@@ -282,7 +320,10 @@ def _merge_non_float(name: str, sources: tuple) -> Any:
 
 
 def _raise_if_not_finite(name: str, finite: jax.Array, labels: Sequence[str]) -> None:
+    """MergeError naming the first input that holds NaN or Inf; traced, a `debug_check`."""
     if isinstance(finite, jax.core.Tracer):
+        for flag, label in zip(finite, labels, strict=True):
+            checkify.debug_check(flag, _literal(f"leaf {name!r}: {label} holds NaN or Inf values"))
         return
     bad = np.flatnonzero(~np.asarray(finite))
     if bad.size:
@@ -292,12 +333,20 @@ def _raise_if_not_finite(name: str, finite: jax.Array, labels: Sequence[str]) ->
 def _raise_if_result_not_finite(
     name: str, finite: jax.Array, method: str, params: Mapping[str, Any], weights: jax.Array
 ) -> None:
-    if isinstance(finite, jax.core.Tracer) or bool(finite):
-        return
-    raise MergeError(
+    """MergeError when the merged leaf holds NaN or Inf; traced, a `debug_check`."""
+    message = (
         f"leaf {name!r}: {describe_merge(method, params, weights)} gives NaN or Inf values "
         "(from finite sources)"
     )
+    if isinstance(finite, jax.core.Tracer):
+        checkify.debug_check(finite, _literal(message))
+    elif not bool(finite):
+        raise MergeError(message)
+
+
+def _literal(message: str) -> str:
+    """`message` as a checkify format string that prints as it is."""
+    return message.replace("{", "{{").replace("}", "}}")
 
 
 def describe_merge(method: str, params: Mapping[str, Any], weights: Any) -> str:

@@ -59,6 +59,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jkarcher import distributed, fisher, methods
+from jkarcher.architecture import architecture_differences
 from jkarcher.config import FISHER_INPUT, ConfigError, MergeConfig, tensor_values
 from jkarcher.io.model_card import model_card
 from jkarcher.io.orbax_io import (
@@ -69,6 +70,7 @@ from jkarcher.io.orbax_io import (
     read_orbax_tensor,
     save_params,
 )
+from jkarcher.io.output_dir import OutputError, check_free_space, check_output_dir
 from jkarcher.io.safetensors_io import (
     Checkpoint,
     CheckpointError,
@@ -78,12 +80,10 @@ from jkarcher.io.safetensors_io import (
 from jkarcher.io.writer import (
     GENERATION_FILES,
     TOKENIZER_FILES,
-    OutputError,
     OutputTensor,
     Shard,
     ShardWriter,
     WriteBehind,
-    check_output_dir,
     copy_files,
     create_shard_files,
     natural_key,
@@ -287,10 +287,11 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         labels.append(f"the base model ({base.source})")
     reference_index = len(models) if base else 0
     tie = ties_embeddings(reference)
+    warnings = _check_architectures(config, inputs, labels)
     names = sorted(
         (n for n in reference.names() if not (tie and n == LM_HEAD_NAME)), key=natural_key
     )
-    warnings = _check_names(inputs, labels, names, labels[reference_index], tie)
+    warnings += _check_names(inputs, labels, names, labels[reference_index], tie)
     num_layers = reference.config.get("num_hidden_layers")
     tasks = []
     for name in names:
@@ -305,6 +306,8 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         tasks.append(task)
         warnings += [warning] if warning else []
     layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
+    shards = plan_shards(layout, config.out_shard_size)
+    check_free_space(config.output, sum(shard.nbytes for shard in shards))
     return MergePlan(
         config=config,
         method=methods.get(config.method),
@@ -314,7 +317,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         fisher_labels=fisher_labels,
         tie_embeddings=tie,
         tasks=tuple(tasks),
-        shards=plan_shards(layout, config.out_shard_size),
+        shards=shards,
         warnings=tuple(warnings),
         mesh=_mesh(config),
     )
@@ -364,6 +367,26 @@ def ties_embeddings(checkpoint: Checkpoint) -> bool:
     if LM_HEAD_NAME not in checkpoint.tensors:
         return True
     return bool(checkpoint.config.get("tie_word_embeddings", False))
+
+
+def _check_architectures(
+    config: MergeConfig, inputs: Sequence[Checkpoint], labels: Sequence[str]
+) -> list[str]:
+    """Refuse models whose config.json disagree on the computation (`jkarcher.architecture`);
+    with `allow_crimes`, a warning instead."""
+    differences = architecture_differences(
+        [c.config for c in inputs], labels, [ties_embeddings(c) for c in inputs]
+    )
+    if not differences:
+        return []
+    listed = "; ".join(differences)
+    if not config.allow_crimes:
+        raise MergeError(
+            f"the models' architectures differ ({listed}); their tensors do not compute the "
+            "same function, so they are not merged unless allow_crimes=True "
+            "(--config.allow_crimes=True)"
+        )
+    return [f"allow_crimes: merging models whose architectures differ ({listed})"]
 
 
 def _open(path: str, field: str) -> Checkpoint | OrbaxCheckpoint:
@@ -554,7 +577,8 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     """Execute a plan: stream every tensor through the leaf function into the output files.
 
     The output appears at `plan.config.output` only once complete; on any error (NaN or Inf in a
-    source, models that disagree on a non-float tensor, an interruption) nothing is left there.
+    source or the result, models that disagree on a non-float tensor, a full disk, an
+    interruption) nothing is left there; a failed write (ENOSPC, EROFS, ...) is an OutputError.
     With several processes, every process runs this on the same plan, and the output appears
     once all of them have written their parts. `on_tensor(task)` is called after each tensor is
     merged and handed to the writer (e.g. to advance a progress bar).
@@ -563,7 +587,10 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     key = jax.random.key(plan.config.seed) if plan.method.random else None
     order = execution_order(plan.tasks)
     output = _orbax_output if plan.config.format == "orbax" else _safetensors_output
-    with distributed.staged_output(plan.config.output, plan.config.overwrite) as staging:
+    with (
+        _output_errors(plan.config.output),
+        distributed.staged_output(plan.config.output, plan.config.overwrite) as staging,
+    ):
         with (
             _Leaves(plan.method, order, plan.config.seed, plan.mesh) as leaves,
             ReadAhead(
@@ -586,6 +613,18 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
         bytes_written=plan.bytes_to_write,
         seconds=time.perf_counter() - start,
     )
+
+
+@contextlib.contextmanager
+def _output_errors(output: Path) -> Iterator[None]:
+    """OSErrors of the block (the output's files and directories) as one-line OutputErrors."""
+    try:
+        yield
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise OutputError(
+            f"writing output {output} failed: {err.strerror or err}{where}; nothing was written"
+        ) from None
 
 
 def execution_order(tasks: Sequence[TensorTask]) -> tuple[TensorTask, ...]:
@@ -979,15 +1018,14 @@ def _write_side_files(plan: MergePlan, directory: Path) -> None:
     write_json(directory / "config.json", model_config)
     names = GENERATION_FILES + (TOKENIZER_FILES if config.copy_tokenizer else ())
     copy_files(plan.reference.path, directory, names)
-    (directory / "README.md").write_text(
-        model_card(
-            title=config.output.name,
-            method=plan.method.name,
-            method_summary=plan.method.summary
-            + (", with each model's diagonal Fisher (params.fisher)" if config.fisher else ""),
-            method_reference=plan.method.reference,
-            models=[(m.path, m.weight) for m in config.models],
-            base_model=config.base_model,
-            resolved_config=config.to_dict(),
-        )
+    card = model_card(
+        title=config.output.name,
+        method=plan.method.name,
+        method_summary=plan.method.summary
+        + (", with each model's diagonal Fisher (params.fisher)" if config.fisher else ""),
+        method_reference=plan.method.reference,
+        models=[(m.path, m.weight) for m in config.models],
+        base_model=config.base_model,
+        resolved_config=config.to_dict(),
     )
+    (directory / "README.md").write_text(card, encoding="utf-8")

@@ -22,10 +22,12 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jkarcher.errors import JkarcherError
+
 DEFAULT_AXIS = "devices"
 
 
-class MeshError(ValueError):
+class MeshError(JkarcherError):
     """A mesh's axes do not fit the devices there are."""
 
 

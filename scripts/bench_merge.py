@@ -31,7 +31,7 @@ from absl import app, flags
 
 from jkarcher import demo
 from jkarcher.io import Checkpoint, read_tensor
-from jkarcher.io.writer import staged_directory
+from jkarcher.io.output_dir import staged_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 _ZOO_DIR = flags.DEFINE_string("zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-0.5b"), "Zoo cache.")
@@ -101,8 +101,13 @@ def jkarcher_command(work: Path, models: list[Path], method: str, output: Path) 
         "    return config\n"
     )
     script = ROOT / "scripts" / "merge.py"
-    return [sys.executable, str(script), f"--config={config}", f"--config.method={method}",
-            f"--config.output={output}"]
+    return [
+        sys.executable,
+        str(script),
+        f"--config={config}",
+        f"--config.method={method}",
+        f"--config.output={output}",
+    ]
 
 
 def mergekit_command(work: Path, models: list[Path], method: str, output: Path) -> list[str]:
@@ -163,8 +168,10 @@ def print_ratios(results: dict[tuple[str, str], tuple[float, float]], floor: flo
             print(f"jkarcher linear / mergekit linear, wall: {ours_linear / theirs:.2f}x")
         else:
             print(f"mergekit karcher / jkarcher karcher, wall: {theirs / ours:.1f}x faster")
-    print("targets: karcher <= 2x mergekit linear's wall time, >= 20x faster than mergekit's "
-          "karcher, peak RSS <= mergekit's")
+    print(
+        "targets: karcher <= 2x mergekit linear's wall time, >= 20x faster than mergekit's "
+        "karcher, peak RSS <= mergekit's"
+    )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import sys
 
 from absl import app, flags
 
-from jkarcher.config import ConfigError, parse_size
-from jkarcher.io import CheckpointError
+from jkarcher.config import parse_size
+from jkarcher.errors import JkarcherError
 from jkarcher.io.orbax_io import hf_to_orbax, orbax_to_hf
-from jkarcher.io.writer import OutputError
 
 _SOURCE = flags.DEFINE_string("source", None, "The model directory (or hub id) to convert.")
 _OUTPUT = flags.DEFINE_string("output", None, "The directory to write.")
@@ -39,7 +38,7 @@ def main(argv: list[str]) -> None:
         else:
             max_bytes = parse_size(_MAX_SHARD_SIZE.value, "--max_shard_size")
             output = orbax_to_hf(_SOURCE.value, _OUTPUT.value, max_bytes, _OVERWRITE.value)
-    except (ConfigError, CheckpointError, OutputError) as err:
+    except (JkarcherError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"wrote {output}")
 

@@ -15,13 +15,14 @@ Fisher-weighted merges then take it with `jkarcher.fisher.load_fisher(checkpoint
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 from absl import app, flags
 
 from jkarcher import fisher
-from jkarcher.io import CheckpointError
+from jkarcher.errors import JkarcherError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (or a hub id in the HF cache).")
@@ -67,8 +68,8 @@ def main(argv):
             dtype=jnp.dtype(FLAGS.dtype),
             progress=True,
         )
-    except (fisher.FisherError, CheckpointError) as err:
-        raise app.UsageError(str(err)) from None
+    except (JkarcherError, OSError) as err:
+        sys.exit(f"error: {err}")
     print(f"{Path(FLAGS.checkpoint).name}: {run}")
 
 

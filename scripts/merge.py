@@ -4,13 +4,16 @@
     python scripts/merge.py --config configs/qwen14b.py --config.output=/data/merged
     python scripts/merge.py --mergekit-yaml ties.yml --config.output=/data/merged
 
-Any config field can be overridden on the command line (`--config.FIELD=VALUE`); see
-`jkarcher/config.py` for the fields. A mergekit YAML config (`--mergekit-yaml`, translated by
-`jkarcher/mergekit_yaml.py`) gives the merge itself; `--config.FIELD=VALUE` then sets the run's
-fields (output, overwrite, out_shard_size, seed, ...) over the defaults. Inputs are read from
-disk or the local HF cache, never the network. The output appears only once it is complete.
-With JAX_COMPILATION_CACHE_DIR=DIR set, compiled merge functions are kept between runs, so a
-repeated merge of the same shapes starts at once.
+Any config field can be overridden on the command line (`--config.FIELD=VALUE`, and a method's
+parameters with `--config.params.NAME=VALUE` whether or not the file sets them); see
+`jkarcher/config.py` for the fields. A config file's `overwrite=True` covers only the output it
+names itself: an output given on the command line is replaced only with `--config.overwrite=True`
+too, and only when it is an earlier jkarcher output or an empty directory. A mergekit YAML
+config (`--mergekit-yaml`, translated by `jkarcher/mergekit_yaml.py`) gives the merge itself;
+`--config.FIELD=VALUE` then sets the run's fields (output, overwrite, out_shard_size, seed, ...).
+Inputs are read from disk or the local HF cache, never the network. The output appears only once
+it is complete; Ctrl-C or SIGTERM stops the run, and nothing is left behind.
+With JAX_COMPILATION_CACHE_DIR=DIR set, compiled merge functions are kept between runs.
 
 Several processes (hosts) run one merge when each is started with the same config and
 `--config.distributed.enabled=True` (plus coordinator_address, num_processes and process_id,
@@ -22,21 +25,43 @@ Methods that take each model's diagonal Fisher read it as `params.fisher` says; 
 the models.
 """
 
-from __future__ import annotations
-
+import signal
 import sys
-from pathlib import Path
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-from tqdm import tqdm
 
-from jkarcher import distributed, mergekit_yaml, pipeline
-from jkarcher.config import ConfigError, MergeConfig, distributed_settings, validate
-from jkarcher.fisher import FisherError
-from jkarcher.io import CheckpointError
-from jkarcher.io.writer import OutputError
-from jkarcher.merge import MergeError
+def _stop(signum, frame):
+    """Ctrl-C or SIGTERM: one line, then unwind (every staging directory is removed on the way)
+    and exit with 128 + the signal's number; a second signal while stopping is ignored."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+    name = signal.Signals(signum).name
+    print(f"interrupted by {name}: stopping; no output is written", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+signal.signal(signal.SIGINT, _stop)
+signal.signal(signal.SIGTERM, _stop)
+
+import ast  # noqa: E402  (the signal handlers come first, so that an early Ctrl-C is quiet too)
+import dataclasses  # noqa: E402
+import difflib  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from jkarcher import distributed, mergekit_yaml, methods, pipeline  # noqa: E402
+from jkarcher.config import (  # noqa: E402
+    FIELDS,
+    ConfigError,
+    MergeConfig,
+    base_config,
+    distributed_settings,
+    validate,
+)
+from jkarcher.errors import JkarcherError  # noqa: E402
 
 DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "defaults.py"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,43 +72,71 @@ _MERGEKIT_YAML = flags.DEFINE_string(
     None,
     "A mergekit YAML config to run instead of --config; set the output with --config.output=DIR.",
 )
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+PARAMS_PREFIX = "--config.params."
 
-USER_ERRORS = (ConfigError, CheckpointError, OutputError, MergeError, FisherError)
+
+@dataclasses.dataclass(frozen=True)
+class CommandLine:
+    """What the command line asks for beyond the flags: method parameters by dotted name."""
+
+    params: dict[str, Any]
 
 
-def read_config() -> MergeConfig:
+def parse_command_line(argv: list[str]) -> CommandLine:
+    """Parse the flags and load the config file; every mistake is one line on stderr and exit
+    status 2."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(help_text())
+        sys.exit(0)
+    argv, params = _split_params(argv)
+    sys.argv = argv  # the config flag reads its overrides from sys.argv
+    _check_config_file(argv)
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value  # noqa: B018  (loads the config file, applying the overrides)
+    except flags.Error as err:
+        _usage_error(str(err))
+    except (AttributeError, KeyError) as err:
+        _usage_error(_unknown_field(err, argv))
+    except Exception as err:  # the config file itself failed to load
+        _usage_error(f"--config: cannot load the config file: {_first_line(err)}")
+    if len(rest) > 1:
+        _usage_error(f"unexpected arguments: {' '.join(rest[1:])}")
+    return CommandLine(params)
+
+
+def read_config(command_line: CommandLine) -> MergeConfig:
     """The validated merge config given on the command line: a config file, or a mergekit YAML
     file whose fields `--config.FIELD=VALUE` completes (output, ...) or overrides."""
     given = flags.FLAGS["config"].present
+    overridden = {key.split(".")[0] for key in flags.FLAGS["config"].override_values}
+    fields = _CONFIG.value.to_dict()
     if _MERGEKIT_YAML.value is None:
         if not given:
-            raise app.UsageError("give --config FILE, or --mergekit-yaml FILE --config.output=DIR")
-        return validate(_CONFIG.value)
+            raise ConfigError("give --config FILE, or --mergekit-yaml FILE --config.output=DIR")
+        if "output" in overridden and "overwrite" not in overridden:
+            fields["overwrite"] = False
+        return validate(_with_params(fields, command_line.params))
     if given:
-        raise app.UsageError(
+        raise ConfigError(
             "--config and --mergekit-yaml exclude each other; with --mergekit-yaml, set the "
             "output and the run's other fields with --config.FIELD=VALUE"
         )
     translation = mergekit_yaml.load(_MERGEKIT_YAML.value)
     for note in translation.notes:
         logging.warning("%s: %s", _MERGEKIT_YAML.value, note)
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    overridden = {key.split(".")[0] for key in overrides}
-    fields = _CONFIG.value.to_dict() | {
-        key: value for key, value in translation.fields.items() if key not in overridden
-    }
+    fields |= {key: value for key, value in translation.fields.items() if key not in overridden}
     try:
-        return validate(fields)
+        return validate(_with_params(fields, command_line.params))
     except ConfigError as err:
         raise ConfigError(f"{_MERGEKIT_YAML.value}, as a jkarcher config: {err}") from None
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main(command_line: CommandLine) -> None:
     try:
         distributed.initialize(distributed_settings(_CONFIG.value))
-        config = read_config()
+        config = read_config(command_line)
         for estimate in pipeline.prepare_fishers(config, progress=distributed.is_leader()):
             print(estimate)
         plan = pipeline.plan_merge(config)
@@ -96,10 +149,99 @@ def main(argv: list[str]) -> None:
         quiet = not distributed.is_leader()
         with tqdm(total=len(plan.tasks), unit="tensor", disable=quiet) as progress:
             summary = pipeline.run(plan, on_tensor=lambda task: progress.update())
-    except USER_ERRORS as err:
+    except (JkarcherError, OSError) as err:
         sys.exit(f"error: {err}")
     print(summary)
 
 
+def help_text() -> str:
+    """This script's usage, its flags, every config field with its default, and the methods."""
+    defaults = base_config().to_dict()
+    fields = "\n".join(f"  {name} = {defaults.get(name)!r}" for name in FIELDS)
+    listed = "\n".join(f"  {name}: {methods.get(name).summary}" for name in methods.names())
+    return (
+        f"{__doc__}\nFlags:\n  --config FILE         a Python config file (configs/*.py)\n"
+        "  --mergekit-yaml FILE  a mergekit YAML config\n"
+        "  --config.FIELD=VALUE  set a config field (--config.params.NAME=VALUE: a parameter)\n"
+        f"\nConfig fields (defaults; jkarcher/config.py says what each means):\n{fields}\n"
+        f"\nMethods (--config.method=NAME):\n{listed}\n"
+    )
+
+
+def _split_params(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """argv without its `--config.params.NAME=VALUE` (or `... NAME VALUE`) arguments, and those
+    parameters with their values read as Python literals (text otherwise)."""
+    rest, params = [], {}
+    arguments = iter(argv)
+    for argument in arguments:
+        if not argument.startswith(PARAMS_PREFIX):
+            rest.append(argument)
+            continue
+        name, equals, text = argument.removeprefix(PARAMS_PREFIX).partition("=")
+        if not equals:
+            text = next(arguments, None)
+            if text is None:
+                _usage_error(f"{argument}: give a value, as {argument}=VALUE")
+        params[name] = _literal(text)
+    return rest, params
+
+
+def _literal(text: str) -> Any:
+    """0.5, 1e-5, [0.3, 0.7], {'text': 'a.txt'}, True/true, None/null, or else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False, "none": None, "null": None}.get(text.lower(), text)
+
+
+def _with_params(fields: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    if not params:
+        return fields
+    merged = dict(fields.get("params") or {})
+    for name, value in params.items():
+        _set_path(merged, name.split("."), value)
+    return fields | {"params": merged}
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        if not isinstance(tree.get(key), dict):
+            tree[key] = {}
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def _check_config_file(argv: list[str]) -> None:
+    for index, argument in enumerate(argv):
+        path = argv[index + 1] if argument == "--config" and index + 1 < len(argv) else None
+        path = argument.removeprefix("--config=") if argument.startswith("--config=") else path
+        if path is not None and not Path(path).is_file():
+            _usage_error(f"--config {path}: no such file")
+
+
+def _unknown_field(err: Exception, argv: list[str]) -> str:
+    """'--config.outptu=x: no config field 'outptu' (did you mean 'output'?)'."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    for argument in overrides:
+        field = argument.removeprefix("--config.").partition("=")[0].split(".")[0]
+        if field.split("[")[0] not in FIELDS:
+            close = difflib.get_close_matches(field, FIELDS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the fields: {', '.join(FIELDS)}"
+            return f"{argument}: no config field {field!r} ({hint})"
+    unknown = str(err.args[0] if err.args else err).splitlines()[0].strip("'\\\"")
+    argument = next((a for a in overrides if f".{unknown}" in a), "--config.FIELD")
+    return f"{argument}: the config has no field {unknown!r} there"
+
+
+def _first_line(err: Exception) -> str:
+    cause = err.__cause__ or err
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_command_line)

@@ -1,6 +1,6 @@
 """Print the README's table of merge methods (Markdown), generated from the method registry.
 
-    python scripts/methods_table.py
+python scripts/methods_table.py
 """
 
 from __future__ import annotations

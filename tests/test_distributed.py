@@ -14,15 +14,13 @@ from helpers_checkpoints import assert_close_trees, make_models, merge_config, r
 from jkarcher import pipeline
 from jkarcher.config import ConfigError, DistributedSettings, distributed_settings, validate
 from jkarcher.io.orbax_io import OrbaxCheckpoint, hf_to_orbax
+from jkarcher.io.output_dir import STAGING_MARK, OutputError, staged_directory
 from jkarcher.io.writer import (
-    STAGING_MARK,
-    OutputError,
     OutputTensor,
     ShardWriter,
     create_shard_files,
     plan_shards,
     save_checkpoint,
-    staged_directory,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

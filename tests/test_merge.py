@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import checkify
 from karcher_reference import karcher_reference, relative_error
 
 import jkarcher
@@ -145,6 +146,10 @@ def test_bad_inputs_name_the_leaf_and_model(mutate, pattern):
         ([0.0, 0.0, 0.0], "sum to zero"),
         ([1.0, 2.0], "got 2 weights for 3 models"),
         ([1.0, float("nan"), 1.0], "weight of model 1 is nan"),
+        ([1e39, 1.0, 1.0], "weight of model 0 is 1e\\+39, beyond the float32 range"),
+        ([2e38, 2e38, 1.0], "the weights sum to 4e\\+38, beyond the float32 range"),
+        (["a", "b", "c"], "weights must be numbers, got \\['a', 'b', 'c'\\]"),
+        ("abc", "weights must be numbers, got 'abc'"),
     ],
 )
 def test_bad_weights_are_errors(weights, pattern):
@@ -182,3 +187,47 @@ def _get(tree, path):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def test_every_error_is_a_jkarcher_error():
+    for error in (MergeError, methods.MethodError):
+        assert issubclass(error, jkarcher.JkarcherError)
+
+
+def test_python_numbers_as_leaves_are_0d_arrays_and_other_leaves_are_errors():
+    trees = [{"w": np.full(3, 1.0, np.float32), "scale": 2.0, "count": 7}, None]
+    trees[1] = {"w": np.full(3, 3.0, np.float32), "scale": 4.0, "count": 7}
+    merged = jkarcher.merge(trees, method="linear")
+    assert merged["scale"].shape == () and float(merged["scale"]) == 3.0
+    assert merged["scale"].dtype == np.float32 and int(merged["count"]) == 7
+    with pytest.raises(MergeError, match="leaf 'name' of model 0 is a str, not an array"):
+        jkarcher.merge([{"name": "a"}, {"name": "b"}])
+
+
+def test_a_result_that_is_not_finite_names_the_leaf_and_method():
+    trees = [{"w": np.full(4, 3e38, np.float32)}, {"w": np.full(4, 3e38, np.float32)}]
+    with pytest.raises(
+        MergeError, match=r"leaf 'w': method linear \(normalize=False; weights 1, 1\) gives NaN"
+    ):
+        jkarcher.merge(trees, method="linear", normalize=False)
+
+
+def test_inside_a_users_jit_value_checks_run_through_checkify():
+    trees = _trees()
+    poisoned = _trees()
+    poisoned[1]["embed"][2, 3] = np.nan
+
+    def merged(trees, weights):
+        return jkarcher.merge(trees, weights, method="linear")
+
+    checked = checkify.checkify(jax.jit(merged))
+    error, _ = checked(trees, jnp.ones(3))
+    assert error.get() is None
+    error, _ = checked(poisoned, jnp.ones(3))
+    assert "leaf 'embed': model 1 holds NaN or Inf values" in error.get()
+    error, _ = checked(trees, jnp.array([1.0, -1.0, 1.0]))
+    assert "weights must be finite, >= 0 and not all zero" in error.get()
+    error, _ = checked(trees, jnp.zeros(3))
+    assert "not all zero" in error.get()
+    # Without checkify the same jitted call runs unchecked, as any JAX function does.
+    assert np.isnan(np.asarray(jax.jit(merged)(poisoned, jnp.ones(3))["embed"])).any()

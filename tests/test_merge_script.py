@@ -1,12 +1,18 @@
-"""scripts/merge.py end to end: the demo config, command-line overrides, errors as exit codes."""
+"""scripts/merge.py end to end: the demo config, command-line overrides, errors as one line and
+an exit code, interruptions that leave nothing behind."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers_checkpoints import make_models, read_all
+from helpers_checkpoints import BF16, make_models, read_all, write_tiny
+
+from jkarcher import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +92,110 @@ def test_bad_config_exits_with_the_field_named(tmp_path):
     assert not (tmp_path / "out").exists()
     result = _merge_script("--config", config, "--config.colour=blue")
     assert result.returncode != 0 and "colour" in result.stderr
+
+
+def _one_error_line(result, text):
+    """The run failed with exactly one line on stderr, `error: ...` holding `text`."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "arguments, text",
+    [
+        (
+            ["--config.outptu=x"],
+            "--config.outptu=x: no config field 'outptu' (did you mean 'output'?)",
+        ),
+        (["--config.distributed.hosts=2"], "--config.distributed.hosts=2: the config has no field"),
+        (["--config.seed=abc"], "flag --config.seed=abc: invalid literal"),
+        (["extra"], "unexpected arguments: extra"),
+        (["--config.params.max_iterr=5"], "params: method 'karcher' has no parameter 'max_iterr'"),
+        (["--config.method=linear", "--config.params.density=0.5"], "has no parameter 'density'"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(tmp_path, arguments, text):
+    config = _tiny_config_file(tmp_path, make_models(tmp_path / "in", n=2))
+    _one_error_line(_merge_script("--config", config, *arguments), text)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_or_broken_config_file_is_one_line(tmp_path):
+    _one_error_line(_merge_script("--config", tmp_path / "none.py"), "none.py: no such file")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    _one_error_line(_merge_script("--config", broken), "SyntaxError: invalid syntax")
+
+
+def test_method_parameters_the_config_file_does_not_declare(tmp_path):
+    config = _tiny_config_file(tmp_path, make_models(tmp_path / "in", n=2))
+    result = _merge_script(
+        "--config", config, "--config.params.max_iter=3", "--config.params.tol=1e-5"
+    )
+    assert result.returncode == 0, result.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    params = json.loads(card.split("```json\n")[1].split("```")[0])["params"]
+    assert params["max_iter"] == 3 and params["tol"] == 1e-5
+
+
+def test_help_lists_the_config_fields_and_the_methods():
+    result = _merge_script("--help")
+    assert result.returncode == 0
+    assert "Config fields" in result.stdout and "  allow_crimes = False" in result.stdout
+    assert "  karcher: weighted Karcher mean" in result.stdout and "  ties: " in result.stdout
+
+
+def test_the_demo_overwrites_only_its_own_output(tmp_path):
+    demo_config = ROOT / "configs" / "demo.py"
+    earlier = tmp_path / "earlier"
+    assert _merge_script("--config", demo_config, f"--config.output={earlier}").returncode == 0
+    card = (earlier / "README.md").read_text()
+    _one_error_line(
+        _merge_script("--config", demo_config, f"--config.output={earlier}"), "already exists"
+    )
+    assert (earlier / "README.md").read_text() == card
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    result = _merge_script(
+        "--config", demo_config, f"--config.output={mine}", "--config.overwrite=True"
+    )
+    _one_error_line(result, "is not a jkarcher output (it holds keep.txt)")
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
+
+
+def _slow_models(root: Path) -> list[Path]:
+    """Two models large enough that a merge runs for a few seconds."""
+    config = demo.qwen2_config(4096, hidden_size=256, intermediate_size=768, num_layers=6)
+    rng = np.random.default_rng(0)
+    return [
+        write_tiny(root / f"m{i}", demo.random_weights(config, rng, BF16), config) for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_merge_prints_one_line_and_leaves_nothing(tmp_path, signum):
+    config = _tiny_config_file(tmp_path, _slow_models(tmp_path / "in"))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "merge.py"), "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.incomplete-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert stderr.count(f"interrupted by {signal.Signals(signum).name}") == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_bad_input_exits_before_writing(tmp_path):

@@ -196,7 +196,7 @@ def test_config_reads_the_older_rope_spelling(tmp_path):
 )
 def test_config_refuses_what_it_cannot_run_naming_the_file(tmp_path, fields, message):
     path = _write_config(tmp_path, **fields)
-    with pytest.raises(models.ConfigError, match=message) as error:
+    with pytest.raises(models.ModelConfigError, match=message) as error:
         models.load_config(path)
     assert str(path / "config.json") in str(error.value)
 

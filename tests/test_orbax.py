@@ -1,6 +1,7 @@
 """Orbax checkpoints: HF <-> Orbax round trips lose nothing, Orbax inputs and Orbax output give
 the merge that safetensors ones give, and bad pytrees fail with the tensor or file named."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from jkarcher.io.orbax_io import (
     orbax_to_hf,
     save_params,
 )
+from jkarcher.io.output_dir import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 UP_PROJ = "model.layers.0.mlp.up_proj.weight"
@@ -54,7 +56,9 @@ def test_hf_to_orbax_and_back_loses_nothing(tmp_path):
     assert sorted(p.name for p in orbax_dir.iterdir() if p.is_dir()) == [PARAMS_DIR]
     back = orbax_to_hf(orbax_dir, tmp_path / "back", max_shard_bytes=3000)
     _assert_identical(read_all(back), read_all(source))
-    assert _files(back) == _files(source)
+    written = _files(back)
+    assert json.loads(written.pop(MANIFEST_NAME))["written_by"] == "jkarcher"
+    assert written == _files(source)
 
 
 def test_orbax_params_use_the_flax_model_layout(tmp_path):

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from jkarcher.io.output_dir import check_output_dir, staged_directory
 from jkarcher.io.safetensors_io import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -38,15 +39,7 @@ from jkarcher.io.safetensors_io import (
     map_tensor,
     resolve_checkpoint_dir,
 )
-from jkarcher.io.writer import (
-    OutputTensor,
-    ShardWriter,
-    check_output_dir,
-    natural_key,
-    plan_shards,
-    staged_directory,
-    write_index,
-)
+from jkarcher.io.writer import OutputTensor, ShardWriter, natural_key, plan_shards, write_index
 
 PARAMS_DIR = "params"
 # The file Orbax writes into every PyTree checkpoint: the tree's structure and leaf metadata.

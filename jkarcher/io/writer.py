@@ -1,5 +1,6 @@
-"""Writing Hugging Face checkpoints: safetensors shards streamed tensor by tensor, and a staging
-directory that becomes the output only when everything in it is written.
+"""Writing Hugging Face checkpoints: safetensors shards streamed tensor by tensor, the index,
+`config.json` and the side files (where the output directory may be and how it appears only
+when complete: `jkarcher.io.output_dir`).
 
 The shard layout (which tensor goes to which file, at which offset) is fixed before the first tensor
 is merged, from names, shapes and dtypes alone, so each shard's header is written first and each
@@ -11,7 +12,6 @@ header padded to 8 bytes, the raw data with contiguous offsets) and the HF names
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -20,8 +20,7 @@ import re
 import shutil
 import struct
 import threading
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,6 @@ from jkarcher.io.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 HEADER_ALIGNMENT = 8
-STAGING_MARK = ".incomplete-"
-
-
-class OutputError(ValueError):
-    """The output directory cannot be written as asked (it exists, or it overlaps an input)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,82 +259,6 @@ def copy_files(source: Path, destination: Path, names: Sequence[str]) -> list[st
             shutil.copyfile(source / name, destination / name)
             copied.append(name)
     return copied
-
-
-def check_output_dir(
-    output: str | os.PathLike, inputs: Sequence[str | os.PathLike], overwrite: bool
-) -> None:
-    """Refuse an output that is, contains or lies inside an input, or that exists (unless
-    `overwrite`), so that a merge never writes over its own inputs."""
-    target = Path(output).expanduser().resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if target == source or source in target.parents:
-            raise OutputError(f"output {target} is inside the input model directory {source}")
-        if target in source.parents:
-            raise OutputError(f"the input model directory {source} is inside output {target}")
-    if target.exists() or target.is_symlink():
-        if not target.is_dir():
-            raise OutputError(f"output {target} exists and is not a directory")
-        if not overwrite:
-            raise OutputError(
-                f"output {target} already exists; choose another output, or set overwrite=True "
-                "(--config.overwrite=True) to replace it"
-            )
-
-
-@contextlib.contextmanager
-def staged_directory(
-    output: str | os.PathLike,
-    overwrite: bool,
-    *,
-    token: str | None = None,
-    leader: bool = True,
-    barrier: Callable[[str], None] | None = None,
-) -> Iterator[Path]:
-    """Yield a fresh hidden directory beside `output`; rename it to `output` when the block ends.
-
-    If the block raises (or is interrupted), the staging directory is deleted and `output` is left
-    as it was. A run killed outright leaves only a hidden `.NAME.incomplete-*` directory, which no
-    tool mistakes for a checkpoint. With `overwrite`, an existing output is replaced.
-
-    Several processes write one output by all passing the same `token` (which names the staging
-    directory) and a `barrier(name)` that returns once every process has called it; the one
-    `leader` creates the directory, and renames it only after every process has left its block
-    without an error.
-    """
-    target = Path(output).expanduser().absolute()
-    name = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = target.parent / f".{target.name}{STAGING_MARK}{name}"
-    wait = barrier or (lambda name: None)
-    if leader:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    wait("staging directory created")
-    try:
-        yield staging
-        wait("every part of the output written")
-        if leader:
-            _move_into_place(staging, target, overwrite)
-    except BaseException:
-        if leader:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
-    if not (target.exists() or target.is_symlink()):
-        os.rename(staging, target)
-        return
-    if not overwrite:
-        raise OutputError(f"output {target} appeared while this one was written; kept it as it is")
-    replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
-    os.rename(target, replaced)
-    os.rename(staging, target)
-    if replaced.is_dir() and not replaced.is_symlink():
-        shutil.rmtree(replaced)
-    else:
-        replaced.unlink()
 
 
 TOKENIZER_FILES = (

@@ -16,7 +16,7 @@ from jkarcher.models.checkpoint import (
     params_to_hf,
     save,
 )
-from jkarcher.models.config import ConfigError, ModelConfig, load_config
+from jkarcher.models.config import ModelConfig, ModelConfigError, load_config
 from jkarcher.models.text import (
     TokenizerError,
     batches,
@@ -37,8 +37,8 @@ from jkarcher.models.transformer import (
 
 __all__ = [
     "CausalLM",
-    "ConfigError",
     "ModelConfig",
+    "ModelConfigError",
     "TokenizerError",
     "batches",
     "expected_tensors",

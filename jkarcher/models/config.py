@@ -15,12 +15,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from jkarcher.errors import JkarcherError
+
 MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
 
-class ConfigError(ValueError):
+class ModelConfigError(JkarcherError):
     """An HF config that this implementation cannot run exactly."""
 
 
@@ -57,20 +59,20 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"model_type {self.model_type!r} is not supported (supported: "
                 f"{', '.join(MODEL_TYPES)})"
             )
         if self.rope_type not in ROPE_TYPES:
             supported = ", ".join(ROPE_TYPES)
-            raise ConfigError(f"rope type {self.rope_type!r} is not supported ({supported})")
+            raise ModelConfigError(f"rope type {self.rope_type!r} is not supported ({supported})")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+            raise ModelConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
     @classmethod
     def qwen2(cls, **fields: Any) -> ModelConfig:
@@ -94,9 +96,9 @@ class ModelConfig:
         """Build from an HF `config.json` dict; `source` names the file in error messages."""
         try:
             return _from_hf(cls, hf)
-        except (ConfigError, KeyError, TypeError, ValueError) as err:
+        except (ModelConfigError, KeyError, TypeError, ValueError) as err:
             detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-            raise ConfigError(f"{source}: {detail}") from None
+            raise ModelConfigError(f"{source}: {detail}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict that `transformers` loads as this architecture."""
@@ -145,7 +147,7 @@ def load_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
     try:
         hf = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read the model config ({err})") from None
+        raise ModelConfigError(f"{path}: cannot read the model config ({err})") from None
     return ModelConfig.from_hf(hf, source=str(path))
 
 
@@ -159,13 +161,13 @@ def _derived_fields(model_type: str, fields: dict[str, Any]) -> dict[str, Any]:
 def _from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ConfigError(
+        raise ModelConfigError(
             f"model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
         )
     if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        raise ModelConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     if hf.get("use_sliding_window"):
-        raise ConfigError("use_sliding_window=true is not supported (full attention only)")
+        raise ModelConfigError("use_sliding_window=true is not supported (full attention only)")
     fields = {
         "vocab_size": int(hf["vocab_size"]),
         "hidden_size": int(hf["hidden_size"]),
@@ -202,7 +204,7 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if rope_type == "llama3":
         missing = [key for key in LLAMA3_ROPE_KEYS if key not in rope]
         if missing:
-            raise ConfigError(f"llama3 rope scaling lacks {', '.join(missing)}")
+            raise ModelConfigError(f"llama3 rope scaling lacks {', '.join(missing)}")
         fields["rope_low_freq_factor"] = float(rope["low_freq_factor"])
         fields["rope_high_freq_factor"] = float(rope["high_freq_factor"])
         fields["rope_original_max_position_embeddings"] = int(

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from jkarcher.errors import JkarcherError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(JkarcherError):
     """A checkpoint's tokenizer gives token ids that its model has no embedding for."""
 
 
