@@ -80,10 +80,10 @@ import numpy as np
 from ml_collections import config_dict
 
 from jkarcher import methods
-from jkarcher.errors import JkarcherError
+from jkarcher.errors import JkarcherError, MergeError
 from jkarcher.fisher import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, ESTIMATORS
-from jkarcher.merge import MergeError, check_weights
 from jkarcher.methods.registry import BASE_NONE, BASE_REQUIRED, REQUIRED
+from jkarcher.numerics import check_weights
 
 OUTPUT_DTYPES: dict[str, np.dtype] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),

@@ -8,3 +8,7 @@ Errors that are not `JkarcherError`s are bugs.
 
 class JkarcherError(ValueError):
     """A user's config, checkpoint, output directory or call cannot be used as given."""
+
+
+class MergeError(JkarcherError):
+    """The inputs to a merge do not fit together; the message names the leaf and the model."""

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jkarcher.methods.common import compute_dtype, sum_over_models, with_auto_axes
+from jkarcher.methods.common import sum_over_models, with_auto_axes
+from jkarcher.numerics import compute_dtype
 from jkarcher.sphere import angle_from_cosine, sin_over_theta, theta_over_sin
 
 DEFAULT_MAX_ITER = 100

@@ -22,13 +22,10 @@ from jax.experimental import checkify
 from jax.sharding import Mesh
 
 from jkarcher import methods
-from jkarcher.errors import JkarcherError
-from jkarcher.methods.common import compute_dtype, with_auto_axes
+from jkarcher.errors import MergeError
+from jkarcher.methods.common import with_auto_axes
+from jkarcher.numerics import all_finite, check_weights
 from jkarcher.sharding import place_on_mesh
-
-
-class MergeError(JkarcherError):
-    """The inputs to a merge do not fit together; the message names the leaf and the model."""
 
 
 def merge(
@@ -108,50 +105,6 @@ def input_labels(n_models: int, has_base: bool, tensor_inputs: Sequence[str]) ->
     return labels + [f"{name} of model {i}" for name in tensor_inputs for i in range(n_models)]
 
 
-def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) -> jax.Array:
-    """The weights as a float array [N] in the compute dtype.
-
-    Errors for a wrong count, values that are not numbers, negative or not finite, that
-    overflow the compute dtype (float32: beyond 3.4e38), or that sum to zero (or overflow). Traced
-    weights (inside a caller's jit) can only be checked by `jax.experimental.checkify`: the same
-    checks run there as `checkify.debug_check`s, which do nothing unless the caller's function
-    is wrapped in `checkify.checkify`.
-    """
-    dtype = compute_dtype()
-    if weights is None:
-        return jnp.ones((n_models,), dtype)
-    if isinstance(weights, jax.core.Tracer):
-        if weights.shape != (n_models,):
-            raise MergeError(f"got weights of shape {weights.shape} for {n_models} models")
-        weights = weights.astype(dtype)
-        total = jnp.sum(weights)
-        checkify.debug_check(
-            jnp.all(jnp.isfinite(weights) & (weights >= 0)) & jnp.isfinite(total) & (total > 0),
-            "the weights must be finite, >= 0 and not all zero",
-        )
-        return weights
-    try:
-        values = np.asarray(weights, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise MergeError(f"weights must be numbers, got {weights!r}") from None
-    if values.shape != (n_models,):
-        raise MergeError(f"got {values.size} weights for {n_models} models")
-    largest = float(jnp.finfo(dtype).max)
-    for index, value in enumerate(values):
-        if not np.isfinite(value) or value < 0:
-            raise MergeError(f"weight of model {index} is {value}; weights must be finite and >= 0")
-        if value > largest:
-            raise MergeError(
-                f"weight of model {index} is {value:g}, beyond the {dtype.name} range "
-                f"({largest:.3g}) that merges compute in"
-            )
-    if values.sum() <= 0:
-        raise MergeError("the weights sum to zero; at least one model needs a positive weight")
-    if values.sum() > largest:
-        raise MergeError(f"the weights sum to {values.sum():g}, beyond the {dtype.name} range")
-    return jnp.asarray(values, dtype)
-
-
 def leaf_key(key: jax.Array, name: str) -> jax.Array:
     """The random key of one leaf: `key` folded with a stable hash of the leaf's name."""
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
@@ -186,22 +139,6 @@ def _jitted_leaf(
         return merged, all_finite(checked), all_finite((merged,))[0]
 
     return jax.jit(merge_one)
-
-
-def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
-    """[len(arrays)] flags: whether each array holds only finite values.
-
-    x * 0 is 0 where x is finite and NaN where it is not, so one variadic sum over the last
-    axis checks every array (all of one shape) in a single read of the data.
-    """
-    zeros = tuple(jnp.atleast_1d(a).astype(jnp.float32) * 0 for a in arrays)
-    sums = jax.lax.reduce(
-        zeros,
-        (jnp.float32(0),) * len(zeros),
-        lambda x, y: tuple(p + q for p, q in zip(x, y, strict=True)),
-        (zeros[0].ndim - 1,),
-    )
-    return jnp.stack([jnp.sum(s) == 0 for s in sums])
 
 
 def leaf_function(

@@ -61,6 +61,7 @@ from jax.sharding import Mesh, NamedSharding
 from jkarcher import distributed, fisher, methods
 from jkarcher.architecture import architecture_differences
 from jkarcher.config import FISHER_INPUT, ConfigError, MergeConfig, tensor_values
+from jkarcher.errors import MergeError
 from jkarcher.io.model_card import model_card
 from jkarcher.io.orbax_io import (
     OrbaxCheckpoint,
@@ -92,7 +93,8 @@ from jkarcher.io.writer import (
     write_index,
     write_json,
 )
-from jkarcher.merge import MergeError, check_weights, describe_merge, leaf_function, leaf_key
+from jkarcher.merge import describe_merge, leaf_function, leaf_key
+from jkarcher.numerics import check_weights
 from jkarcher.sharding import (
     MeshError,
     even_sharding,

@@ -19,9 +19,9 @@ import pytest
 import jkarcher
 from jkarcher import MergeError, methods
 from jkarcher.methods import selection, sparsify, task_arithmetic
-from jkarcher.methods.common import compute_dtype
 from jkarcher.methods.sums import tensor_sum
 from jkarcher.methods.table import methods_table_markdown
+from jkarcher.numerics import compute_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_METHODS = {

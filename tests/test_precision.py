@@ -20,7 +20,8 @@ from karcher_reference import curvature_bound, karcher_reference, sources_with_c
 
 from jkarcher import methods
 from jkarcher.karcher import DEFAULT_TOL
-from jkarcher.merge import check_weights, leaf_function
+from jkarcher.merge import leaf_function
+from jkarcher.numerics import check_weights
 
 U = 2.0**-24
 SHAPE = (16, 32)

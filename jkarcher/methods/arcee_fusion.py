@@ -20,9 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import compute_dtype
 from jkarcher.methods.registry import BASE_REQUIRED, MergeMethod, register
 from jkarcher.methods.selection import order_statistic
+from jkarcher.numerics import compute_dtype
 
 # Added to both softmax distributions before the KL divergence.
 PROBABILITY_EPS = 1e-8

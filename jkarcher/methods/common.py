@@ -8,14 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-
-def compute_dtype() -> jnp.dtype:
-    """The dtype merges compute in: float64 where JAX's x64 mode is on, else float32.
-
-    Storage dtypes such as bfloat16 are never used for arithmetic. Leaf functions return their
-    results in this dtype; `jkarcher.merge.leaf_function` rounds them once to the output dtype.
-    """
-    return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
+from jkarcher.numerics import compute_dtype
 
 
 def sum_over_models(terms) -> jax.Array:

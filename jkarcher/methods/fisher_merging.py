@@ -23,8 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import compute_dtype, sum_over_models
+from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import MergeMethod, Param, positive, register
+from jkarcher.numerics import compute_dtype
 
 DEFAULT_FISHER_FLOOR = 1e-6
 

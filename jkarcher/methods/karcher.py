@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 
 from jkarcher.karcher import BLOCKS, DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL, karcher_mean
-from jkarcher.methods.common import compute_dtype
 from jkarcher.methods.registry import (
     BASE_OPTIONAL,
     MergeMethod,
@@ -16,6 +15,7 @@ from jkarcher.methods.registry import (
     positive_int,
     register,
 )
+from jkarcher.numerics import compute_dtype
 
 
 def karcher(

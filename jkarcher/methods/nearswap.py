@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import compute_dtype
 from jkarcher.methods.registry import (
     BASE_REQUIRED,
     REQUIRED,
@@ -24,6 +23,7 @@ from jkarcher.methods.registry import (
     non_negative,
     register,
 )
+from jkarcher.numerics import compute_dtype
 
 # The floor of |a - b| in the interpolation weight.
 DIFFERENCE_FLOOR = 1e-6

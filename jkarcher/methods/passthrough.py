@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import jax
 
-from jkarcher.methods.common import compute_dtype
 from jkarcher.methods.registry import MergeMethod, Param, number, optional, register
+from jkarcher.numerics import compute_dtype
 
 
 def passthrough(

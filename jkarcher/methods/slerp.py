@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import compute_dtype, sum_over_models
+from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import (
     BASE_NONE,
     BASE_OPTIONAL,
@@ -31,6 +31,7 @@ from jkarcher.methods.registry import (
     register,
 )
 from jkarcher.methods.sums import sum_along, tensor_norm, tensor_sum
+from jkarcher.numerics import compute_dtype
 
 # SLERP: above this |cosine| the sources are treated as collinear and interpolated linearly.
 DOT_THRESHOLD = 0.9995

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jkarcher.methods import sparsify
-from jkarcher.methods.common import compute_dtype, sum_over_models
+from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import (
     BASE_REQUIRED,
     MergeMethod,
@@ -42,6 +42,7 @@ from jkarcher.methods.registry import (
     register,
     unit_interval,
 )
+from jkarcher.numerics import compute_dtype
 
 # Without sign election, a sum of weights below this is treated as 1 (mergekit's guard).
 WEIGHT_SUM_EPS = 1e-8
