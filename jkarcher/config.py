@@ -417,6 +417,28 @@ def tensor_values(
     return weights, params
 
 
+def layer_position(name: str, num_layers: int | None) -> float:
+    """Where a tensor lies along the layers, as mergekit places it for values that vary by layer:
+    i / (L - 1) in layer i of L (1 when L = 1), and 0 outside the layers (embeddings, the final
+    norm, lm_head). The layer is the first number among the dotted parts of the name
+    (`model.layers.3.mlp.up_proj.weight` is in layer 3).
+    """
+    index = next((int(part) for part in name.split(".") if part.isdigit()), None)
+    if index is None:
+        return 0.0
+    if num_layers is None:
+        raise ConfigError(
+            f"tensor {name!r}: values that vary over the layers need the layer count "
+            "(num_hidden_layers in the config.json of the base, or first, model)"
+        )
+    if not 0 <= index < num_layers:
+        raise ConfigError(
+            f"tensor {name!r} is in layer {index}, but the model has {num_layers} layers "
+            "(num_hidden_layers); values that vary over the layers cannot place it"
+        )
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
+
+
 def setting_at(setting: Any, name: str, position: float) -> Any:
     """The value a setting takes for the tensor `name` at `position` along the layers; a tuple
     of per-model settings gives a tuple. Filter rules that match nothing give `REQUIRED`."""

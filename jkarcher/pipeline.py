@@ -60,7 +60,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jkarcher import distributed, fisher, methods
 from jkarcher.architecture import architecture_differences
-from jkarcher.config import FISHER_INPUT, ConfigError, MergeConfig, tensor_values
+from jkarcher.config import FISHER_INPUT, ConfigError, MergeConfig, layer_position, tensor_values
 from jkarcher.errors import MergeError
 from jkarcher.io.model_card import model_card
 from jkarcher.io.orbax_io import (
@@ -233,28 +233,6 @@ def tensor_settings(
     """
     position = layer_position(name, num_layers) if config.varies_by_layer else 0.0
     return TensorSettings(*tensor_values(config, name, position))
-
-
-def layer_position(name: str, num_layers: int | None) -> float:
-    """Where a tensor lies along the layers, as mergekit places it for values that vary by layer:
-    i / (L - 1) in layer i of L (1 when L = 1), and 0 outside the layers (embeddings, the final
-    norm, lm_head). The layer is the first number among the dotted parts of the name
-    (`model.layers.3.mlp.up_proj.weight` is in layer 3).
-    """
-    index = next((int(part) for part in name.split(".") if part.isdigit()), None)
-    if index is None:
-        return 0.0
-    if num_layers is None:
-        raise ConfigError(
-            f"tensor {name!r}: values that vary over the layers need the layer count "
-            "(num_hidden_layers in the config.json of the base, or first, model)"
-        )
-    if not 0 <= index < num_layers:
-        raise ConfigError(
-            f"tensor {name!r} is in layer {index}, but the model has {num_layers} layers "
-            "(num_hidden_layers); values that vary over the layers cannot place it"
-        )
-    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 # ---------------------------------------------------------------------------------------------

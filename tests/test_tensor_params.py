@@ -10,7 +10,7 @@ from helpers_checkpoints import make_models, merge_config, read_all
 
 import jkarcher
 from jkarcher import pipeline
-from jkarcher.config import ConfigError, Gradient, tensor_values, validate
+from jkarcher.config import ConfigError, Gradient, layer_position, tensor_values, validate
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
@@ -55,7 +55,7 @@ def _ties(params=None, models=None):
     ],
 )
 def test_layer_position(name, num_layers, position):
-    assert pipeline.layer_position(name, num_layers) == position
+    assert layer_position(name, num_layers) == position
 
 
 def test_layer_position_errors_name_the_tensor():
@@ -64,9 +64,9 @@ def test_layer_position_errors_name_the_tensor():
         match=r"'model.layers.5.mlp.up_proj.weight' is in layer 5, "
         r"but the model has 5 layers",
     ):
-        pipeline.layer_position(up_proj(5), 5)
+        layer_position(up_proj(5), 5)
     with pytest.raises(ConfigError, match=r"'model.layers.1.mlp.up_proj.weight': .* layer count"):
-        pipeline.layer_position(up_proj(1), None)
+        layer_position(up_proj(1), None)
 
 
 @pytest.mark.parametrize(
