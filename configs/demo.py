@@ -2,7 +2,9 @@
 
     python scripts/merge.py --config configs/demo.py
 
-The experts are written under cache/demo the first time (a second or so); the merge goes to
+The experts live under cache/demo. Reading this config writes nothing: the run writes the
+experts the first time it needs them (scripts/merge.py makes missing demo experts before it plans
+the merge, `jkarcher.demo.make_missing_demo_models`; a second or so). The merge goes to
 ./demo_out, replaced on each run.
 """
 
@@ -17,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def get_config():
     config = base_config()
     config.method = "karcher"
-    config.models = [{"path": str(p)} for p in demo.ensure_demo_models(REPO / "cache" / "demo")]
+    config.models = [{"path": str(p)} for p in demo.demo_models(REPO / "cache" / "demo")]
     config.dtype = "bfloat16"
     config.output = "demo_out"
     config.overwrite = True

@@ -3,10 +3,11 @@ experts, each weighted per coordinate by its diagonal Fisher.
 
     python scripts/merge.py --config configs/demo_fisher.py
 
-The Fishers are estimated on this repository's README.md (tokenized with the experts' own
-tokenizer) the first time, and saved as fisher.safetensors beside the experts under cache/demo;
-later runs reuse them while the README and the settings stay the same. The merge goes to
-./demo_fisher_out, replaced on each run.
+Reading this config writes nothing. The run writes the experts under cache/demo the first time
+it needs them (as for configs/demo.py), then estimates the Fishers on this repository's README.md
+(tokenized with the experts' own tokenizer) the first time, and saves them as fisher.safetensors
+beside the experts; later runs reuse them while the README and the settings stay the same. The
+merge goes to ./demo_fisher_out, replaced on each run.
 """
 
 from pathlib import Path
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def get_config():
     config = base_config()
     config.method = "karcher"
-    config.models = [{"path": str(p)} for p in demo.ensure_demo_models(REPO / "cache" / "demo")]
+    config.models = [{"path": str(p)} for p in demo.demo_models(REPO / "cache" / "demo")]
     config.params.fisher = {
         "text": str(REPO / "README.md"),
         "seq_len": 64,

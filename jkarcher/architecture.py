@@ -10,13 +10,15 @@ Compared: `ARCHITECTURE_FIELDS` at the top level and inside a nested `text_confi
 models). A field counts where a model states it (a missing `head_dim` is not a difference,
 since transformers derives it), except `NONE_WHEN_MISSING` fields, whose absence means None (no
 rope scaling). The vocabulary size is not compared: differing vocabularies are merged on the
-rows they share (`jkarcher.pipeline`).
+rows they share (`jkarcher.pipeline.vocab`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from jkarcher.errors import MergeError
 
 ARCHITECTURE_FIELDS = (
     "architectures",
@@ -68,6 +70,28 @@ def architecture_differences(
         values = ", ".join(f"{label} {t}" for label, t in zip(labels, tied, strict=True))
         differences.append(f"tied embeddings ({TIED_EMBEDDINGS}): {values}")
     return differences
+
+
+def check_architectures(
+    configs: Sequence[Mapping[str, Any]],
+    labels: Sequence[str],
+    tied: Sequence[bool],
+    allow_crimes: bool,
+) -> list[str]:
+    """Refuse models whose config.json disagree on the computation (`architecture_differences`,
+    whose arguments these are) with a MergeError listing every difference; with
+    `allow_crimes`, a warning instead (the list of warnings, empty when all agree)."""
+    differences = architecture_differences(configs, labels, tied)
+    if not differences:
+        return []
+    listed = "; ".join(differences)
+    if not allow_crimes:
+        raise MergeError(
+            f"the models' architectures differ ({listed}); their tensors do not compute the "
+            "same function, so they are not merged unless allow_crimes=True "
+            "(--config.allow_crimes=True)"
+        )
+    return [f"allow_crimes: merging models whose architectures differ ({listed})"]
 
 
 def _differences(configs: Sequence[tuple[Mapping[str, Any], str]], prefix: str) -> list[str]:

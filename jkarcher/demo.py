@@ -1,16 +1,26 @@
 """A small built-in example: tiny random Qwen2-layout checkpoints in HF layout, made on first use.
 
-`ensure_demo_models(root)` writes (once) three "experts" that share a random base and differ by
-small random updates, each a complete HF directory that `transformers` loads: `config.json`
-(Qwen2ForCausalLM), `model.safetensors` in bfloat16, a byte-level BPE `tokenizer.json` trained on a
-built-in text (no download), `tokenizer_config.json` and `generation_config.json`. The same seed
-gives the same bytes. The builders are public so that tests can make variants (other vocabulary
-sizes, tied embeddings, sharded weights).
+The example is three "experts" that share a random base and differ by small random updates, each
+a complete HF directory that `transformers` loads: `config.json` (Qwen2ForCausalLM),
+`model.safetensors` in bfloat16, a byte-level BPE `tokenizer.json` trained on a built-in text (no
+download), `tokenizer_config.json` and `generation_config.json`. The same seed gives the same
+bytes. They live in `ROOT/qwen2-tiny-v1-seedN/expert-{a,b,c}` (`demo_models(root, seed)`).
+
+When they are made: reading a config never writes anything (`configs/demo.py` only names the
+directories, `demo_models`). A run makes them: `scripts/merge.py` calls
+`make_missing_demo_models` with the config's model paths before it plans the merge, which writes
+the experts of every path that names a demo expert (by the directory names above) and is not there
+yet, and nothing else; `ensure_demo_models(root)` does the same for one root. So
+`python scripts/merge.py --config configs/demo.py` works on a fresh clone, and so does a mergekit
+YAML that names the demo experts. The builders are public so that tests can make variants (other
+vocabulary sizes, tied embeddings, sharded weights).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import ml_dtypes
@@ -174,10 +184,35 @@ def write_demo_models(directory: str | os.PathLike, seed: int = 0) -> list[Path]
     ]
 
 
+def demo_models(root: str | os.PathLike, seed: int = 0) -> list[Path]:
+    """The directories of the demo experts under `root` (whether or not they are written yet)."""
+    directory = Path(root).expanduser() / f"{DEMO_VERSION}-seed{seed}"
+    return [directory / name for name in DEMO_MODELS]
+
+
 def ensure_demo_models(root: str | os.PathLike, seed: int = 0) -> list[Path]:
     """The demo experts' directories under `root`, written first if they are not there yet."""
-    directory = Path(root).expanduser() / f"{DEMO_VERSION}-seed{seed}"
+    paths = demo_models(root, seed)
+    directory = paths[0].parent
     if not directory.is_dir():
         with staged_directory(directory, overwrite=False) as staging:
             write_demo_models(staging, seed)
-    return [directory / name for name in DEMO_MODELS]
+    return paths
+
+
+def make_missing_demo_models(paths: Iterable[str | os.PathLike | None]) -> list[Path]:
+    """Write the demo experts that `paths` name and that are not there yet; other paths (and
+    None) are left alone. Returns the directories of the experts written.
+
+    A path names a demo expert when it is `ROOT/qwen2-tiny-v1-seedN/expert-a` (or -b, -c), as
+    `demo_models(ROOT, N)` gives; the three experts of that ROOT and N are written together.
+    """
+    written: list[Path] = []
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        seed = re.fullmatch(rf"{re.escape(DEMO_VERSION)}-seed(\d+)", path.parent.name)
+        if seed and path.name in DEMO_MODELS and not path.parent.is_dir():
+            written += ensure_demo_models(path.parent.parent, int(seed.group(1)))
+    return written

@@ -25,7 +25,7 @@ measures 0, as `np.linalg.matrix_rank` gives for a zero matrix. All arithmetic r
 (float64 where JAX's x64 mode is on) whatever the input dtype; `eps` in `numerical_rank` is the
 machine epsilon of that precision, as in `np.linalg.matrix_rank` on a float32 (float64) matrix.
 Every sum and mean adds blocks of 16 entries and then the block sums pairwise
-(`jkarcher.methods.sums.tensor_sum`), so its rounding error grows with the logarithm of its length
+(`jkarcher.numerics.accurate_sum`), so its rounding error grows with the logarithm of its length
 and does not depend on whether the function runs jitted (as in `activation_report`) or eagerly.
 Singular values come from a singular value decomposition, never from squaring A, so values far
 below s_1 stay accurate where the numerical-rank threshold needs them.
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkarcher.methods import sums
+from jkarcher.numerics import accurate_norm, accurate_sum
 
 ACTIVATION_METRICS = (
     "activation_variance",
@@ -55,8 +55,8 @@ ACTIVATION_METRICS = (
 
 # Jitted, so that a measure called eagerly compiles one small program per shape, not one per step
 # of the pairwise tree.
-_sum = jax.jit(sums.tensor_sum)
-_norm = jax.jit(sums.tensor_norm)
+_sum = jax.jit(accurate_sum)
+_norm = jax.jit(accurate_norm)
 
 
 def _float(x) -> jax.Array:

@@ -23,9 +23,8 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.errors import MergeError
-from jkarcher.methods.common import with_auto_axes
-from jkarcher.numerics import all_finite, check_weights
-from jkarcher.sharding import place_on_mesh
+from jkarcher.numerics import all_finite, check_weights, first_disagreeing
+from jkarcher.sharding import place_on_mesh, with_auto_axes
 
 
 def merge(
@@ -246,13 +245,14 @@ def _check_leaf(name: str, sources: tuple, base: Any, extras: Mapping[str, tuple
 
 def _merge_non_float(name: str, sources: tuple) -> Any:
     """Integer and boolean leaves (counters, masks) are copied when every model agrees."""
-    if not any(isinstance(s, jax.core.Tracer) for s in sources):
-        for index, source in enumerate(sources[1:], start=1):
-            if not np.array_equal(np.asarray(source), np.asarray(sources[0])):
-                raise MergeError(
-                    f"leaf {name!r} is not floating point ({jnp.result_type(source)}) and "
-                    f"model {index} differs from model 0, so it cannot be merged"
-                )
+    if any(isinstance(s, jax.core.Tracer) for s in sources):
+        return sources[0]
+    index = first_disagreeing(sources)
+    if index is not None:
+        raise MergeError(
+            f"leaf {name!r} is not floating point ({jnp.result_type(sources[0])}) and "
+            f"model {index} differs from model 0, so it cannot be merged"
+        )
     return sources[0]
 
 

@@ -1,13 +1,17 @@
-"""Numerics shared by every merge: the compute dtype, checked weights, all-finite flags.
+"""Numerics shared by every merge: the compute dtype, the accurate sum, sums over models,
+checked weights, all-finite flags, and the agreement of tensors that are copied, not merged.
 
 Merges compute in float32 (float64 under JAX's x64 mode) whatever the storage dtype, and round
-once, to the output dtype; weights are checked before they reach a leaf; every input and result
-is checked finite in the same pass that reads it.
+once, to the output dtype. Sums that set coefficients (norms, dot products, L1 norms) go through
+one strategy, `accurate_sum`, so that their rounding error grows with the logarithm of their
+length. Weights are checked before they reach a leaf; every input and result is checked finite in
+the same pass that reads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,132 @@ def compute_dtype() -> jnp.dtype:
     results in this dtype; `jkarcher.merge.leaf_function` rounds them once to the output dtype.
     """
     return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
+
+
+def accurate_sum(
+    values: jax.Array, axis: int | None = None, *, block: int = 16, fan_in: int = 2
+) -> jax.Array:
+    """The sum of every entry (axis None) or along the last axis (axis -1), by a tree of sums.
+
+    Consecutive blocks of `block` entries are summed, each in one fused reduction; then the block
+    sums are added in groups of `fan_in`, level by level, down to one sum. A level whose length is
+    not a whole number of groups sums its remainder as a group of its own (never padded: XLA:CPU
+    can fuse a pad into every consumer of the sum and recompute it there, which once made a
+    Fisher-Karcher iteration take seconds). The rounding error then grows with the logarithm of
+    the length, where XLA's CPU backend sums a few thousand entries along a few long chains and
+    loses up to ~5e-7 relative in float32 (several ulps in a rescaled result). Pairs (fan_in 2)
+    are added as strided slices, x[0::2] + x[1::2]: XLA folds a tree of reshaped reductions back
+    into one long reduction, but keeps slices as written.
+
+    Args:
+      values: the array to sum, summed in its own dtype.
+      axis: None to sum every entry; -1 to sum along the last axis, one sum per leading index.
+      block: the entries of one first-level block. The default 16 with pairwise levels keeps
+        float32 sums near 1e-7 relative at every length, in one pass over the data like a plain
+        sum. The Karcher solvers, whose values are already partial sums over chunks, use `CHUNK`.
+      fan_in: the partial sums that each later level adds together (2: a pairwise tree).
+
+    Returns:
+      A scalar (axis None) or an array shaped `values.shape[:-1]` (axis -1).
+    """
+    if axis is None:
+        values = values.reshape(-1)
+    elif axis not in (-1, values.ndim - 1):
+        raise ValueError(f"accurate_sum sums every entry or the last axis, not axis {axis}")
+    group = block
+    while values.shape[-1] > group:
+        values = _sums_of_groups(values, group)
+        group = fan_in
+    return values.sum(axis=-1)
+
+
+def _sums_of_groups(values: jax.Array, size: int) -> jax.Array:
+    """One level of `accurate_sum`: the sums of consecutive groups of `size` along the last axis,
+    the remainder summed as a group of its own."""
+    whole = values.shape[-1] - values.shape[-1] % size
+    if size == 2:
+        sums = [values[..., 0:whole:2] + values[..., 1:whole:2]]
+    else:
+        sums = [values[..., :whole].reshape(*values.shape[:-1], -1, size).sum(axis=-1)]
+    if whole < values.shape[-1]:
+        sums.append(values[..., whole:].sum(axis=-1, keepdims=True))
+    return jnp.concatenate(sums, axis=-1)
+
+
+def accurate_norm(values: jax.Array) -> jax.Array:
+    """The Euclidean norm of `values` as one flat vector, its squares summed by `accurate_sum`."""
+    return jnp.sqrt(accurate_sum(jnp.square(values)))
+
+
+def sum_along(values: jax.Array, axis: int | None) -> jax.Array:
+    """The sum over `axis` with the dimension kept, or over every entry by `accurate_sum` (None)."""
+    if axis is None:
+        return accurate_sum(values).reshape((1,) * values.ndim)
+    return jnp.sum(values, axis=axis, keepdims=True)
+
+
+def sum_over_models(terms: Iterable[jax.Array]) -> jax.Array:
+    """The sum of same-shaped arrays, one per model, as a chain of adds.
+
+    Reductions over the leading (model) axis of a stacked array are very slow on XLA's CPU backend
+    (over 30x a fused elementwise chain); with N static, an unrolled chain fuses into one loop.
+    """
+    return functools.reduce(jnp.add, terms)
+
+
+def weighted_sum(stacked: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_i w_i x_i over the leading axis of `stacked`, in the compute dtype."""
+    dtype = compute_dtype()
+    w = weights.astype(dtype)
+    return sum_over_models(w[i] * stacked[i].astype(dtype) for i in range(stacked.shape[0]))
+
+
+# The Karcher solvers' unit of summation: each block of their sources is cut along its last axis
+# into chunks of CHUNK / 4 to 2 CHUNK entries (`chunked`), each summed in one fused reduction, and
+# `add_chunk_sums` adds the chunks' partial sums in groups of CHUNK.
+CHUNK = 1024
+
+
+def chunked(source: jax.Array, rows: int) -> jax.Array:
+    """One source as [rows, K, c]: `rows` blocks (1, or its first axis), each cut into K chunks.
+
+    Chunks bound the length of every running sum. They split only the last axis: one chunk of it
+    all up to 2 CHUNK entries, else chunks of its largest divisor in [CHUNK / 4, CHUNK], else of
+    CHUNK with zeros padding the axis (zeros change no sum or inner product); so the view is a
+    free reshape of the source, but for that padding.
+    """
+    last = (source.shape or (1,))[-1]
+    chunk = _chunk_length(last)
+    pad = -last % chunk
+    source = source.reshape(-1, last)
+    if pad:
+        source = jnp.pad(source, ((0, 0), (0, pad)))
+    return source.reshape(rows, -1, chunk)
+
+
+def unchunked(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A [rows, K, c] array from `chunked` back in the source's `shape`, the padding dropped."""
+    last = (shape or (1,))[-1]
+    padded = last + -last % _chunk_length(last)
+    return blocks.reshape(-1, padded)[:, :last].reshape(shape)
+
+
+def add_chunk_sums(partials: jax.Array) -> jax.Array:
+    """The [R, K] partial sums of the K chunks of R blocks (`chunked`) added up: [R].
+
+    `accurate_sum` in groups of CHUNK.
+    """
+    return accurate_sum(partials, axis=-1, block=CHUNK, fan_in=CHUNK)
+
+
+def _chunk_length(length: int) -> int:
+    """The chunk length of `chunked` for a last axis of `length`."""
+    if length <= 2 * CHUNK:
+        return length
+    for chunk in range(CHUNK, CHUNK // 4 - 1, -1):
+        if length % chunk == 0:
+            return chunk
+    return CHUNK
 
 
 def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) -> jax.Array:
@@ -84,3 +214,16 @@ def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
         (zeros[0].ndim - 1,),
     )
     return jnp.stack([jnp.sum(s) == 0 for s in sums])
+
+
+def first_disagreeing(arrays: Sequence[np.ndarray | jax.Array]) -> int | None:
+    """The index of the first array whose values differ from the first one's, or None.
+
+    Tensors that are not floating point (indices, masks, counters) are never averaged: they are
+    copied, and only when every model holds the same values.
+    """
+    first = np.asarray(arrays[0])
+    for index, array in enumerate(arrays[1:], start=1):
+        if not np.array_equal(np.asarray(array), first):
+            return index
+    return None

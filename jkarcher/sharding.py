@@ -9,11 +9,13 @@ the pipeline slices the padding off before the leaf function sees the tensor.
 
 Each process reads only the rows that its own devices hold (`jkarcher.pipeline`), and
 `local_rows` gives the blocks of a result that a process writes, so that across all processes
-every row is written exactly once.
+every row is written exactly once. `with_auto_axes` lets a leaf function, which reshapes and
+reduces freely, run on leaves of a mesh with Explicit axes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -129,3 +131,32 @@ def local_rows(array: jax.Array, rows: int) -> list[tuple[int, np.ndarray]]:
         if stop > first:
             blocks.append((first, data[: stop - first]))
     return blocks
+
+
+def with_auto_axes(fn):
+    """Run `fn(stacked, *args)` with a mesh's Explicit axes turned Auto for its duration.
+
+    Leaf functions reshape and reduce freely; under explicit sharding every such reshape would
+    need an output sharding. Inside, XLA's propagation places the work; outputs shaped like one
+    slice of `stacked` are sharded like that slice (as a leaf of the models is), others replicated.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(stacked, *args, **kwargs):
+        sharding = jax.typeof(stacked).sharding
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+            return fn(stacked, *args, **kwargs)
+        run = lambda s, *a: fn(s, *a, **kwargs)
+        slice_sharding = NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
+        out_sharding = jax.tree.map(
+            lambda out: slice_sharding if out.shape == stacked.shape[1:] else replicated(mesh),
+            jax.eval_shape(run, *map(_unsharded_shape, (stacked, *args))),
+        )
+        return jax.sharding.auto_axes(run, out_sharding=out_sharding)(stacked, *args)
+
+    return wrapped
+
+
+def _unsharded_shape(x):
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), x)

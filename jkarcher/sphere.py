@@ -1,8 +1,9 @@
-"""Geometry on the unit sphere S^{D-1}: normalization, geodesic distance, log/exp maps, SLERP.
+"""Angles on the unit sphere S^{D-1}, and which sources take part in a mean direction.
 
-These act on whole (flattened) vectors. The Karcher fixed point in `jkarcher.karcher` uses the same
-formulas written in coordinates of the sources' span; the functions here are the reference forms
-that the methods (SLERP, NuSLERP, multi-SLERP) and the tests use. All angles are in radians.
+The Karcher fixed points (`jkarcher.karcher` in coordinates of the sources' span,
+`jkarcher.karcher_fisher` per block) take their angles and the log and exp maps' scales from here:
+log_u(v) = theta / sin(theta) (v - cos(theta) u) and exp_u(T) = cos||T|| u + sin||T|| T / ||T||.
+All angles are in radians.
 """
 
 from __future__ import annotations
@@ -14,11 +15,32 @@ import jax.numpy as jnp
 SMALL_ANGLE = 1e-4
 
 
-def normalize(x: jax.Array, eps: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(x / ||x||, ||x||); a vector of norm <= eps maps to 0."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
-    safe = jnp.where(norm > eps, norm, 1.0)
-    return jnp.where(norm > eps, x / safe, jnp.zeros_like(x)), norm
+def direction_weights(
+    norms: jax.Array, weights: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(valid, inverse norms, a) for sources of `norms` [..., N] and `weights` [N].
+
+    A source is valid, and takes part in a mean direction, where its norm is above eps; the others
+    get inverse norm 0 and weight 0. The weights of the valid ones, a_i = w_i / sum_valid w, sum to
+    1 along the last axis (all are 0 where no source is valid).
+    """
+    valid = norms > eps
+    inv_norms = jnp.where(valid, 1.0 / jnp.where(valid, norms, 1.0), 0.0)
+    valid_weights = jnp.where(valid, weights, 0.0)
+    total = jnp.sum(valid_weights, axis=-1, keepdims=True)
+    return valid, inv_norms, valid_weights / jnp.where(total > 0, total, 1.0)
+
+
+def divided_or(x: jax.Array, norm: jax.Array, floor, fallback) -> jax.Array:
+    """x / norm where norm > floor, else `fallback`: a normalization that never divides by a
+    norm at or below the floor."""
+    return jnp.where(norm > floor, x / jnp.where(norm > floor, norm, 1.0), fallback)
+
+
+def cancellation_floor(n: int, dtype: jnp.dtype) -> jax.Array:
+    """4 sqrt(N eps): below this norm a weighted mean of N unit vectors has cancelled, and float
+    rounding, about sqrt(N eps), could decide its direction."""
+    return 4.0 * jnp.sqrt(n * jnp.finfo(dtype).eps)
 
 
 def angle_from_cosine(cosine: jax.Array) -> jax.Array:
@@ -44,30 +66,3 @@ def sin_over_theta(theta: jax.Array) -> jax.Array:
     """sin(theta) / theta, the exp map's scale: 1 - theta^2/6 near 0."""
     safe = jnp.where(theta < SMALL_ANGLE, 1.0, theta)
     return jnp.where(theta < SMALL_ANGLE, 1.0 - jnp.square(theta) / 6.0, jnp.sin(safe) / safe)
-
-
-def geodesic_distance(u: jax.Array, v: jax.Array) -> jax.Array:
-    """Great-circle distance of unit vectors: 2 atan2(||u - v||, ||u + v||), stable at 0 and pi."""
-    return 2.0 * jnp.arctan2(jnp.linalg.norm(u - v), jnp.linalg.norm(u + v))
-
-
-def log_map(u: jax.Array, v: jax.Array) -> jax.Array:
-    """log_u(v) = theta / sin(theta) * (v - cos(theta) u), the tangent at u pointing to v."""
-    cosine = jnp.vdot(u, v)
-    theta = geodesic_distance(u, v)
-    return theta_over_sin(theta) * (v - cosine * u)
-
-
-def exp_map(u: jax.Array, tangent: jax.Array) -> jax.Array:
-    """exp_u(T) = cos(||T||) u + sin(||T||) T / ||T||."""
-    norm = jnp.linalg.norm(tangent)
-    return jnp.cos(norm) * u + sin_over_theta(norm) * tangent
-
-
-def slerp(u: jax.Array, v: jax.Array, t: jax.Array | float) -> jax.Array:
-    """Spherical interpolation between unit vectors: the point a fraction t along the geodesic.
-
-    slerp(u, v, t) = sin((1-t) theta)/sin(theta) u + sin(t theta)/sin(theta) v, written as
-    exp_u(t log_u(v)) so that it is stable for small theta.
-    """
-    return exp_map(u, t * log_map(u, v))

@@ -3,9 +3,9 @@
 All three run in this process on the same sources: Qwen2.5-0.5B-shaped float32 tensors (an MLP
 matrix 4864 x 896 and the embedding 151936 x 896) for N = 2, 4, 8 fine-tune-like experts (each
 a shared base plus its own perturbation). The textbook loop is the Karcher iteration written on
-whole tensors, as DESIGN.md states it: every iteration reads every source twice (the cosines, then
-the tangent), where karcher_mean reads them twice in all. Prints milliseconds, ratios, iteration
-counts and the largest difference between karcher_mean and the textbook result.
+whole tensors, as docs/design.md states it: every iteration reads every source twice (the cosines,
+then the tangent), where karcher_mean reads them twice in all. Prints milliseconds, ratios,
+iteration counts and the largest difference between karcher_mean and the textbook result.
 
     python scripts/bench_karcher.py [--sizes=small] [--models=2,4,8] [--repeats=5]
 """
@@ -21,7 +21,7 @@ from absl import app, flags
 
 from jkarcher import karcher_mean
 from jkarcher.karcher import DEFAULT_MAX_ITER, DEFAULT_TOL
-from jkarcher.methods.common import sum_over_models, weighted_sum
+from jkarcher.numerics import sum_over_models, weighted_sum
 from jkarcher.sphere import sin_over_theta, theta_over_sin
 
 SHAPES = {"mlp": (4864, 896), "embed": (151936, 896)}

@@ -3,9 +3,10 @@ r"""Estimate the diagonal Fisher of a checkpoint on a text and save it beside th
 The text is tokenized with the checkpoint's own `tokenizer.json`, cut into windows of --seq_len
 tokens and run in batches of --batch_size windows (the last one padded). `jkarcher.fisher` takes
 the per-token mean of squared gradients of the next-token log-likelihood, with labels sampled from
-the model (--estimator=true) or the text's tokens (--estimator=empirical); see its docstring for
-the exact estimator. The result is written as float32 `fisher.safetensors` in the checkpoint's
-directory (or --output), under the checkpoint's tensor names, so merges read it like weights:
+the model (--estimator=true) or the text's tokens (--estimator=empirical); see the docstring of
+`jkarcher/fisher/diagonal.py` for the exact estimator. The result is written as float32
+`fisher.safetensors` in the checkpoint's directory (or --output), under the checkpoint's tensor
+names, so merges read it like weights:
 
     python scripts/fisher.py --checkpoint=/models/math --text=calibration.txt \
       --seq_len=512 --batch_size=8 --num_batches=64

@@ -6,23 +6,25 @@
 
 Any config field can be overridden on the command line (`--config.FIELD=VALUE`, and a method's
 parameters with `--config.params.NAME=VALUE` whether or not the file sets them); see
-`jkarcher/config.py` for the fields. A config file's `overwrite=True` covers only the output it
-names itself: an output given on the command line is replaced only with `--config.overwrite=True`
-too, and only when it is an earlier jkarcher output or an empty directory. A mergekit YAML
-config (`--mergekit-yaml`, translated by `jkarcher/mergekit_yaml.py`) gives the merge itself;
-`--config.FIELD=VALUE` then sets the run's fields (output, overwrite, out_shard_size, seed, ...).
+`jkarcher/config/schema.py` for the fields. A config file's `overwrite=True` covers only the
+output it names itself: an output given on the command line is replaced only with
+`--config.overwrite=True` too, and only when it is an earlier jkarcher output or an empty
+directory. A mergekit YAML config (`--mergekit-yaml`, translated by `jkarcher/mergekit_yaml/`)
+gives the merge itself; `--config.FIELD=VALUE` then sets the run's fields (output, overwrite,
+out_shard_size, seed, ...).
 Inputs are read from disk or the local HF cache, never the network. The output appears only once
 it is complete; Ctrl-C or SIGTERM stops the run, and nothing is left behind.
 With JAX_COMPILATION_CACHE_DIR=DIR set, compiled merge functions are kept between runs.
 
 Several processes (hosts) run one merge when each is started with the same config and
 `--config.distributed.enabled=True` (plus coordinator_address, num_processes and process_id,
-unless the cluster's environment gives them; see `jkarcher/config.py`): each reads and writes only
-the rows its own devices hold, and the output appears once all of them have finished.
+unless the cluster's environment gives them; see `jkarcher/config/schema.py`): each reads and
+writes only the rows its own devices hold, and the output appears once all of them have finished.
 
 Methods that take each model's diagonal Fisher read it as `params.fisher` says; given a text
 (`{"text": FILE, ...}`), the Fishers not yet estimated on it are estimated first and saved beside
-the models.
+the models. The built-in example's checkpoints (`jkarcher.demo`) that a config names are written
+when the run first needs them.
 """
 
 import signal
@@ -52,7 +54,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jkarcher import distributed, mergekit_yaml, methods, pipeline  # noqa: E402
+from jkarcher import demo, distributed, mergekit_yaml, methods, pipeline  # noqa: E402
 from jkarcher.config import (  # noqa: E402
     FIELDS,
     ConfigError,
@@ -137,6 +139,7 @@ def main(command_line: CommandLine) -> None:
     try:
         distributed.initialize(distributed_settings(_CONFIG.value))
         config = read_config(command_line)
+        demo.make_missing_demo_models([config.base_model, *(m.path for m in config.models)])
         for estimate in pipeline.prepare_fishers(config, progress=distributed.is_leader()):
             print(estimate)
         plan = pipeline.plan_merge(config)
@@ -163,7 +166,7 @@ def help_text() -> str:
         f"{__doc__}\nFlags:\n  --config FILE         a Python config file (configs/*.py)\n"
         "  --mergekit-yaml FILE  a mergekit YAML config\n"
         "  --config.FIELD=VALUE  set a config field (--config.params.NAME=VALUE: a parameter)\n"
-        f"\nConfig fields (defaults; jkarcher/config.py says what each means):\n{fields}\n"
+        f"\nConfig fields (defaults; jkarcher/config/schema.py says what each means):\n{fields}\n"
         f"\nMethods (--config.method=NAME):\n{listed}\n"
     )
 

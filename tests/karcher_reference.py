@@ -1,4 +1,4 @@
-"""A float64 NumPy reference of the weighted Karcher mean, written from DESIGN.md's statement.
+"""A float64 NumPy reference of the weighted Karcher mean, written from docs/design.md.
 
 It iterates on full vectors (no Gram matrix, no coefficients), so it checks the library's
 span-space formulation independently.

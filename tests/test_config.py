@@ -1,6 +1,7 @@
 """The config schema: defaults, validation errors that name the field, the shipped config files."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ def _config(**fields):
 
 
 def _per_model_method(monkeypatch):
-    """Register, for one test, a method with a per-model parameter (and one without default)."""
+    """Make, for one test, a method with a per-model parameter (and one without default) that
+    `methods.get` finds by its name."""
     method = MergeMethod(
         name="per_model_probe",
         leaf=lambda stacked, weights, base=None, *, key=None, scale=1.0, needed=None: stacked[0],
@@ -31,7 +33,10 @@ def _per_model_method(monkeypatch):
             Param("needed", REQUIRED, "a value without default", per_model=True, check=positive),
         ),
     )
-    monkeypatch.setitem(methods.registry._REGISTRY, method.name, method)
+    registered = methods.get
+    monkeypatch.setattr(
+        methods, "get", lambda name: method if name == method.name else registered(name)
+    )
     return method
 
 
@@ -154,10 +159,34 @@ def test_qwen05b_pair_config():
     assert [m.path for m in config.models] == ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct"]
 
 
-def test_demo_config_points_at_the_demo_models(monkeypatch, tmp_path):
-    made = []
-    monkeypatch.setattr(demo, "ensure_demo_models", lambda root: made.append(root) or [tmp_path])
+def test_demo_config_names_the_demo_models_and_writes_nothing(tmp_path):
+    """Reading configs/demo.py only names the demo experts; a copy of it in an empty tree finds
+    its models under that tree's cache/demo and leaves the tree empty."""
     config = validate(_load_config_file("demo"))
-    assert made == [ROOT / "cache" / "demo"]
-    assert [m.path for m in config.models] == [str(tmp_path)]
+    expected = demo.demo_models(ROOT / "cache" / "demo")
+    assert [m.path for m in config.models] == [str(p) for p in expected]
     assert config.output == Path("demo_out") and config.overwrite
+    (tmp_path / "configs").mkdir()
+    for name in ("demo", "demo_fisher"):
+        copy = tmp_path / "configs" / f"{name}.py"
+        shutil.copy(ROOT / "configs" / f"{name}.py", copy)
+        spec = importlib.util.spec_from_file_location(f"copied_{name}", copy)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        paths = [m["path"] for m in module.get_config().models]
+        assert paths == [str(p) for p in demo.demo_models(tmp_path / "cache" / "demo")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]
+
+
+def test_missing_demo_models_are_made_for_the_paths_that_name_them(tmp_path):
+    a, b, c = demo.demo_models(tmp_path / "cache", seed=3)
+    other = tmp_path / "other" / "expert-a"
+    assert demo.make_missing_demo_models([None, str(other), "org/model"]) == []
+    assert not other.exists() and not (tmp_path / "cache").exists()
+    assert demo.make_missing_demo_models([str(b), c]) == [a, b, c]
+    assert all((p / "model.safetensors").is_file() for p in (a, b, c))
+    (a / "mine.txt").write_text("kept")
+    assert demo.make_missing_demo_models([a, b]) == []
+    assert (a / "mine.txt").read_text() == "kept"
+    assert demo.ensure_demo_models(tmp_path / "cache", seed=3) == [a, b, c]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [a.parent.name]

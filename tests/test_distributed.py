@@ -147,10 +147,10 @@ def test_shared_shard_files_take_rows_from_several_writers(tmp_path):
 def test_missing_rows_make_the_output_incomplete(tmp_path, zoo):
     plan = pipeline.plan_merge(validate(merge_config(zoo[:2], tmp_path / "out")))
     rows = {t.name: t.shape[0] for shard in plan.shards for t in shard.tensors}
-    pipeline._check_complete(plan, rows)
+    pipeline.check_complete(plan.shards, rows)
     rows["model.norm.weight"] -= 1
     with pytest.raises(OutputError, match="15 of the 16 rows of tensor 'model.norm.weight'"):
-        pipeline._check_complete(plan, rows)
+        pipeline.check_complete(plan.shards, rows)
 
 
 def test_only_the_leader_creates_and_renames_after_the_last_barrier(tmp_path):

@@ -14,13 +14,13 @@ from helpers_checkpoints import make_models, read_all, tiny_config, tiny_weights
 from safetensors import safe_open
 
 from jkarcher.io import Checkpoint, CheckpointError, read_header, read_tensor
+from jkarcher.io.hf import output_model_config
 from jkarcher.io.safetensors_io import BUFFER_ALIGNMENT, INDEX_NAME
 from jkarcher.io.writer import (
     OutputTensor,
     ShardWriter,
     WriteBehind,
     natural_key,
-    output_model_config,
     plan_shards,
     save_checkpoint,
 )

@@ -1,4 +1,4 @@
-"""karcher_mean against a float64 reference of the iteration, and the facts DESIGN.md lists."""
+"""karcher_mean against a float64 reference of the iteration, and the facts docs/design.md lists."""
 
 import itertools
 import zlib

@@ -6,6 +6,7 @@ norms that rescaling keeps, hand-worked merges, dtypes, reproducible randomness.
 """
 
 import functools
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,8 @@ import pytest
 import jkarcher
 from jkarcher import MergeError, methods
 from jkarcher.methods import selection, sparsify, task_arithmetic
-from jkarcher.methods.sums import tensor_sum
 from jkarcher.methods.table import methods_table_markdown
-from jkarcher.numerics import compute_dtype
+from jkarcher.numerics import CHUNK, accurate_sum, add_chunk_sums, compute_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_METHODS = {
@@ -80,7 +80,7 @@ def test_every_method_of_the_issue_is_registered_with_its_declarations():
     assert ISSUE_METHODS <= set(methods.names())
     for name in methods.names():
         spec = methods.get(name)
-        assert spec.leaf.__doc__ and spec.summary and spec.reference, name
+        assert spec.leaf.__doc__ and spec.summary and spec.citation, name
         assert spec.random == (name in RANDOM_METHODS), name
 
 
@@ -313,11 +313,39 @@ def test_largest_and_position_range_masks_select_the_sorted_slices(size):
     assert not np.asarray(selection.position_range_mask(jnp.asarray(values), 7, 7)).any()
 
 
+def _tree_sum_bound(size: int) -> float:
+    """The worst-case relative error of `accurate_sum` of `size` non-negative float32 values:
+    gamma_k = k u / (1 - k u) for the k additions of its longest chain (15 within a block of 16,
+    then one per pairwise level), u = 2^-24; a plain chain of `size` additions has k = size - 1."""
+    additions = 15 + max(0, math.ceil(math.log2(max(1, math.ceil(size / 16)))))
+    u = 2.0**-24
+    return additions * u / (1 - additions * u)
+
+
 @pytest.mark.parametrize("shape", [(5,), (64, 48), (300, 201)])
-def test_tensor_sum_is_accurate_in_float32(shape):
+def test_accurate_sum_is_accurate_in_float32(shape):
     values = np.abs(np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
     exact = values.astype(np.float64).sum()
-    assert abs(float(jax.jit(tensor_sum)(values)) - exact) <= 2e-7 * exact
+    got = float(jax.jit(accurate_sum)(values))
+    assert abs(got - exact) <= _tree_sum_bound(values.size) * exact
+
+
+def test_accurate_sum_along_the_last_axis_sums_each_row_accurately():
+    values = np.abs(np.random.default_rng(1).standard_normal((3, 4099))).astype(np.float32)
+    exact = values.astype(np.float64).sum(axis=-1)
+    sums = jax.jit(lambda v: accurate_sum(v, axis=-1))(values)
+    assert sums.shape == (3,)
+    np.testing.assert_array_less(np.abs(np.asarray(sums) - exact), _tree_sum_bound(4099) * exact)
+
+
+def test_accurate_sum_in_groups_of_chunks_sums_each_row_accurately():
+    """The Karcher solvers' use: partial sums of chunks, added in groups of CHUNK."""
+    values = np.abs(np.random.default_rng(2).standard_normal((2, 5000))).astype(np.float32)
+    exact = values.astype(np.float64).sum(axis=-1)
+    sums = jax.jit(add_chunk_sums)(values)
+    additions = (CHUNK - 1) + (math.ceil(5000 / CHUNK) - 1)  # within a group, then the groups
+    bound = additions * 2.0**-24 / (1 - additions * 2.0**-24)
+    np.testing.assert_array_less(np.abs(np.asarray(sums) - exact), bound * exact)
 
 
 # Sparsification.
@@ -366,9 +394,10 @@ def test_della_probabilities_rise_with_magnitude_rank_around_density():
 
 def test_random_masks_are_reproducible_from_the_key_and_keep_density_on_average():
     stacked = jnp.ones((3, 200, 100), jnp.float32)
-    first = task_arithmetic.dare_masks(jax.random.key(1), stacked, 0.3)
-    again = task_arithmetic.dare_masks(jax.random.key(1), stacked, 0.3)
-    other = task_arithmetic.dare_masks(jax.random.key(2), stacked, 0.3)
+    deltas = list(stacked)
+    first = task_arithmetic.keep_masks("random", jax.random.key(1), deltas, density=0.3)
+    again = task_arithmetic.keep_masks("random", jax.random.key(1), deltas, density=0.3)
+    other = task_arithmetic.keep_masks("random", jax.random.key(2), deltas, density=0.3)
     np.testing.assert_array_equal(first, again)
     assert np.any(np.asarray(first) != np.asarray(other))
     kept = np.asarray(first).reshape(3, -1).sum(axis=1)

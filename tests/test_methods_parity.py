@@ -271,12 +271,11 @@ def _random_method(method, params, n_models):
     spec = methods.get(method)
     resolved = spec.resolve(params, n_models, True)
     leaf = jax.jit(lambda s, w, b, k: spec.leaf(s, w, b, key=k, **resolved))
-    if method.startswith("dare"):
-        sample = lambda s, b, k: task_arithmetic.dare_masks(k, s, resolved["density"])
-    else:
-        sample = lambda s, b, k: task_arithmetic.della_masks(
-            k, s, b, resolved["density"], resolved["epsilon"]
-        )
+    sparsification = task_arithmetic.VARIANTS[method].sparsification
+    trim = {name: resolved[name] for name in ("density", "epsilon") if name in resolved}
+    sample = lambda s, b, k: task_arithmetic.keep_masks(
+        sparsification, k, task_arithmetic.task_vectors(s, b), **trim
+    )
     return leaf, jax.jit(sample), resolved
 
 

@@ -24,12 +24,13 @@ from helpers_checkpoints import (
 import jkarcher
 from jkarcher import demo, methods, pipeline
 from jkarcher.config import validate
-from jkarcher.io import CheckpointError
+from jkarcher.io import CheckpointError, safetensors_io
 from jkarcher.io.output_dir import OutputError
 from jkarcher.io.safetensors_io import INDEX_NAME, read_header, read_tensor
 from jkarcher.io.writer import natural_key, save_checkpoint
 from jkarcher.merge import MergeError, leaf_key
 from jkarcher.methods.registry import BASE_NONE, BASE_REQUIRED, REQUIRED, MergeMethod
+from jkarcher.pipeline import read as pipeline_read
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
@@ -128,12 +129,13 @@ def test_every_registered_method_equals_merge(tmp_path, method):
     assert_equal_trees(read_all(tmp_path / "out"), want)
 
 
-def test_random_methods_get_a_key_per_tensor(tmp_path, monkeypatch):
+def test_random_methods_get_a_key_per_tensor(tmp_path, request):
     def noise(stacked, weights, base=None, *, key=None):
         return jax.random.uniform(key, stacked.shape[1:], jnp.float32).astype(stacked.dtype)
 
     spec = MergeMethod("noise_probe", noise, base=BASE_NONE, random=True)
-    monkeypatch.setitem(methods.registry._REGISTRY, spec.name, spec)
+    methods.register(spec)
+    request.addfinalizer(lambda: methods.unregister(spec.name))
     models = make_models(tmp_path, n=2)
     merge_checkpoints(models, tmp_path / "out", method="noise_probe", seed=11)
     got = read_all(tmp_path / "out")
@@ -149,7 +151,7 @@ def test_plan_reads_headers_only(tmp_path, monkeypatch):
     def no_reading(info):
         raise AssertionError(f"the plan read {info.name}")
 
-    monkeypatch.setattr(pipeline, "read_tensor", no_reading)
+    monkeypatch.setattr(safetensors_io, "read_tensor", no_reading)
     plan = pipeline.plan_merge(validate(merge_config(models, tmp_path / "out")))
     first_layer = "model.layers.0.input_layernorm.weight"
     assert [t.name for t in plan.tasks][:3] == [HEAD, EMBED, first_layer]
@@ -161,7 +163,7 @@ def test_merge_order_groups_by_leaf_while_files_keep_name_order(tmp_path):
     plan, _ = merge_checkpoints(models, tmp_path / "out")
     order = pipeline.execution_order(plan.tasks)
     assert sorted(t.name for t in order) == sorted(t.name for t in plan.tasks)
-    signatures = [pipeline._signature(t) for t in order]
+    signatures = [pipeline.leaf_signature(t) for t in order]
     runs = [s for i, s in enumerate(signatures) if i == 0 or s != signatures[i - 1]]
     assert len(runs) == len(set(signatures)) < len(order)
     (shard,) = plan.shards
@@ -363,7 +365,9 @@ def test_output_inside_an_input(tmp_path):
 def test_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
     models = make_models(tmp_path, n=2)
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(pipeline, "read_tensor", lambda info: pytest.fail("read before refusing"))
+    monkeypatch.setattr(
+        safetensors_io, "read_tensor", lambda info: pytest.fail("read before refusing")
+    )
     with pytest.raises(OutputError, match="already exists"):
         merge_checkpoints(models, tmp_path / "out")
     monkeypatch.undo()
@@ -450,8 +454,8 @@ def test_inputs_held_in_memory_stay_near_one_tensor_across_models(tmp_path, monk
         weakref.finalize(owner, lambda: live.__setitem__(0, live[0] - info.nbytes))
         return array
 
-    monkeypatch.setattr(pipeline, "read_tensor", counted_read)
-    monkeypatch.setattr(pipeline, "MIN_READ_AHEAD_BYTES", 0)
+    monkeypatch.setattr(safetensors_io, "read_tensor", counted_read)
+    monkeypatch.setattr(pipeline_read, "MIN_READ_AHEAD_BYTES", 0)
     plan, summary = merge_checkpoints(models, tmp_path / "out")
     largest = max(t.read_bytes for t in plan.tasks)
     assert summary.bytes_read > 6 * largest

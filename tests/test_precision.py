@@ -42,8 +42,8 @@ def _bfloat16(values) -> np.ndarray:
     return np.asarray(values).astype(ml_dtypes.bfloat16)
 
 
-def _tensor_sum_additions(size: int) -> int:
-    """Additions in a chain of `jkarcher.methods.sums.tensor_sum`: 15 within a block of 16, then
+def _accurate_sum_additions(size: int) -> int:
+    """Additions in a chain of `jkarcher.numerics.accurate_sum`: 15 within a block of 16, then
     one per level of the pairwise tree of the block sums."""
     return 15 + math.ceil(math.log2(math.ceil(size / 16)))
 
@@ -197,7 +197,7 @@ def _slerp():
     step = 1e-6
     by_theta = np.abs(coefficients(theta + step, t) - coefficients(theta - step, t)) / (2 * step)
     by_t = np.abs(coefficients(theta, t + step) - coefficients(theta, t - step)) / (2 * step)
-    theta_error = gamma(2 * _tensor_sum_additions(SIZE) + 6) / np.sin(theta)
+    theta_error = gamma(2 * _accurate_sum_additions(SIZE) + 6) / np.sin(theta)
     theta_error += TRANSCENDENTAL_ERROR * theta
     slack = by_theta * theta_error + by_t * 2 * U + gamma(12) * np.abs(g)
     reference = g[0] * a + g[1] * b
@@ -218,7 +218,7 @@ def _model_stock():
     cosines = [units[i] @ units[j] for i in range(N) for j in range(i + 1, N)]
     c = np.mean(cosines)
     t = N * c / (1 + (N - 1) * c)
-    cosine_error = gamma(2 * _tensor_sum_additions(SIZE) + 6) + gamma(len(cosines)) * np.mean(
+    cosine_error = gamma(2 * _accurate_sum_additions(SIZE) + 6) + gamma(len(cosines)) * np.mean(
         np.abs(cosines)
     )
     t_error = N / (1 + (N - 1) * c) ** 2 * cosine_error + gamma(4) * abs(t)

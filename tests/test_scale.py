@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 import jkarcher
 from jkarcher import pipeline
 from jkarcher.config import ConfigError, validate
+from jkarcher.io import safetensors_io
 from jkarcher.io.writer import save_checkpoint, write_json
 from jkarcher.sharding import MeshError, make_mesh, padded_shape, row_sharding
 
@@ -69,9 +70,9 @@ def test_each_device_reads_only_its_rows(tmp_path, zoo, monkeypatch):
         reads.append((info.file, info.start, info.end))
         return read_tensor(info)
 
-    read_tensor = pipeline.read_tensor
-    monkeypatch.setattr(pipeline, "read_tensor", recorded_read)
-    plan, _ = _merge(experts, tmp_path / "out", mesh="devices:8")
+    read_tensor = safetensors_io.read_tensor
+    monkeypatch.setattr(safetensors_io, "read_tensor", recorded_read)
+    plan, _ = merge_checkpoints(experts, tmp_path / "out", mesh="devices:8")
     assert len(reads) == len(set(reads)), "a byte range was read twice"
     assert sum(end - start for _, start, end in reads) == plan.bytes_to_read
     for info in (source for task in plan.tasks for source in task.sources):

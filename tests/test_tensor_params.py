@@ -287,7 +287,7 @@ def test_the_pipeline_merges_each_tensor_with_its_own_settings(tmp_path):
 def test_leaves_are_grouped_and_compiled_per_distinct_parameters(tmp_path):
     _, _, config = _layered_ties(tmp_path)
     plan = pipeline.plan_merge(config)
-    signatures = [pipeline._signature(t) for t in pipeline.execution_order(plan.tasks)]
+    signatures = [pipeline.leaf_signature(t) for t in pipeline.execution_order(plan.tasks)]
     runs = [s for i, s in enumerate(signatures) if i == 0 or s != signatures[i - 1]]
     assert len(runs) == len(set(signatures))
     densities = {t.settings.params["density"] for t in plan.tasks}
@@ -310,7 +310,7 @@ def test_weights_that_vary_add_no_compilation(tmp_path):
 
     constant = plan_with(1.0)
     varying = plan_with([{"filter": "mlp", "value": 0.5}, {"value": {"gradient": [0.0, 3.0]}}])
-    signatures = [{pipeline._signature(t) for t in p.tasks} for p in (constant, varying)]
+    signatures = [{pipeline.leaf_signature(t) for t in p.tasks} for p in (constant, varying)]
     assert signatures[0] == signatures[1]
     assert len({t.settings.weights for t in constant.tasks}) == 1
     assert len({t.settings.weights for t in varying.tasks}) > 2

@@ -1,14 +1,18 @@
-"""Checkpoint I/O: safetensors in Hugging Face layout (Orbax: `jkarcher.io.orbax_io`)."""
+"""Checkpoint I/O (docs/design.md, "Data flow"): the checkpoint interface (`checkpoint`), its
+safetensors reader in Hugging Face layout (`safetensors_io`) and its Orbax reader (`orbax_io`,
+imported on its own: it brings in Orbax), the safetensors writer (`writer`), the output
+directory (`output_dir`), Hugging Face's side files and hub cache (`hf`), the model card
+(`model_card`)."""
 
+from jkarcher.io.checkpoint import CheckpointError, CheckpointReader, StoredTensor
+from jkarcher.io.hf import resolve_checkpoint_dir
 from jkarcher.io.safetensors_io import (
     DTYPE_NAMES,
     DTYPES,
     Checkpoint,
-    CheckpointError,
     TensorInfo,
     read_header,
     read_tensor,
-    resolve_checkpoint_dir,
 )
 
 __all__ = [
@@ -16,6 +20,8 @@ __all__ = [
     "DTYPE_NAMES",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointReader",
+    "StoredTensor",
     "TensorInfo",
     "read_header",
     "read_tensor",

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from jkarcher.io.safetensors_io import is_hub_id
+from jkarcher.io.hf import is_hub_id
 
 
 def display_name(path_or_id: str | os.PathLike) -> str:
@@ -37,7 +37,7 @@ def model_card(
     title: str,
     method: str,
     method_summary: str,
-    method_reference: str,
+    method_citation: str,
     models: Sequence[tuple[str, Any]],
     base_model: str | None,
     resolved_config: Mapping[str, Any],
@@ -49,7 +49,7 @@ def model_card(
 
     Args:
       title: the card's heading (the output directory's name).
-      method, method_summary, method_reference: the merge method and what the registry says of it.
+      method, method_summary, method_citation: the merge method and what the registry says of it.
       models: (path or hub id, weight) of each merged model, in config order; a weight that is
         not a number varies by tensor, and the configuration shows it.
       base_model: the base model's path or hub id, if the merge used one.
@@ -64,7 +64,7 @@ def model_card(
     }
     lines = ["---", yaml.safe_dump(front_matter, allow_unicode=True, sort_keys=False).rstrip()]
     lines += ["---", "", f"# {title}", ""]
-    described = f"{method_summary} ({method_reference})" if method_reference else method_summary
+    described = f"{method_summary} ({method_citation})" if method_citation else method_summary
     lines += [
         f"This model is a weight-space merge of {len(models)} models made with jkarcher, using "
         f"the `{method}` method: {described}.",

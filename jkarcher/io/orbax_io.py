@@ -9,10 +9,12 @@ the layout of jkarcher's Flax models, so that `params/` restores straight into t
 PyTree checkpoint of nested dicts (what `orbax.checkpoint.StandardCheckpointer` writes from a
 params dict) is read as a model too, its tensors named by their paths in the same way.
 
-Only Orbax's public API is used: `Checkpointer(PyTreeCheckpointHandler())` to save a whole
-pytree at once, its `metadata` for names, shapes and dtypes, and partial restores
-(`args.PyTreeRestore(partial_restore=True)`) to read one tensor at a time, whole as a NumPy array
-or as a global array of a given sharding, of which Orbax reads only this process's shards.
+`OrbaxCheckpoint` and its `OrbaxTensor`s implement the checkpoint interface of
+`jkarcher.io.checkpoint`, as the safetensors reader does. Only Orbax's public API is used:
+`Checkpointer(PyTreeCheckpointHandler())` to save a whole pytree at once, its `metadata` for
+names, shapes and dtypes, and partial restores (`args.PyTreeRestore(partial_restore=True)`) to
+read one tensor at a time, whole as a NumPy array (`OrbaxTensor.read`) or as a global array of a
+given sharding (`OrbaxTensor.read_placed`), of which Orbax reads only this process's shards.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -29,16 +30,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
-from jkarcher.io.output_dir import check_output_dir, staged_directory
-from jkarcher.io.safetensors_io import (
+from jkarcher.io.checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
-    Checkpoint,
     CheckpointError,
+    CheckpointReader,
+    StoredTensor,
     load_model_config,
-    map_tensor,
-    resolve_checkpoint_dir,
 )
+from jkarcher.io.hf import copy_files, resolve_checkpoint_dir
+from jkarcher.io.output_dir import check_output_dir, staged_directory
+from jkarcher.io.safetensors_io import INDEX_NAME, Checkpoint, map_tensor
 from jkarcher.io.writer import OutputTensor, ShardWriter, natural_key, plan_shards, write_index
 
 PARAMS_DIR = "params"
@@ -47,7 +48,7 @@ PYTREE_METADATA_FILE = "_METADATA"
 
 
 @dataclasses.dataclass(frozen=True)
-class OrbaxTensor:
+class OrbaxTensor(StoredTensor):
     """One tensor of an Orbax checkpoint: its name, its path in the pytree, dtype and shape.
 
     `first_row` and `shape[0]` select rows of the stored array (as `TensorInfo.rows` does for
@@ -61,22 +62,33 @@ class OrbaxTensor:
     shape: tuple[int, ...]
     first_row: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
     def rows(self, first: int, stop: int) -> OrbaxTensor:
         """The rows [first, stop) along axis 0, as a tensor of its own (no data is read)."""
-        if not self.shape or not 0 <= first <= stop <= self.shape[0]:
-            raise ValueError(
-                f"tensor {self.name!r} of shape {list(self.shape)} has no rows [{first}, {stop})"
-            )
+        self._check_rows(first, stop)
         return dataclasses.replace(
             self, shape=(stop - first, *self.shape[1:]), first_row=self.first_row + first
         )
 
+    def read(self) -> np.ndarray:
+        """The tensor (its rows that this selects) into host memory."""
+        array = np.asarray(_restore_one(self, ocp.RestoreArgs(restore_type=np.ndarray)))
+        return array[self.first_row : self.first_row + self.shape[0]] if self.shape else array
 
-class OrbaxCheckpoint:
+    def read_placed(
+        self, shape: tuple[int, ...], sharding: NamedSharding, dtype: np.dtype
+    ) -> jax.Array:
+        """The tensor's first rows as a global array of `shape` (zero rows padded at the end, or
+        rows beyond this one's cut off) and `sharding`, cast to `dtype`; Orbax reads only the
+        shards that this process's devices hold."""
+        if self.first_row:
+            raise ValueError(f"tensor {self.name!r}: only rows from 0 on can be read onto a mesh")
+        args = ocp.ArrayRestoreArgs(
+            sharding=sharding, global_shape=shape, strict=False, dtype=dtype
+        )
+        return _restore_one(self, args)
+
+
+class OrbaxCheckpoint(CheckpointReader):
     """The weights of one Orbax model directory (or bare PyTree checkpoint), as `Checkpoint`
     offers those of an HF directory: names, shapes and dtypes from the metadata alone."""
 
@@ -93,26 +105,9 @@ class OrbaxCheckpoint:
             for name, path, meta in _named_leaves(tree, self.params_dir)
         }
 
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> OrbaxTensor:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.params_dir}: has no tensor {name!r}") from None
-
-    def read(self, name: str) -> np.ndarray:
-        return read_orbax_tensor(self.info(name))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def __repr__(self) -> str:
-        return f"OrbaxCheckpoint({str(self.path)!r}, {len(self)} tensors)"
+    @property
+    def weights_dir(self) -> Path:
+        return self.params_dir
 
 
 def params_directory(path: Path) -> Path | None:
@@ -129,25 +124,6 @@ def open_checkpoint(path_or_id: str | os.PathLike) -> Checkpoint | OrbaxCheckpoi
     if params_directory(resolve_checkpoint_dir(path_or_id)) is not None:
         return OrbaxCheckpoint(path_or_id)
     return Checkpoint(path_or_id)
-
-
-def read_orbax_tensor(info: OrbaxTensor) -> np.ndarray:
-    """One tensor (its rows that `info` selects) into host memory."""
-    args = ocp.RestoreArgs(restore_type=np.ndarray)
-    array = np.asarray(_restore_one(info, args))
-    return array[info.first_row : info.first_row + info.shape[0]] if info.shape else array
-
-
-def read_orbax_placed(
-    info: OrbaxTensor, shape: tuple[int, ...], sharding: NamedSharding, dtype
-) -> jax.Array:
-    """A tensor's first rows as a global array of `shape` (zero rows padded at the end, or rows
-    beyond `info`'s cut off) and `sharding`, cast to `dtype`; Orbax reads only the shards that
-    this process's devices hold."""
-    if info.first_row:
-        raise ValueError(f"tensor {info.name!r}: only rows from 0 on can be read onto a mesh")
-    args = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, strict=False, dtype=dtype)
-    return _restore_one(info, args)
 
 
 def save_params(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray | jax.Array]):
@@ -290,6 +266,5 @@ def _model_names():
 
 def _copy_other_files(source: Path, destination: Path, skipped: set[str]) -> None:
     """Copy each file of `source` (not its subdirectories) whose name is not in `skipped`."""
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in skipped:
-            shutil.copyfile(path, destination / path.name)
+    names = [p.name for p in sorted(source.iterdir()) if p.is_file() and p.name not in skipped]
+    copy_files(source, destination, names)

@@ -8,24 +8,29 @@ checkpoints are refused and never unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from jkarcher.errors import JkarcherError
+from jkarcher.io.checkpoint import (
+    CONFIG_NAME,
+    CheckpointError,
+    CheckpointReader,
+    StoredTensor,
+    load_model_config,
+    reading,
+)
+from jkarcher.io.hf import resolve_checkpoint_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 MAX_HEADER_BYTES = 100_000_000  # the `safetensors` library's limit
 # Arrays are read into buffers aligned like this, so that JAX on CPU can use them without a copy.
 BUFFER_ALIGNMENT = 64
@@ -49,13 +54,10 @@ DTYPES: dict[str, np.dtype] = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-class CheckpointError(JkarcherError):
-    """A checkpoint is missing, unreadable, corrupt, truncated or in a refused format."""
-
-
 @dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, dtype, shape and absolute byte range in the file."""
+class TensorInfo(StoredTensor):
+    """Where one tensor lives: its file, dtype, shape and absolute byte range [start, end) in the
+    file; it reads itself with `read_tensor`."""
 
     name: str
     file: Path
@@ -64,16 +66,9 @@ class TensorInfo:
     start: int
     end: int
 
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
     def rows(self, first: int, stop: int) -> TensorInfo:
         """The rows [first, stop) along axis 0, as a tensor of its own (no data is read)."""
-        if not self.shape or not 0 <= first <= stop <= self.shape[0]:
-            raise ValueError(
-                f"tensor {self.name!r} of shape {list(self.shape)} has no rows [{first}, {stop})"
-            )
+        self._check_rows(first, stop)
         row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
         return dataclasses.replace(
             self,
@@ -82,14 +77,8 @@ class TensorInfo:
             end=self.start + stop * row_bytes,
         )
 
-
-@contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
-    """Turn an OSError while opening or reading `path` into a CheckpointError naming the file."""
-    try:
-        yield
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    def read(self) -> np.ndarray:
+        return read_tensor(self)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -101,7 +90,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     the end of the file. A truncated or corrupt file fails here, naming the file and the tensor.
     """
     path = Path(path)
-    with _reading(path), open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -166,10 +155,8 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, size: int) -> Te
 
 
 def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
-    """The byte ranges, sorted by (start, end), must tile [data_start, size) with no overlap or gap.
-
-    Every range already ends within the file (see `_tensor_info`).
-    """
+    """The byte ranges, sorted by (start, end), must tile [data_start, size) with no overlap or
+    gap (each already ends within the file: `_tensor_info`)."""
     position, previous = data_start, None
     for info in sorted(infos, key=lambda i: (i.start, i.end)):
         if previous is None and info.start != data_start:
@@ -208,7 +195,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     may_alias=True)` on CPU can use it in place.
     """
     raw = aligned_bytes(info.nbytes)
-    with _reading(info.file), open(info.file, "rb") as f:
+    with reading(info.file), open(info.file, "rb") as f:
         f.seek(info.start)
         got = f.readinto(memoryview(raw)) if info.nbytes else 0
     if got != info.nbytes:
@@ -220,7 +207,7 @@ def map_tensor(info: TensorInfo) -> np.ndarray:
     """A read-only memory map of one tensor: only the pages that are used get read."""
     if not info.nbytes:
         return np.zeros(info.shape, info.dtype)
-    with _reading(info.file):
+    with reading(info.file):
         mapped = np.memmap(
             info.file, info.dtype, "r", offset=info.start, shape=info.nbytes // info.dtype.itemsize
         )
@@ -241,69 +228,7 @@ def aligned_bytes(nbytes: int) -> np.ndarray:
     return raw[offset : offset + nbytes]
 
 
-def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a hub id (`org/name`) found in the local HF cache.
-
-    The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`; the
-    snapshot is the one `refs/main` points to, or the only one when there is no `refs/main`. The
-    network is never used.
-    """
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_id)
-    if is_hub_id(text):
-        cache = _hub_cache_dir()
-        repo = cache / ("models--" + text.replace("/", "--"))
-        snapshot = _cached_snapshot(text, repo)
-        if snapshot is not None:
-            return snapshot
-        raise CheckpointError(
-            f"model {text!r}: no such directory, and not found in the local Hugging Face cache "
-            f"({repo}); download it first (the merge never uses the network)"
-        )
-    raise CheckpointError(f"model {text!r}: no such directory")
-
-
-def _hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join("~", ".cache", "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def is_hub_id(text: str) -> bool:
-    """Whether `text` has the form of a hub id, `org/name`, rather than of a local path."""
-    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
-
-
-def _cached_snapshot(repo_id: str, repo: Path) -> Path | None:
-    """The snapshot of cached `repo` that `refs/main` names, else its only snapshot; None when
-    the cache has no snapshot of it. A missing or ambiguous snapshot is an error that says so."""
-    snapshots_dir, ref = repo / "snapshots", repo / "refs" / "main"
-    with _reading(repo):
-        found = snapshots_dir.iterdir() if snapshots_dir.is_dir() else []
-        names = sorted(p.name for p in found if p.is_dir())
-        revision = ref.read_text().strip() if ref.is_file() else None
-    listed = ", ".join(names) or "none"
-    if revision is not None:
-        if (snapshots_dir / revision).is_dir():
-            return snapshots_dir / revision
-        raise CheckpointError(
-            f"model {repo_id!r}: {ref} names snapshot {revision!r}, which is not in "
-            f"{snapshots_dir} (snapshots there: {listed}); download the model again, or pass "
-            "one snapshot directory"
-        )
-    if len(names) > 1:
-        raise CheckpointError(
-            f"model {repo_id!r}: the local Hugging Face cache holds {len(names)} snapshots of it "
-            f"({listed}) and no refs/main to choose one; pass one snapshot directory (e.g. "
-            f"{snapshots_dir / names[-1]}) or write the revision to use into {ref}"
-        )
-    return snapshots_dir / names[0] if names else None
-
-
-class Checkpoint:
+class Checkpoint(CheckpointReader):
     """The safetensors weights of one HF checkpoint directory (single file or sharded + index).
 
     Opening one reads the headers and `config.json` only; tensors are read one at a time.
@@ -330,47 +255,12 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if not index.is_file():
             return
-        weight_map = _load_index(index)
-        for name, file_name in weight_map.items():
+        for name, file_name in _load_index(index).items():
             info = self.tensors.get(name)
             if info is None or info.file.name != file_name:
                 raise CheckpointError(
                     f"{index}: lists tensor {name!r} in {file_name}, but that file does not hold it"
                 )
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
-
-    def read(self, name: str) -> np.ndarray:
-        return read_tensor(self.info(name))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
-
-
-def load_model_config(path: Path) -> dict:
-    """The model's `config.json` as a dict; {} when the checkpoint has none."""
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable model config ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: the model config is not a JSON object")
-    return config
 
 
 def _load_index(index: Path) -> dict[str, str]:

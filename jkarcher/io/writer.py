@@ -1,6 +1,6 @@
-"""Writing Hugging Face checkpoints: safetensors shards streamed tensor by tensor, the index,
-`config.json` and the side files (where the output directory may be and how it appears only
-when complete: `jkarcher.io.output_dir`).
+"""Writing Hugging Face checkpoints: safetensors shards streamed tensor by tensor, the index
+and JSON files (the side files and the output's config.json: `jkarcher.io.hf`; where the output
+directory may be and how it appears only when complete: `jkarcher.io.output_dir`).
 
 The shard layout (which tensor goes to which file, at which offset) is fixed before the first tensor
 is merged, from names, shapes and dtypes alone, so each shard's header is written first and each
@@ -17,7 +17,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import struct
 import threading
 from collections.abc import Mapping, Sequence
@@ -249,43 +248,6 @@ def save_checkpoint(
 def write_json(path: str | os.PathLike, value: Any) -> None:
     """Write a JSON file, indented like the files HF tools write."""
     Path(path).write_text(json.dumps(value, indent=2) + "\n")
-
-
-def copy_files(source: Path, destination: Path, names: Sequence[str]) -> list[str]:
-    """Copy those of `names` that exist in `source` (following links) into `destination`."""
-    copied = []
-    for name in names:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, destination / name)
-            copied.append(name)
-    return copied
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-GENERATION_FILES = ("generation_config.json",)
-
-
-def output_model_config(source: Mapping[str, Any], dtype_name: str, tie_embeddings: bool) -> dict:
-    """The output's `config.json`: the source model's, with the output dtype and tying stated.
-
-    Both the current `dtype` key and the older `torch_dtype` (when the source has it) are set.
-    """
-    config = dict(source)
-    config["dtype"] = dtype_name
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype_name
-    config["tie_word_embeddings"] = tie_embeddings
-    return config
 
 
 class WriteBehind:

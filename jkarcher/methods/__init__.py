@@ -26,6 +26,7 @@ from jkarcher.methods.registry import (
     get,
     names,
     register,
+    unregister,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "get",
     "names",
     "register",
+    "unregister",
 ]

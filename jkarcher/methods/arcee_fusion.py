@@ -30,7 +30,7 @@ PROBABILITY_EPS = 1e-8
 IQR_FACTOR = 1.5
 
 
-def arcee_fusion(stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None) -> jax.Array:
+def arcee_fusion(stacked, weights, base, *, key=None) -> jax.Array:
     """Arcee Fusion (Goddard et al. 2024): b + (x - b) [s >= Q2 + 1.5 (Q3 - Q1)] with the
     importance s = |x - b| KL(softmax x || softmax b) (module docstring)."""
     del weights, key
@@ -67,6 +67,6 @@ register(
         max_models=1,
         weighted=False,
         summary="the model's entries of outlying importance, the base's elsewhere",
-        reference="https://arxiv.org/abs/2403.13257",
+        citation="https://arxiv.org/abs/2403.13257",
     )
 )

@@ -23,17 +23,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import MergeMethod, Param, positive, register
-from jkarcher.numerics import compute_dtype
+from jkarcher.numerics import compute_dtype, sum_over_models
 
 DEFAULT_FISHER_FLOOR = 1e-6
 
 
 def fisher_merging(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array | None = None,
+    stacked,
+    weights,
+    base=None,
     *,
     key=None,
     fisher: jax.Array,
@@ -76,6 +75,6 @@ register(
         tensor_inputs=("fisher",),
         tensor_inputs_required=True,
         summary="average weighted per coordinate by each model's diagonal Fisher",
-        reference="https://arxiv.org/abs/2111.09832",
+        citation="https://arxiv.org/abs/2111.09832",
     )
 )

@@ -19,30 +19,19 @@ from jkarcher.numerics import compute_dtype
 
 
 def karcher(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array | None = None,
-    *,
-    key=None,
-    fisher: jax.Array | None = None,
-    max_iter: int = DEFAULT_MAX_ITER,
-    tol: float = DEFAULT_TOL,
-    step: float = 1.0,
-    block: str = "tensor",
-    eps: float = DEFAULT_EPS,
+    stacked, weights, base=None, *, key=None, fisher: jax.Array | None = None, **options
 ) -> jax.Array:
     """Weighted Karcher mean of the sources on the sphere, rescaled to their weighted mean norm.
 
-    With a base model the mean is taken of the task vectors x_i - base and the base is added back.
-    With `fisher` (the sources' diagonal Fisher estimates, stacked like them) the tangent average
-    is Fisher-preconditioned (`jkarcher.karcher_mean`). Computed and returned in float32 (float64
+    `options` are `jkarcher.karcher_mean`'s max_iter, tol, step, block and eps. With a base
+    model the mean is taken of the task vectors x_i - base and the base is added back. With
+    `fisher` (the sources' diagonal Fisher estimates, stacked like them) the tangent average is
+    Fisher-preconditioned (`jkarcher.karcher_fisher`). Computed and returned in float32 (float64
     under x64).
     """
     del key
     dtype = compute_dtype()
-    options = dict(
-        max_iter=max_iter, tol=tol, step=step, block=block, eps=eps, fisher=fisher, out_dtype=dtype
-    )
+    options.update(fisher=fisher, out_dtype=dtype)
     if base is None:
         return karcher_mean(stacked, weights, **options)
     deltas = stacked.astype(dtype) - base.astype(dtype)[None]
@@ -63,7 +52,7 @@ register(
         base=BASE_OPTIONAL,
         tensor_inputs=("fisher",),
         summary="weighted Karcher mean on the unit sphere, rescaled to the mean norm",
-        reference=(
+        citation=(
             "Wang, Ye, Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold"
         ),
     )

@@ -5,18 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import weighted_sum
 from jkarcher.methods.registry import MergeMethod, Param, boolean, register
+from jkarcher.numerics import weighted_sum
 
 
-def linear(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array | None = None,
-    *,
-    key=None,
-    normalize: bool = True,
-) -> jax.Array:
+def linear(stacked, weights, base=None, *, key=None, normalize: bool = True) -> jax.Array:
     """Weighted average  sum_i w_i x_i / sum_i w_i  (or the plain weighted sum if not normalize).
 
     Computed and returned in float32 (float64 under x64).
@@ -34,6 +27,6 @@ register(
         leaf=linear,
         params=(Param("normalize", True, "divide by the sum of the weights", check=boolean),),
         summary="weighted average of the models",
-        reference="https://arxiv.org/abs/2203.05482",
+        citation="https://arxiv.org/abs/2203.05482",
     )
 )

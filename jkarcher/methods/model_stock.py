@@ -18,10 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import BASE_REQUIRED, MergeMethod, Param, boolean, register
-from jkarcher.methods.sums import sum_along
 from jkarcher.methods.task_arithmetic import task_vectors
+from jkarcher.numerics import sum_along, sum_over_models
 
 # Floor of the product of two offsets' norms in a cosine.
 NORM_PRODUCT_FLOOR = 1e-6
@@ -29,14 +28,7 @@ NORM_PRODUCT_FLOOR = 1e-6
 SINGULAR_EPS = 1e-6
 
 
-def model_stock(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key=None,
-    filter_wise: bool = False,
-) -> jax.Array:
+def model_stock(stacked, weights, base, *, key=None, filter_wise: bool = False) -> jax.Array:
     """Model Stock (Jang et al. 2024, arXiv:2403.19522): t * mean(x) + (1 - t) * base with
     t = N c / (1 + (N - 1) c) from the offsets' mean pairwise cosine c. Weights are not used."""
     del weights, key
@@ -79,6 +71,6 @@ register(
         min_models=2,
         weighted=False,
         summary="interpolate the average toward the base by the offsets' angle",
-        reference="https://arxiv.org/abs/2403.19522",
+        citation="https://arxiv.org/abs/2403.19522",
     )
 )

@@ -29,9 +29,7 @@ from jkarcher.numerics import compute_dtype
 DIFFERENCE_FLOOR = 1e-6
 
 
-def nearswap(
-    stacked: jax.Array, weights: jax.Array, base: jax.Array, *, key=None, t: float
-) -> jax.Array:
+def nearswap(stacked, weights, base, *, key=None, t: float) -> jax.Array:
     """NearSwap (alchemonaut 2024): w x + (1 - w) b with w = clip(t / max(|b - x|, 1e-6), 0, 1),
     entry by entry, for the model x and the base b."""
     del weights, key
@@ -54,6 +52,6 @@ register(
         max_models=1,
         weighted=False,
         summary="the model where it is within t of the base, moving to the base beyond",
-        reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        citation="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     )
 )

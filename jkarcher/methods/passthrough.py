@@ -9,14 +9,7 @@ from jkarcher.methods.registry import MergeMethod, Param, number, optional, regi
 from jkarcher.numerics import compute_dtype
 
 
-def passthrough(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array | None = None,
-    *,
-    key=None,
-    scale: float | None = None,
-) -> jax.Array:
+def passthrough(stacked, weights, base=None, *, key=None, scale: float | None = None) -> jax.Array:
     """x_0, or scale * x_0, in float32 (float64 under x64)."""
     del weights, base, key
     model = stacked[0].astype(compute_dtype())
@@ -31,6 +24,6 @@ register(
         max_models=1,
         weighted=False,
         summary="one model's tensor, optionally scaled",
-        reference="https://github.com/arcee-ai/mergekit",
+        citation="https://github.com/arcee-ai/mergekit",
     )
 )

@@ -4,12 +4,14 @@ Every method is a pure *leaf function*
 
     leaf(stacked[N, ...], weights[N], base[...] | None, *, key, **params) -> array[...]
 
-that merges one tensor stacked along axis 0 (one slice per source model). It computes in, and
-returns, `common.compute_dtype()` (float32; float64 under x64), whatever the sources' dtype: the
-caller rounds once to the output dtype. It does no I/O, reads no globals and draws randomness only
-from the explicit `jax.random` key. The registry records, for each method, its parameters with
-defaults and checks, whether it needs a base model and whether it is random, so that the Python
-API, the config validation, the CLI and the README's table of methods all read one source of truth.
+that merges one tensor stacked along axis 0 (one slice per source model): `stacked`, `weights`
+and `base` are `jax.Array`s (leaf functions annotate only their own parameters), `key` a
+`jax.random` key or None. It computes in, and returns, `jkarcher.numerics.compute_dtype()`
+(float32; float64 under x64), whatever the sources' dtype: the caller rounds once to the output
+dtype. It does no I/O, reads no globals and draws randomness only from the explicit key. The
+registry records, for each method, its parameters with defaults and checks, whether it needs a
+base model and whether it is random, so that the Python API, the config validation, the CLI and
+the README's table of methods all read one source of truth.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     summary: str = ""
-    reference: str = ""
+    citation: str = ""
     # Whether the per-model weights enter the result (some methods define their own mixing).
     weighted: bool = True
     # A check across the resolved parameters: returns an error text naming the parameters, or None.
@@ -89,12 +91,13 @@ class MergeMethod:
             f"method {self.name!r} has no parameter {name!r} (its parameters: {known})"
         )
 
-    def resolve(self, params: Mapping[str, Any], n_models: int, has_base: bool) -> dict[str, Any]:
-        """Fill defaults and check every value; per-model values become tuples of length N."""
+    def inputs_problem(self, n_models: int, has_base: bool) -> tuple[str, str] | None:
+        """What is wrong with merging `n_models` models, with or without a base, as (the input
+        at fault, "base_model" or "models"; the error text), or None when nothing is."""
         if self.base == BASE_REQUIRED and not has_base:
-            raise MethodError(f"method {self.name!r} needs a base model, and none was given")
+            return "base_model", f"method {self.name!r} needs a base model, and none was given"
         if self.base == BASE_NONE and has_base:
-            raise MethodError(f"method {self.name!r} takes no base model, but one was given")
+            return "base_model", f"method {self.name!r} takes no base model, but one was given"
         if n_models < self.min_models or (
             self.max_models is not None and n_models > self.max_models
         ):
@@ -105,7 +108,14 @@ class MergeMethod:
                 + (f" and at most {self.max_models}" if self.max_models else "")
             )
             noun = "model" if self.max_models == 1 else "models"
-            raise MethodError(f"method {self.name!r} merges {span} {noun}, got {n_models}")
+            return "models", f"method {self.name!r} merges {span} {noun}, got {n_models}"
+        return None
+
+    def resolve(self, params: Mapping[str, Any], n_models: int, has_base: bool) -> dict[str, Any]:
+        """Fill defaults and check every value; per-model values become tuples of length N."""
+        problem = self.inputs_problem(n_models, has_base)
+        if problem:
+            raise MethodError(problem[1])
         for name in params:
             self.param(name)
         resolved = {}
@@ -155,6 +165,12 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def unregister(name: str) -> None:
+    """Remove a registered method (one added with `register`, e.g. for the length of a test)."""
+    get(name)
+    del _REGISTRY[name]
+
+
 def get(name: str) -> MergeMethod:
     """The registered method called `name`; an error lists the known names."""
     try:
@@ -172,11 +188,11 @@ def names() -> list[str]:
 
 # Checks shared by many methods' parameter declarations.
 def positive(value: Any) -> str | None:
-    return None if _is_number(value) and value > 0 else "must be a number > 0"
+    return None if is_number(value) and value > 0 else "must be a number > 0"
 
 
 def non_negative(value: Any) -> str | None:
-    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+    return None if is_number(value) and value >= 0 else "must be a number >= 0"
 
 
 def positive_int(value: Any) -> str | None:
@@ -185,16 +201,16 @@ def positive_int(value: Any) -> str | None:
 
 
 def unit_interval(value: Any) -> str | None:
-    return None if _is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
+    return None if is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
 
 
 def fraction(value: Any) -> str | None:
     """A proportion of elements to keep, such as a density: in (0, 1]."""
-    return None if _is_number(value) and 0 < value <= 1 else "must be in (0, 1]"
+    return None if is_number(value) and 0 < value <= 1 else "must be in (0, 1]"
 
 
 def number(value: Any) -> str | None:
-    return None if _is_number(value) and math.isfinite(value) else "must be a finite number"
+    return None if is_number(value) and math.isfinite(value) else "must be a finite number"
 
 
 def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
@@ -217,5 +233,6 @@ def one_of(*choices: Any) -> Callable[[Any], str | None]:
     return check
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether `value` is an int or a float (a bool is neither here)."""
     return isinstance(value, int | float) and not isinstance(value, bool)

@@ -23,11 +23,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import BASE_REQUIRED, MergeMethod, Param, fraction, register
 from jkarcher.methods.selection import largest_mask
-from jkarcher.methods.sums import tensor_sum
 from jkarcher.methods.task_arithmetic import elect_signs, task_vectors
+from jkarcher.numerics import accurate_sum, sum_over_models
 
 # Below this sum of mean squared task vectors the models get equal weights.
 WEIGHT_SUM_EPS = 1e-6
@@ -35,14 +34,7 @@ WEIGHT_SUM_EPS = 1e-6
 DIVISOR_FLOOR = 1e-6
 
 
-def sce(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key=None,
-    select_topk: float = 1.0,
-) -> jax.Array:
+def sce(stacked, weights, base, *, key=None, select_topk: float = 1.0) -> jax.Array:
     """SCE (Wan et al. 2024, arXiv:2408.07990) of the task vectors delta_i = x_i - base:
     base + sum_i c_i a_i delta_i / max(sum_i c_i a_i, 1e-6), after the variance top-k (module
     docstring). The weights are not used."""
@@ -76,7 +68,7 @@ def variance_topk_mask(deltas: list[jax.Array], select_topk: float) -> jax.Array
 
 def model_weights(deltas: list[jax.Array]) -> jax.Array:
     """a_i = mean(delta_i^2) / sum_j mean(delta_j^2), or 1/N when the sum is below 1e-6."""
-    scores = jnp.stack([tensor_sum(jnp.square(d)) / d.size for d in deltas])
+    scores = jnp.stack([accurate_sum(jnp.square(d)) / d.size for d in deltas])
     total = jnp.sum(scores)
     equal = jnp.full_like(scores, 1.0 / len(deltas))
     proportional = scores / jnp.where(total == 0, 1.0, total)
@@ -93,6 +85,6 @@ register(
         base=BASE_REQUIRED,
         weighted=False,
         summary="variance top-k, energy weights, sign election",
-        reference="https://arxiv.org/abs/2408.07990",
+        citation="https://arxiv.org/abs/2408.07990",
     )
 )

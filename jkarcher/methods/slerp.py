@@ -18,7 +18,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import (
     BASE_NONE,
     BASE_OPTIONAL,
@@ -30,8 +29,13 @@ from jkarcher.methods.registry import (
     positive,
     register,
 )
-from jkarcher.methods.sums import sum_along, tensor_norm, tensor_sum
-from jkarcher.numerics import compute_dtype
+from jkarcher.numerics import (
+    accurate_norm,
+    accurate_sum,
+    compute_dtype,
+    sum_along,
+    sum_over_models,
+)
 
 # SLERP: above this |cosine| the sources are treated as collinear and interpolated linearly.
 DOT_THRESHOLD = 0.9995
@@ -45,14 +49,7 @@ NUSLERP_EPS = 1e-8
 WEIGHT_SUM_EPS = 1e-6
 
 
-def slerp(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array | None = None,
-    *,
-    key=None,
-    t: float,
-) -> jax.Array:
+def slerp(stacked, weights, base=None, *, key=None, t: float) -> jax.Array:
     """SLERP (Shoemake 1985) of two whole tensors: slerp(x_0, x_1; t), linear where
     |cos theta| > 0.9995.
 
@@ -63,7 +60,7 @@ def slerp(
     dtype = compute_dtype()
     a, b = stacked[0].astype(dtype), stacked[1].astype(dtype)
     norm_a, norm_b = _norm_or_one(a), _norm_or_one(b)
-    cosine = jnp.clip(tensor_sum((a / norm_a) * (b / norm_b)), -1.0, 1.0)
+    cosine = jnp.clip(accurate_sum((a / norm_a) * (b / norm_b)), -1.0, 1.0)
     linear = jnp.abs(cosine) > DOT_THRESHOLD
     coef_a, coef_b = _slerp_coefficients(jnp.where(linear, 0.0, cosine), t)
     coef_a = jnp.where(linear, 1.0 - t, coef_a)
@@ -72,9 +69,9 @@ def slerp(
 
 
 def nuslerp(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array | None = None,
+    stacked,
+    weights,
+    base=None,
     *,
     key=None,
     nuslerp_row_wise: bool = False,
@@ -108,13 +105,7 @@ def nuslerp(
 
 
 def multislerp(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array | None = None,
-    *,
-    key=None,
-    normalize_weights: bool = True,
-    eps: float = 1e-8,
+    stacked, weights, base=None, *, key=None, normalize_weights: bool = True, eps: float = 1e-8
 ) -> jax.Array:
     """Multi-SLERP (Goddard 2024): the weighted mean direction of the models, at the weighted
     mean norm, of task vectors x_i - base when a base is given.
@@ -138,9 +129,9 @@ def multislerp(
     vectors = [stacked[i].astype(dtype) for i in range(n)]
     if base is not None:
         vectors = [v - base.astype(dtype) for v in vectors]
-    norms = [tensor_norm(v) for v in vectors]
+    norms = [accurate_norm(v) for v in vectors]
     mean = sum_over_models(w[i] * (v / (norms[i] + eps)) for i, v in enumerate(vectors))
-    mean_norm = tensor_norm(mean)
+    mean_norm = accurate_norm(mean)
     scale = sum_over_models(w[i] * norms[i] for i in range(n))
     spherical = mean * (scale / jnp.where(mean_norm < eps, 1.0, mean_norm))
     linear = sum_over_models(w[i] * v for i, v in enumerate(vectors))
@@ -161,7 +152,7 @@ def _slerp_coefficients(cosine: jax.Array, t) -> tuple[jax.Array, jax.Array]:
 
 
 def _norm_or_one(x: jax.Array) -> jax.Array:
-    norm = tensor_norm(x)
+    norm = accurate_norm(x)
     return jnp.where(norm > NORM_EPS, norm, 1.0)
 
 
@@ -182,7 +173,7 @@ register(
         max_models=2,
         weighted=False,
         summary="spherical interpolation of two whole tensors",
-        reference="Shoemake 1985, Animating rotation with quaternion curves",
+        citation="Shoemake 1985, Animating rotation with quaternion curves",
     )
 )
 
@@ -198,7 +189,7 @@ register(
         min_models=2,
         max_models=2,
         summary="SLERP at t = w_1 / (w_0 + w_1), of task vectors with a base",
-        reference="Shoemake 1985, Animating rotation with quaternion curves",
+        citation="Shoemake 1985, Animating rotation with quaternion curves",
     )
 )
 
@@ -212,6 +203,6 @@ register(
         ),
         base=BASE_OPTIONAL,
         summary="weighted mean direction at the weighted mean norm",
-        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        citation="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     )
 )

@@ -24,7 +24,7 @@ from jkarcher.methods.selection import (
     position_range_mask,
     positions_along_last_axis,
 )
-from jkarcher.methods.sums import tensor_sum
+from jkarcher.numerics import accurate_sum
 
 # Below this L1 norm (of the task vector or of what is kept) no rescaling is done.
 RESCALE_EPS = 1e-7
@@ -58,12 +58,12 @@ def outlier_mask(delta: jax.Array, density: float, gamma: float) -> jax.Array:
     return position_range_mask(jnp.abs(delta), outliers, outliers + kept)
 
 
-def bernoulli_mask(key: jax.Array, shape: tuple[int, ...], density: float) -> jax.Array:
-    """DARE's drop (Yu et al. 2023, arXiv:2311.03099): keep each entry independently with
-    probability density."""
+def bernoulli_mask(key: jax.Array, delta: jax.Array, density: float) -> jax.Array:
+    """DARE's drop (Yu et al. 2023, arXiv:2311.03099): keep each entry of delta independently
+    with probability density."""
     if density >= 1:
-        return jnp.ones(shape, bool)
-    return jax.random.bernoulli(key, density, shape)
+        return jnp.ones(delta.shape, bool)
+    return jax.random.bernoulli(key, density, delta.shape)
 
 
 def della_keep_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax.Array:
@@ -101,7 +101,7 @@ def rescaled(delta: jax.Array, keep: jax.Array) -> jax.Array:
     RESCALE_EPS.
     """
     kept = jnp.where(keep, delta, 0.0)
-    before = tensor_sum(jnp.abs(delta))
-    after = tensor_sum(jnp.abs(kept))
+    before = accurate_sum(jnp.abs(delta))
+    after = accurate_sum(jnp.abs(kept))
     scale = jnp.where((before < RESCALE_EPS) | (after < RESCALE_EPS), 1.0, before / after)
     return kept * scale

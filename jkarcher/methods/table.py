@@ -31,7 +31,7 @@ def _row(method: MergeMethod) -> str:
         _models(method),
         "yes" if method.weighted else "no",
         params,
-        _reference(method.reference),
+        _citation(method.citation),
     )
     return "| " + " | ".join(cells) + " |"
 
@@ -49,9 +49,9 @@ def _models(method: MergeMethod) -> str:
     return f"{method.min_models}-{method.max_models}"
 
 
-def _reference(reference: str) -> str:
-    if reference.startswith("https://arxiv.org/abs/"):
-        return f"[arXiv:{reference.removeprefix('https://arxiv.org/abs/')}]({reference})"
-    if reference.startswith("https://"):
-        return f"[{urlsplit(reference).netloc}]({reference})"
-    return reference
+def _citation(citation: str) -> str:
+    if citation.startswith("https://arxiv.org/abs/"):
+        return f"[arXiv:{citation.removeprefix('https://arxiv.org/abs/')}]({citation})"
+    if citation.startswith("https://"):
+        return f"[{urlsplit(citation).netloc}]({citation})"
+    return citation

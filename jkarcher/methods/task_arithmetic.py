@@ -14,23 +14,24 @@ with task arithmetic", arXiv:2212.04089) in one way, mergekit's "generalized tas
    |sum w| < 1e-8);
 5. merged = base + lambda M.
 
-These are the task-vector baselines of Wang, Ye, Yin (2026, Sec. 4). Defaults, parameter names,
-element counts and epsilons follow mergekit 0.1.5, so its configurations mean the same here.
-The merge proper (`merge_task_vectors`) is deterministic given the keep-masks; the random methods
-draw their masks from the explicit key first (`dare_masks`, `della_masks`).
+That is `generalized_task_arithmetic`. Each method is a row of `VARIANTS` (its sparsification,
+whether it elects signs, its defaults of `normalize` and `rescale`), each sparsification a row of
+`SPARSIFICATIONS` (keep-mask, parameters, paper: TIES, Yadav et al. 2023; DARE, Yu et al. 2023;
+Model Breadcrumbs, Davari & Belilovsky 2023; DELLA, Deep et al. 2024), as mergekit's registry
+lists them: the task-vector baselines of Wang, Ye, Yin (2026, Sec. 4). Defaults, parameter names,
+element counts and epsilons follow mergekit 0.1.5. The merge is deterministic given the masks;
+random sparsifications draw theirs from the explicit key first (`keep_masks`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jkarcher.methods import sparsify
-from jkarcher.methods.common import sum_over_models
 from jkarcher.methods.registry import (
     BASE_REQUIRED,
     MergeMethod,
@@ -42,7 +43,7 @@ from jkarcher.methods.registry import (
     register,
     unit_interval,
 )
-from jkarcher.numerics import compute_dtype
+from jkarcher.numerics import compute_dtype, sum_over_models
 
 # Without sign election, a sum of weights below this is treated as 1 (mergekit's guard).
 WEIGHT_SUM_EPS = 1e-8
@@ -69,16 +70,18 @@ def elect_signs(deltas: list[jax.Array]) -> list[jax.Array]:
     return [jnp.where(positive, d > 0, d < 0) for d in deltas]
 
 
-def merge_task_vectors(
+def generalized_task_arithmetic(
     stacked: jax.Array,
     weights: jax.Array,
     base: jax.Array,
-    keep: jax.Array | None = None,
     *,
+    key: jax.Array | None,
+    sparsification: str | None,
+    sign_consensus: bool,
+    normalize: bool,
+    lambda_: float,
     rescale: bool = False,
-    sign_consensus: bool = False,
-    normalize: bool = False,
-    lambda_: float = 1.0,
+    **trim: Any,
 ) -> jax.Array:
     """base + lambda * (sum_i c_i w_i m_i delta_i) / D: steps 1-5 of the module docstring.
 
@@ -86,11 +89,13 @@ def merge_task_vectors(
       stacked: [N, ...] the models.
       weights: [N] their weights w_i.
       base: [...] the base model.
-      keep: [N, ...] boolean keep-masks m_i, or None to keep every entry.
-      rescale: scale each kept task vector back to its L1 norm.
+      key: the `jax.random` key of a random sparsification (else unused).
+      sparsification: a key of `SPARSIFICATIONS` (the keep-masks m_i), or None to keep every entry.
       sign_consensus: elect signs (c_i) as TIES does.
       normalize: divide by D, the sum of the weights taking part.
       lambda_: the scale of the merged task vector (mergekit's `lambda`).
+      rescale: scale each kept task vector back to its L1 norm (with a sparsification).
+      **trim: the sparsification's parameters (density; gamma or epsilon), one value or N each.
 
     Returns:
       The merge, computed and returned in float32 (float64 under x64).
@@ -98,7 +103,8 @@ def merge_task_vectors(
     dtype = compute_dtype()
     w = weights.astype(dtype)
     deltas = task_vectors(stacked, base)
-    if keep is not None:
+    if sparsification is not None:
+        keep = keep_masks(sparsification, key, deltas, **trim)
         sparsify_one = sparsify.rescaled if rescale else lambda d, m: jnp.where(m, d, 0.0)
         deltas = [sparsify_one(d, keep[i]) for i, d in enumerate(deltas)]
     weighted = [w[i] * d for i, d in enumerate(deltas)]
@@ -118,242 +124,23 @@ def merge_task_vectors(
     return base.astype(dtype) + mixed
 
 
-def magnitude_masks(stacked: jax.Array, base: jax.Array, density) -> jax.Array:
-    """TIES keep-masks [N, ...]: each task vector's top floor(density D) magnitudes (at least 1)."""
-    deltas = task_vectors(stacked, base)
-    densities = per_model(density, len(deltas))
-    masks = [sparsify.magnitude_mask(d, p) for d, p in zip(deltas, densities, strict=True)]
+def keep_masks(
+    sparsification: str, key: jax.Array | None, deltas: list[jax.Array], **trim: Any
+) -> jax.Array:
+    """[N, ...] boolean keep-masks of the task vectors `deltas`, by a row of `SPARSIFICATIONS`.
+
+    `trim` holds its parameters (density; gamma or epsilon), each one value or one per model. A
+    random sparsification splits `key` into one key per model.
+    """
+    n = len(deltas)
+    kind = SPARSIFICATIONS[sparsification]
+    keys = jax.random.split(key, n) if kind.random else None
+    values = {name: per_model(value, n) for name, value in trim.items()}
+    masks = []
+    for i, delta in enumerate(deltas):
+        args = (keys[i], delta) if kind.random else (delta,)
+        masks.append(kind.mask(*args, **{name: v[i] for name, v in values.items()}))
     return jnp.stack(masks)
-
-
-def outlier_masks(stacked: jax.Array, base: jax.Array, density, gamma) -> jax.Array:
-    """Breadcrumbs keep-masks [N, ...]: magnitudes between the outliers and the smallest."""
-    deltas = task_vectors(stacked, base)
-    n = len(deltas)
-    return jnp.stack(
-        [
-            sparsify.outlier_mask(d, p, g)
-            for d, p, g in zip(deltas, per_model(density, n), per_model(gamma, n), strict=True)
-        ]
-    )
-
-
-def dare_masks(key: jax.Array, stacked: jax.Array, density) -> jax.Array:
-    """DARE keep-masks [N, ...]: entry kept with probability density_i, one key split per model."""
-    n = stacked.shape[0]
-    keys = jax.random.split(key, n)
-    shape = stacked.shape[1:]
-    return jnp.stack(
-        [sparsify.bernoulli_mask(keys[i], shape, p) for i, p in enumerate(per_model(density, n))]
-    )
-
-
-def della_masks(key: jax.Array, stacked: jax.Array, base: jax.Array, density, epsilon) -> jax.Array:
-    """DELLA keep-masks [N, ...]: kept with probability density_i +- epsilon_i by magnitude rank."""
-    deltas = task_vectors(stacked, base)
-    n = len(deltas)
-    keys = jax.random.split(key, n)
-    return jnp.stack(
-        [
-            sparsify.della_mask(keys[i], d, p, e)
-            for i, (d, p, e) in enumerate(
-                zip(deltas, per_model(density, n), per_model(epsilon, n), strict=True)
-            )
-        ]
-    )
-
-
-def task_arithmetic(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key=None,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """Task arithmetic (Ilharco et al. 2023): base + lambda sum_i w_i (x_i - base), divided by
-    sum_i w_i with `normalize`."""
-    del key
-    return merge_task_vectors(stacked, weights, base, normalize=normalize, lambda_=lambda_)
-
-
-def ties(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key=None,
-    density=1.0,
-    normalize: bool = True,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """TIES (Yadav et al. 2023, arXiv:2306.01708): trim each task vector to its top-density
-    magnitudes, elect signs, average the agreeing entries (disjoint mean with `normalize`)."""
-    del key
-    keep = magnitude_masks(stacked, base, density)
-    return merge_task_vectors(
-        stacked,
-        weights,
-        base,
-        keep,
-        rescale=rescale,
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
-
-
-def dare_linear(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key: jax.Array,
-    density=1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """DARE (Yu et al. 2023, arXiv:2311.03099): drop each entry with probability 1 - density,
-    rescale to the L1 norm, then the weighted sum of task vectors."""
-    keep = dare_masks(key, stacked, density)
-    return merge_task_vectors(
-        stacked, weights, base, keep, rescale=rescale, normalize=normalize, lambda_=lambda_
-    )
-
-
-def dare_ties(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key: jax.Array,
-    density=1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """DARE's random drop and L1 rescale followed by TIES sign election (Yu et al. 2023)."""
-    keep = dare_masks(key, stacked, density)
-    return merge_task_vectors(
-        stacked,
-        weights,
-        base,
-        keep,
-        rescale=rescale,
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
-
-
-def breadcrumbs(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key=None,
-    density=1.0,
-    gamma=0.01,
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the largest gamma
-    and the smallest magnitudes of each task vector, keeping density, then sum them."""
-    del key
-    keep = outlier_masks(stacked, base, density, gamma)
-    return merge_task_vectors(
-        stacked, weights, base, keep, rescale=rescale, normalize=normalize, lambda_=lambda_
-    )
-
-
-def breadcrumbs_ties(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key=None,
-    density=1.0,
-    gamma=0.01,
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """Model Breadcrumbs' trimming (Davari & Belilovsky 2023) followed by TIES sign election
-    (Yadav et al. 2023)."""
-    del key
-    keep = outlier_masks(stacked, base, density, gamma)
-    return merge_task_vectors(
-        stacked,
-        weights,
-        base,
-        keep,
-        rescale=rescale,
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
-
-
-def della(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key: jax.Array,
-    density=1.0,
-    epsilon=0.15,
-    normalize: bool = True,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """DELLA (Deep et al. 2024, arXiv:2406.11617): MagPrune (keep with probability rising with
-    magnitude rank, density +- epsilon), L1 rescale, TIES sign election."""
-    keep = della_masks(key, stacked, base, density, epsilon)
-    return merge_task_vectors(
-        stacked,
-        weights,
-        base,
-        keep,
-        rescale=rescale,
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-    )
-
-
-def della_linear(
-    stacked: jax.Array,
-    weights: jax.Array,
-    base: jax.Array,
-    *,
-    key: jax.Array,
-    density=1.0,
-    epsilon=0.15,
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-) -> jax.Array:
-    """DELLA's MagPrune and L1 rescale (Deep et al. 2024), then the weighted sum of task vectors
-    (no sign election)."""
-    keep = della_masks(key, stacked, base, density, epsilon)
-    return merge_task_vectors(
-        stacked, weights, base, keep, rescale=rescale, normalize=normalize, lambda_=lambda_
-    )
-
-
-def _mergekit_keywords(leaf: Callable) -> Callable:
-    """The leaf taking mergekit's parameter `lambda` (a Python keyword) for `lambda_`."""
-
-    @functools.wraps(leaf)
-    def with_lambda(stacked, weights, base=None, *, key=None, **params):
-        params["lambda_"] = params.pop("lambda", 1.0)
-        return leaf(stacked, weights, base, key=key, **params)
-
-    return with_lambda
 
 
 def _della_check(params: Mapping[str, Any]) -> str | None:
@@ -368,24 +155,6 @@ def _della_check(params: Mapping[str, Any]) -> str | None:
                 "density - epsilon and density + epsilon must lie in (0, 1)"
             )
     return None
-
-
-def _params(normalize: bool, rescale: bool | None, *extra: Param) -> tuple[Param, ...]:
-    params = [
-        *extra,
-        Param(
-            "normalize",
-            normalize,
-            "divide by the sum of the weights (of the sign-agreeing models, with sign election)",
-            check=boolean,
-        ),
-        Param("lambda", 1.0, "scale of the merged task vector", check=number),
-    ]
-    if rescale is not None:
-        params.append(
-            Param("rescale", rescale, "rescale kept task vectors to their L1 norm", check=boolean)
-        )
-    return tuple(params)
 
 
 _DENSITY = Param(
@@ -407,80 +176,122 @@ _EPSILON = Param(
 )
 
 
-def _register(
-    leaf: Callable,
-    summary: str,
-    reference: str,
-    params: tuple[Param, ...],
-    *,
-    random: bool = False,
-    check: Callable | None = None,
-) -> None:
-    register(
-        MergeMethod(
-            name=leaf.__name__,
-            leaf=_mergekit_keywords(leaf),
-            params=params,
-            base=BASE_REQUIRED,
-            random=random,
-            summary=summary,
-            reference=reference,
-            check=check,
+class Sparsification(NamedTuple):
+    """One way of trimming task vectors: its keep-mask, mask(delta, **params) or, if random,
+    mask(key, delta, **params); its parameters, paper, and check across them."""
+
+    mask: Callable[..., jax.Array] | None
+    params: tuple[Param, ...]
+    citation: str
+    random: bool = False
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
+
+
+# The sparsifications by name (None: task arithmetic, which keeps every entry).
+SPARSIFICATIONS = {
+    None: Sparsification(None, (), "https://arxiv.org/abs/2212.04089"),
+    "magnitude": Sparsification(
+        sparsify.magnitude_mask, (_DENSITY,), "https://arxiv.org/abs/2306.01708"
+    ),
+    "random": Sparsification(
+        sparsify.bernoulli_mask, (_DENSITY,), "https://arxiv.org/abs/2311.03099", random=True
+    ),
+    "outliers": Sparsification(
+        sparsify.outlier_mask, (_DENSITY, _GAMMA), "https://arxiv.org/abs/2312.06795"
+    ),
+    "magprune": Sparsification(
+        sparsify.della_mask,
+        (_DENSITY, _EPSILON),
+        "https://arxiv.org/abs/2406.11617",
+        random=True,
+        check=_della_check,
+    ),
+}
+
+
+class Variant(NamedTuple):
+    """A method of the family: its sparsification (a key of SPARSIFICATIONS), whether it elects
+    signs, and its defaults of `normalize` and `rescale` (None: no such parameter)."""
+
+    sparsification: str | None
+    sign_consensus: bool
+    normalize: bool
+    rescale: bool | None
+
+
+VARIANTS = {
+    "task_arithmetic": Variant(None, sign_consensus=False, normalize=False, rescale=None),
+    "ties": Variant("magnitude", sign_consensus=True, normalize=True, rescale=False),
+    "dare_linear": Variant("random", sign_consensus=False, normalize=False, rescale=True),
+    "dare_ties": Variant("random", sign_consensus=True, normalize=False, rescale=True),
+    "breadcrumbs": Variant("outliers", sign_consensus=False, normalize=False, rescale=False),
+    "breadcrumbs_ties": Variant("outliers", sign_consensus=True, normalize=False, rescale=False),
+    "della": Variant("magprune", sign_consensus=True, normalize=True, rescale=True),
+    "della_linear": Variant("magprune", sign_consensus=False, normalize=False, rescale=True),
+}
+SUMMARIES = {
+    "task_arithmetic": "weighted sum of task vectors",
+    "ties": "top-magnitude trim, sign election, disjoint mean",
+    "dare_linear": "random drop, L1 rescale, weighted sum",
+    "dare_ties": "random drop, L1 rescale, sign election",
+    "breadcrumbs": "drop outliers and small magnitudes, weighted sum",
+    "breadcrumbs_ties": "drop outliers and small magnitudes, sign election",
+    "della": "rank-dependent random drop, L1 rescale, sign election",
+    "della_linear": "rank-dependent random drop, L1 rescale, weighted sum",
+}
+
+
+def _params(variant: Variant) -> tuple[Param, ...]:
+    """The sparsification's parameters, then normalize, lambda and rescale (if it has one)."""
+    declared = [
+        *SPARSIFICATIONS[variant.sparsification].params,
+        Param(
+            "normalize",
+            variant.normalize,
+            "divide by the sum of the weights (of the sign-agreeing models, with sign election)",
+            check=boolean,
+        ),
+        Param("lambda", 1.0, "scale of the merged task vector", check=number),
+    ]
+    if variant.rescale is not None:
+        doc = "rescale kept task vectors to their L1 norm"
+        declared.append(Param("rescale", variant.rescale, doc, check=boolean))
+    return tuple(declared)
+
+
+def _method(name: str, variant: Variant) -> MergeMethod:
+    """The registration of a row of VARIANTS: its leaf is `generalized_task_arithmetic` with the
+    row's sparsification and sign election, and the declared parameters' defaults."""
+    kind = SPARSIFICATIONS[variant.sparsification]
+    params = _params(variant)
+    defaults = {p.name: p.default for p in params}
+    row = dict(sparsification=variant.sparsification, sign_consensus=variant.sign_consensus)
+
+    def leaf(stacked, weights, base=None, *, key=None, **given):
+        values = {**defaults, **given}
+        lambda_ = values.pop("lambda")
+        return generalized_task_arithmetic(
+            stacked, weights, base, key=key, lambda_=lambda_, **row, **values
         )
+
+    leaf.__name__ = leaf.__qualname__ = name
+    leaf.__doc__ = (
+        f"{name}: {SUMMARIES[name]} ({kind.citation}).\n\n`generalized_task_arithmetic` with "
+        f"sparsification={variant.sparsification!r} and sign_consensus={variant.sign_consensus}; "
+        "mergekit's parameter `lambda` is its lambda_."
+    )
+    return MergeMethod(
+        name=name,
+        leaf=leaf,
+        params=params,
+        base=BASE_REQUIRED,
+        random=kind.random,
+        summary=SUMMARIES[name],
+        citation=kind.citation,
+        check=kind.check,
     )
 
 
-_register(
-    task_arithmetic,
-    "weighted sum of task vectors",
-    "https://arxiv.org/abs/2212.04089",
-    _params(False, None),
-)
-_register(
-    ties,
-    "top-magnitude trim, sign election, disjoint mean",
-    "https://arxiv.org/abs/2306.01708",
-    _params(True, False, _DENSITY),
-)
-_register(
-    dare_linear,
-    "random drop, L1 rescale, weighted sum",
-    "https://arxiv.org/abs/2311.03099",
-    _params(False, True, _DENSITY),
-    random=True,
-)
-_register(
-    dare_ties,
-    "random drop, L1 rescale, sign election",
-    "https://arxiv.org/abs/2311.03099",
-    _params(False, True, _DENSITY),
-    random=True,
-)
-_register(
-    breadcrumbs,
-    "drop outliers and small magnitudes, weighted sum",
-    "https://arxiv.org/abs/2312.06795",
-    _params(False, False, _DENSITY, _GAMMA),
-)
-_register(
-    breadcrumbs_ties,
-    "drop outliers and small magnitudes, sign election",
-    "https://arxiv.org/abs/2312.06795",
-    _params(False, False, _DENSITY, _GAMMA),
-)
-_register(
-    della,
-    "rank-dependent random drop, L1 rescale, sign election",
-    "https://arxiv.org/abs/2406.11617",
-    _params(True, True, _DENSITY, _EPSILON),
-    random=True,
-    check=_della_check,
-)
-_register(
-    della_linear,
-    "rank-dependent random drop, L1 rescale, weighted sum",
-    "https://arxiv.org/abs/2406.11617",
-    _params(False, True, _DENSITY, _EPSILON),
-    random=True,
-    check=_della_check,
-)
+for _name, _variant in VARIANTS.items():
+    register(_method(_name, _variant))
+del _name, _variant

@@ -1,0 +1,217 @@
+"""Validation: a config (an `ml_collections.ConfigDict` or any mapping) checked field by field
+into a frozen `MergeConfig`, the method's parameters through the registry; every error names the
+field (docs/design.md, "Data flow" and "Conventions").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from jkarcher import methods
+from jkarcher.config import fields, schema
+from jkarcher.config.fields import ConfigError, check_known, optional_text
+from jkarcher.config.params import resolved_params
+from jkarcher.config.schema import (
+    DistributedSettings,
+    FisherEstimate,
+    FisherSettings,
+    MergeConfig,
+    ModelEntry,
+)
+from jkarcher.config.settings import falling_back, plain, read_setting
+from jkarcher.errors import MergeError
+from jkarcher.methods.registry import number
+from jkarcher.numerics import check_weights
+
+
+def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
+    """Check every field of a config and return the `MergeConfig`; errors name the field."""
+    raw = plain(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a mapping of fields, got {type(raw).__name__}")
+    check_known(raw, schema.FIELDS, "")
+    raw = schema.defaults() | raw
+    spec = _method(raw.get("method"))
+    models = _models(raw.get("models"))
+    base_model = optional_text(raw["base_model"], "base_model")
+    _check_model_count_and_base(spec, len(models), base_model)
+    _check_weights(models)
+    raw_params = raw["params"]
+    fisher = _fisher(
+        spec,
+        raw_params.pop(schema.FISHER_INPUT, None) if isinstance(raw_params, dict) else None,
+        models,
+    )
+    return MergeConfig(
+        method=spec.name,
+        models=models,
+        base_model=base_model,
+        params=resolved_params(spec, raw_params, models, base_model is not None),
+        dtype=fields.output_dtype(raw["dtype"]),
+        output=fields.output(raw.get("output")),
+        out_shard_size=fields.parse_size(raw["out_shard_size"], "out_shard_size"),
+        seed=fields.seed(raw["seed"]),
+        copy_tokenizer=fields.flag(raw["copy_tokenizer"], "copy_tokenizer"),
+        overwrite=fields.flag(raw["overwrite"], "overwrite"),
+        allow_crimes=fields.flag(raw["allow_crimes"], "allow_crimes"),
+        format=fields.output_format(raw["format"]),
+        mesh=fields.mesh(raw["mesh"]),
+        distributed=distributed_settings(raw),
+        fisher=fisher,
+    )
+
+
+def distributed_settings(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> DistributedSettings:
+    """The `distributed` field of a config, checked; errors name the field.
+
+    It needs no other field and starts no JAX computation, so a script can join the other
+    processes (`jkarcher.distributed.initialize`) before the rest of the config is validated.
+    """
+    value = plain(raw).get("distributed") or {}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"distributed: must be a mapping of {schema.DISTRIBUTED_FIELDS}, got {value!r}"
+        )
+    check_known(value, schema.DISTRIBUTED_FIELDS, "distributed")
+    value = schema.defaults(DistributedSettings) | value
+    enabled = fields.flag(value["enabled"], "distributed.enabled")
+    address = optional_text(value["coordinator_address"], "distributed.coordinator_address")
+    if address is not None and not re.fullmatch(r"\S+:\d+", address):
+        raise ConfigError(f"distributed.coordinator_address: must be 'host:port', got {address!r}")
+    count = fields.optional_count(value["num_processes"], "distributed.num_processes", 1)
+    index = fields.optional_count(value["process_id"], "distributed.process_id", 0)
+    if count is not None and index is not None and index >= count:
+        raise ConfigError(
+            f"distributed.process_id: must be below num_processes ({count}), got {index}"
+        )
+    settings = DistributedSettings(enabled, address, count, index)
+    if not enabled and settings != DistributedSettings():
+        field = next(f for f in schema.DISTRIBUTED_FIELDS[1:] if getattr(settings, f) is not None)
+        raise ConfigError(
+            f"distributed.{field}: set, but distributed.enabled is False; set "
+            "distributed.enabled=True to run as one of several processes"
+        )
+    return settings
+
+
+def _method(value: Any) -> methods.MergeMethod:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"method: must be a method name, got {value!r}")
+    try:
+        return methods.get(value)
+    except methods.MethodError as err:
+        raise ConfigError(f"method: {err}") from None
+
+
+def _models(value: Any) -> tuple[ModelEntry, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError("models: must be a non-empty list of {path, weight, params} entries")
+    return tuple(_model(entry, f"models[{i}]") for i, entry in enumerate(value))
+
+
+def _model(entry: Any, field: str) -> ModelEntry:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{field}: must be a mapping with a 'path', got {entry!r}")
+    check_known(entry, schema.MODEL_FIELDS, field)
+    path = optional_text(entry.get("path"), f"{field}.path")
+    if path is None:
+        raise ConfigError(f"{field}.path: required (a checkpoint directory or a hub id)")
+    weight = _weight(entry.get("weight", schema.DEFAULT_WEIGHT), f"{field}.weight")
+    params = entry.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{field}.params: must be a mapping, got {params!r}")
+    return ModelEntry(path, weight, params)
+
+
+def _weight(value: Any, field: str) -> Any:
+    """A model's weight: a number >= 0, or a setting that varies by tensor."""
+    if isinstance(value, list | dict):
+        return falling_back(read_setting(value, field, _weight_problem), schema.DEFAULT_WEIGHT)
+    problem = _weight_problem(value)
+    if problem:
+        raise ConfigError(f"{field}: {problem}")
+    return float(value)
+
+
+def _weight_problem(value: Any) -> str | None:
+    problem = number(value)
+    if problem:
+        return f"{problem}, got {value!r}"
+    return f"must be >= 0, got {value!r}" if value < 0 else None
+
+
+def _check_model_count_and_base(spec, n_models: int, base_model: str | None) -> None:
+    problem = spec.inputs_problem(n_models, base_model is not None)
+    if problem:
+        raise ConfigError(": ".join(problem))
+
+
+def _check_weights(models: tuple[ModelEntry, ...]) -> None:
+    """Weights that are the same for every tensor must not sum to zero (`tensor_values` checks
+    the others tensor by tensor)."""
+    if not all(isinstance(m.weight, float) for m in models):
+        return
+    try:
+        check_weights([m.weight for m in models], len(models))
+    except MergeError as err:
+        raise ConfigError(f"models[*].weight: {err}") from None
+
+
+def _fisher(spec, value: Any, models: tuple[ModelEntry, ...]) -> FisherSettings | None:
+    """`params.fisher`, checked against the method: only methods with a Fisher tensor input take
+    it, and those that need one must have it."""
+    takes = schema.FISHER_INPUT in spec.tensor_inputs
+    forms = (
+        f"{schema.FISHER_BESIDE!r} (fisher.safetensors in each model's directory), a list of one "
+        "Fisher file or directory per model, or {'text': FILE} to estimate them on a text"
+    )
+    if value is None:
+        if takes and spec.tensor_inputs_required:
+            raise ConfigError(
+                f"params.fisher: method {spec.name!r} needs each model's diagonal Fisher: give "
+                f"{forms} (scripts/fisher.py estimates one)"
+            )
+        return None
+    if not takes:
+        users = [m for m in methods.names() if schema.FISHER_INPUT in methods.get(m).tensor_inputs]
+        raise ConfigError(
+            f"params.fisher: method {spec.name!r} takes no Fisher; the methods that do are "
+            f"{', '.join(users)}"
+        )
+    if value == schema.FISHER_BESIDE:
+        return FisherSettings()
+    if isinstance(value, list):
+        if len(value) != len(models):
+            raise ConfigError(f"params.fisher: {len(value)} Fisher files for {len(models)} models")
+        return FisherSettings(
+            files=tuple(fields.path(v, f"params.fisher[{i}]") for i, v in enumerate(value))
+        )
+    if isinstance(value, dict):
+        return FisherSettings(estimate=_fisher_estimate(value))
+    raise ConfigError(f"params.fisher: must be {forms}; got {value!r}")
+
+
+def _fisher_estimate(value: dict) -> FisherEstimate:
+    check_known(value, schema.FISHER_ESTIMATE_FIELDS, "params.fisher")
+    text = optional_text(value.get("text"), "params.fisher.text")
+    if text is None:
+        raise ConfigError("params.fisher.text: required (the text file to estimate Fishers on)")
+    value = schema.defaults(FisherEstimate) | value
+    estimator = value["estimator"]
+    if estimator not in schema.ESTIMATORS:
+        raise ConfigError(
+            f"params.fisher.estimator: must be one of {', '.join(schema.ESTIMATORS)}, got "
+            f"{estimator!r}"
+        )
+    return FisherEstimate(
+        text=text,
+        estimator=estimator,
+        seq_len=fields.count(value["seq_len"], "params.fisher.seq_len", 2),
+        batch_size=fields.count(value["batch_size"], "params.fisher.batch_size", 1),
+        num_batches=fields.optional_count(value["num_batches"], "params.fisher.num_batches", 1),
+        seed=fields.count(value["seed"], "params.fisher.seed", 0),
+    )

@@ -1,0 +1,55 @@
+"""Streaming merge of checkpoints on disk (Hugging Face or Orbax): plan, read ahead, merge, write,
+rename.
+
+Data flows one way (docs/design.md, "Data flow"), each stage a module that imports none after
+it:
+
+  `plan`     `plan_merge(config)` reads headers and config files only: every output tensor with
+             its sources, all models checked for the same names and shapes (`vocab`: vocabulary
+             rows and tied embeddings; `fishers`: Fisher files), the output layout fixed; any
+             problem is an error here, before anything is written.
+  `read`     a background thread reads the next tensors, each process only its devices' rows.
+  `compile`  a second thread compiles the leaf function ahead for the shapes still to come.
+  `write`    each result streams into its planned place in the output (safetensors or Orbax);
+             config, tokenizer files and model card follow.
+  `run`      `run(plan)` drives them: the finished directory is renamed into place.
+
+Methods that weigh coordinates by each model's diagonal Fisher (`params.fisher`) read the Fisher
+files like the models; `prepare_fishers(config)` first estimates the Fishers a config asks to
+estimate.
+"""
+
+from jkarcher.pipeline.compile import LeafCompiler, leaf_signature, placed_leaf
+from jkarcher.pipeline.fishers import fisher_files, prepare_fishers
+from jkarcher.pipeline.plan import (
+    MergePlan,
+    TensorSettings,
+    TensorTask,
+    plan_merge,
+    tensor_settings,
+)
+from jkarcher.pipeline.read import ReadAhead
+from jkarcher.pipeline.run import MergeSummary, execution_order, run
+from jkarcher.pipeline.vocab import EMBED_SUFFIX, LM_HEAD_NAME, ties_embeddings
+from jkarcher.pipeline.write import check_complete
+
+__all__ = [
+    "EMBED_SUFFIX",
+    "LM_HEAD_NAME",
+    "LeafCompiler",
+    "MergePlan",
+    "MergeSummary",
+    "ReadAhead",
+    "TensorSettings",
+    "TensorTask",
+    "check_complete",
+    "execution_order",
+    "fisher_files",
+    "leaf_signature",
+    "placed_leaf",
+    "plan_merge",
+    "prepare_fishers",
+    "run",
+    "tensor_settings",
+    "ties_embeddings",
+]

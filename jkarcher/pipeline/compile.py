@@ -1,0 +1,133 @@
+"""The leaf functions of a merge, placed on the mesh and compiled ahead (docs/design.md, "Data
+flow").
+
+Each merged tensor runs `jkarcher.merge.leaf_function(method, params)`, the very function behind
+`jkarcher.merge`, so both give identical values; on a mesh, XLA adds the collectives that
+whole-tensor statistics need (`placed_leaf`). A `LeafCompiler` compiles, in a background thread,
+one leaf for each distinct `leaf_signature` in task order, so that compilation stays off the
+critical path: a merge waits only for its own leaf.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jkarcher import methods
+from jkarcher.config import FISHER_INPUT
+from jkarcher.merge import leaf_function, leaf_key
+from jkarcher.numerics import check_weights
+from jkarcher.pipeline.plan import TensorTask
+from jkarcher.sharding import padded_shape, replicated, row_sharding
+
+
+def leaf_signature(task: TensorTask) -> tuple:
+    """What the compiled leaf of a task depends on: tasks with equal signatures share one
+    compilation (the weights are arguments and take no part)."""
+    return (
+        task.floating,
+        task.sources[0].shape,
+        task.source_dtype,
+        task.base is not None,
+        len(task.sources),
+        len(task.fishers),
+        task.settings.params_key,
+        task.out_dtype,
+    )
+
+
+class LeafCompiler:
+    """The jitted leaf function of each tensor, compiled ahead in a background thread.
+
+    Compiling for every distinct `leaf_signature` in task order, while earlier tensors merge,
+    keeps compilation off the critical path; a merge waits only for its own compilation.
+    """
+
+    def __init__(
+        self, method: methods.MergeMethod, tasks: Sequence[TensorTask], seed: int, mesh: Mesh
+    ):
+        self._method = method.name
+        self._mesh = mesh
+        self._seed_key = jax.random.key(seed) if method.random else None
+        self._weights: dict[tuple[float, ...], jax.Array] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self._compiled: dict[tuple, concurrent.futures.Future] = {}
+        for task in tasks:
+            signature = leaf_signature(task)
+            if task.floating and signature not in self._compiled:
+                self._compiled[signature] = self._executor.submit(self._compile, task)
+
+    def __enter__(self) -> LeafCompiler:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def weights(self, task: TensorTask) -> jax.Array:
+        """The task's weights, checked (`jkarcher.numerics.check_weights`), once per distinct
+        weights."""
+        weights = task.settings.weights
+        if weights not in self._weights:
+            self._weights[weights] = check_weights(weights, len(weights))
+        return self._weights[weights]
+
+    def merge(
+        self, task: TensorTask, sources: tuple, base, key, fishers: tuple = ()
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
+        the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
+        `placed_leaf`)."""
+        self._compiled[leaf_signature(task)].result()
+        return self._function(task)(sources, self.weights(task), base, key, fishers)
+
+    def _function(self, task: TensorTask) -> Callable:
+        shape = task.sources[0].shape
+        params = task.settings.params_key
+        return placed_leaf(self._method, params, shape, task.out_dtype, self._mesh)
+
+    def _compile(self, task: TensorTask) -> None:
+        shape = padded_shape(task.sources[0].shape, self._mesh)
+        sharding = row_sharding(self._mesh, len(shape))
+        shaped = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=sharding)
+        base = None if task.base is None else shaped
+        key = None if self._seed_key is None else leaf_key(self._seed_key, task.name)
+        sources = (shaped,) * len(task.sources)
+        fishers = (jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),) * len(task.fishers)
+        self._function(task).lower(sources, self.weights(task), base, key, fishers).compile()
+
+
+@functools.cache
+def placed_leaf(
+    method: str, params_key: tuple, shape: tuple[int, ...], out_dtype: np.dtype, mesh: Mesh
+) -> Callable:
+    """`leaf_function(method, params)` for sources of `shape` split by rows over `mesh`, as
+    `jkarcher.pipeline.read.read_task` places them (cached).
+
+    The padding rows are cut off before the leaf sees the sources (and the Fishers, its
+    `fisher` input, when there are any) and put back as zeros after it, so the leaf merges
+    exactly the tensor (its whole-tensor statistics and random draws are those of one device);
+    the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
+    on every device.
+    """
+    leaf = leaf_function(method, dict(params_key), out_dtype)
+    padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
+
+    def cut(x: jax.Array) -> jax.Array:
+        return x[: shape[0]] if padding else x
+
+    def run(sources, weights, base, key, fishers):
+        base = None if base is None else cut(base)
+        tensors = {FISHER_INPUT: tuple(map(cut, fishers))} if fishers else None
+        merged, finite, merged_finite = leaf(tuple(map(cut, sources)), weights, base, key, tensors)
+        if padding:
+            merged = jnp.pad(merged, [(0, padding)] + [(0, 0)] * (len(shape) - 1))
+        return merged, finite, merged_finite
+
+    flags = replicated(mesh)
+    return jax.jit(run, out_shardings=(row_sharding(mesh, len(shape)), flags, flags))

@@ -1,0 +1,297 @@
+"""The plan of a merge, from headers and config files only (docs/design.md, "Data flow").
+
+`plan_merge(config)` opens every checkpoint's headers, lists every output tensor with its
+sources (`TensorTask`), checks that the models fit together (the same names, shapes and
+architectures; vocabulary and tied embeddings: `jkarcher.pipeline.vocab`; Fisher files:
+`jkarcher.pipeline.fishers`) and that the output may be written, and fixes the output's shard
+layout. Any problem is an error here, before anything is read or written.
+
+The output takes its config, vocabulary and tokenizer from one input, the plan's `template`: the
+base model when there is one, else the first model. Tensors that are not floating point are
+copied from the first model when every model agrees on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jkarcher import methods
+from jkarcher.architecture import check_architectures
+from jkarcher.config import ConfigError, MergeConfig, layer_position, tensor_values
+from jkarcher.errors import MergeError
+from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
+from jkarcher.io.orbax_io import open_checkpoint
+from jkarcher.io.output_dir import check_free_space, check_output_dir
+from jkarcher.io.writer import OutputTensor, Shard, natural_key, plan_shards
+from jkarcher.pipeline.fishers import fisher_sources, open_fishers
+from jkarcher.pipeline.vocab import LM_HEAD_NAME, shared_rows, source_info, ties_embeddings
+from jkarcher.sharding import MeshError, make_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSettings:
+    """What merges one tensor: the models' weights and the method's resolved parameters."""
+
+    weights: tuple[float, ...]
+    params: Mapping[str, Any]
+
+    @property
+    def params_key(self) -> tuple:
+        return tuple(sorted(self.params.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorTask:
+    """One output tensor and where its data comes from.
+
+    `sources[i]` is model i's tensor (only the rows all models share, for a vocabulary tensor);
+    `extra_rows`, when the template model's vocabulary is larger, holds the output's further
+    rows, copied from that model. A tensor that is not `floating` point is copied from the first
+    model once all agree, rather than merged. `fishers[i]`, when the method is given Fishers, is
+    model i's Fisher of the same rows as `sources[i]`.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    source_dtype: np.dtype
+    out_dtype: np.dtype
+    sources: tuple[StoredTensor, ...]
+    base: StoredTensor | None
+    extra_rows: StoredTensor | None
+    settings: TensorSettings
+    floating: bool
+    fishers: tuple[StoredTensor, ...] = ()
+
+    def infos(self) -> tuple[StoredTensor, ...]:
+        """Every distinct tensor this task reads (a model listed twice is read once)."""
+        wanted = (*self.sources, self.base, self.extra_rows, *self.fishers)
+        return tuple(dict.fromkeys(i for i in wanted if i is not None))
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(info.nbytes for info in self.infos())
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge will do, decided from headers and config files alone."""
+
+    config: MergeConfig
+    method: methods.MergeMethod
+    models: tuple[CheckpointReader, ...]
+    base: CheckpointReader | None
+    labels: tuple[str, ...]
+    fisher_labels: tuple[str, ...]
+    tie_embeddings: bool
+    tasks: tuple[TensorTask, ...]
+    shards: tuple[Shard, ...]
+    warnings: tuple[str, ...]
+    mesh: Mesh
+
+    @property
+    def template(self) -> CheckpointReader:
+        """The model whose config, vocabulary and tokenizer the output takes: base, else first."""
+        return self.base or self.models[0]
+
+    @property
+    def template_label(self) -> str:
+        return self.labels[-1] if self.base else self.labels[0]
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(task.read_bytes for task in self.tasks)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(shard.nbytes for shard in self.shards)
+
+    def input_labels(self, task: TensorTask) -> list[tuple[StoredTensor, str]]:
+        """Each tensor a task reads, with the input it comes from ('model 2 (PATH)'), in the
+        order of the leaf's all-finite flags (sources, base, Fishers), then the extra rows."""
+        labelled = list(zip(task.sources, self.labels, strict=False))
+        if task.base is not None:
+            labelled.append((task.base, self.labels[-1]))
+        labelled += zip(task.fishers, self.fisher_labels, strict=False)
+        if task.extra_rows is not None:
+            labelled.append((task.extra_rows, self.template_label))
+        return labelled
+
+
+def tensor_settings(
+    config: MergeConfig, name: str, num_layers: int | None = None
+) -> TensorSettings:
+    """The weights and method parameters that merge the tensor called `name`.
+
+    All per-tensor settings are decided here and nowhere else: each model's own values, the shared
+    values and the method's defaults, chosen by filters on the name and interpolated over the
+    layers (`num_layers`, the models' layer count, places the tensor: `layer_position`), resolve
+    to one set of weights and parameters (`jkarcher.config.tensor_values`). Tensors with equal
+    shapes and parameters share one compiled leaf; each distinct parameter value compiles anew,
+    while weights are arguments of the leaf and never cause a compilation.
+    """
+    position = layer_position(name, num_layers) if config.varies_by_layer else 0.0
+    return TensorSettings(*tensor_values(config, name, position))
+
+
+def plan_merge(config: MergeConfig) -> MergePlan:
+    """Open every checkpoint's headers, check that they fit together and fix the output layout.
+
+    With `params.fisher`, each model's Fisher file is opened too (its headers) and checked to
+    hold every merged tensor in the model's shape (`prepare_fishers` must have made those that
+    are to be estimated).
+
+    Raises CheckpointError, MergeError or OutputError, naming the tensor, the model and the file,
+    or ConfigError for a tensor whose weights or parameters the method cannot take, before any
+    output is written.
+    """
+    models = tuple(_open(entry.path, f"models[{i}]") for i, entry in enumerate(config.models))
+    base = None if config.base_model is None else _open(config.base_model, "base_model")
+    inputs = (*models, base) if base else models
+    check_output_dir(config.output, [c.path for c in inputs], config.overwrite)
+    template = base or models[0]
+    if not template.config:
+        raise CheckpointError(
+            f"{template.path}: has no config.json; the output's config is copied from the base "
+            "model (or the first model), so that one needs it"
+        )
+    labels = [f"model {i} ({c.source})" for i, c in enumerate(models)]
+    fishers = open_fishers(config, labels) if config.fisher else ()
+    fisher_labels = tuple(f"the Fisher of {label}" for label in labels[: len(fishers)])
+    if base is not None:
+        labels.append(f"the base model ({base.source})")
+    template_index = len(models) if base else 0
+    tie = ties_embeddings(template)
+    tied = [ties_embeddings(c) for c in inputs]
+    warnings = check_architectures([c.config for c in inputs], labels, tied, config.allow_crimes)
+    names = sorted(
+        (n for n in template.names() if not (tie and n == LM_HEAD_NAME)), key=natural_key
+    )
+    warnings += _check_names(inputs, labels, names, labels[template_index], tie)
+    num_layers = template.config.get("num_hidden_layers")
+    tasks = []
+    for name in names:
+        infos = [source_info(c, name) for c in inputs]
+        task, warning = _plan_tensor(
+            config, name, infos, labels, len(models), template_index, num_layers
+        )
+        if fishers and task.floating:
+            chosen = fisher_sources(task.sources, infos[: len(models)], fishers, fisher_labels)
+            task = dataclasses.replace(task, fishers=chosen)
+        tasks.append(task)
+        warnings += [warning] if warning else []
+    layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
+    shards = plan_shards(layout, config.out_shard_size)
+    check_free_space(config.output, sum(shard.nbytes for shard in shards))
+    return MergePlan(
+        config=config,
+        method=methods.get(config.method),
+        models=models,
+        base=base,
+        labels=tuple(labels),
+        fisher_labels=fisher_labels,
+        tie_embeddings=tie,
+        tasks=tuple(tasks),
+        shards=shards,
+        warnings=tuple(warnings),
+        mesh=_mesh(config),
+    )
+
+
+def _open(path: str, field: str) -> CheckpointReader:
+    try:
+        return open_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{field}: {err}") from None
+
+
+def _mesh(config: MergeConfig) -> Mesh:
+    try:
+        return make_mesh(config.mesh)
+    except MeshError as err:
+        raise ConfigError(f"mesh: {err}") from None
+
+
+def _check_names(
+    inputs: Sequence[CheckpointReader],
+    labels: Sequence[str],
+    names: Sequence[str],
+    template_label: str,
+    tie: bool,
+) -> list[str]:
+    """Every input must hold every output tensor and no other (lm_head aside, by tying rules)."""
+    warnings = []
+    wanted = set(names)
+    for checkpoint, label in zip(inputs, labels, strict=True):
+        present = set(checkpoint.names())
+        own_head = LM_HEAD_NAME in present and not ties_embeddings(checkpoint)
+        if tie:
+            present.discard(LM_HEAD_NAME)
+            if own_head:
+                warnings.append(
+                    f"{label} has its own lm_head, but the output ties lm_head to the "
+                    f"embeddings as {template_label} does; that lm_head is not used"
+                )
+        elif LM_HEAD_NAME in wanted and not own_head and ties_embeddings(checkpoint):
+            present.add(LM_HEAD_NAME)
+            warnings.append(
+                f"{label} ties lm_head to its embeddings; its embedding matrix is merged into "
+                "the output's lm_head"
+            )
+        missing = sorted(wanted - present, key=natural_key)
+        if missing:
+            raise MergeError(
+                f"tensor {missing[0]!r} is missing from {label}: no file of {checkpoint.path} "
+                f"holds it ({len(missing)} tensors missing in all; {template_label} has them)"
+            )
+        extra = sorted(present - wanted, key=natural_key)
+        if extra:
+            raise MergeError(
+                f"tensor {extra[0]!r} of {label} (in {checkpoint.info(extra[0]).file}) is not in "
+                f"{template_label}; the models must have the same tensors"
+            )
+    return warnings
+
+
+def _plan_tensor(
+    config: MergeConfig,
+    name: str,
+    infos: Sequence[StoredTensor],
+    labels: Sequence[str],
+    n_models: int,
+    template_index: int,
+    num_layers: int | None,
+) -> tuple[TensorTask, str | None]:
+    """The task for one output tensor and, for a vocabulary size difference, a warning."""
+    template = infos[template_index]
+    floating = [bool(jnp.issubdtype(i.dtype, jnp.floating)) for i in infos]
+    if len(set(floating)) > 1:
+        odd = floating.index(not floating[template_index])
+        raise MergeError(
+            f"tensor {name!r} is {infos[odd].dtype} in {labels[odd]} ({infos[odd].file}) but "
+            f"{template.dtype} in {labels[template_index]} ({template.file})"
+        )
+    rows, warning = shared_rows(name, infos, labels, template_index)
+    if rows is not None and not floating[0]:
+        raise MergeError(f"tensor {name!r}: vocabulary sizes differ in a non-float tensor")
+    trimmed = [i if rows is None else i.rows(0, rows) for i in infos]
+    has_extra_rows = rows is not None and rows < template.shape[0]
+    # The sources merge in their dtype when they agree, else in the one that holds all.
+    task = TensorTask(
+        name=name,
+        shape=template.shape,
+        source_dtype=np.dtype(functools.reduce(jnp.promote_types, [i.dtype for i in infos])),
+        out_dtype=np.dtype(config.out_dtype) if floating[0] else template.dtype,
+        sources=tuple(trimmed[:n_models]),
+        base=trimmed[n_models] if len(infos) > n_models else None,
+        extra_rows=template.rows(rows, template.shape[0]) if has_extra_rows else None,
+        settings=tensor_settings(config, name, num_layers),
+        floating=floating[0],
+    )
+    return task, warning

@@ -1,0 +1,106 @@
+"""Reading a merge's inputs (docs/design.md, "Data flow"): each task's tensors placed on the mesh,
+read ahead in a background thread.
+
+On a mesh of several devices, and over several processes (`jkarcher.distributed`), each merged
+tensor is split by rows over every device (`jkarcher.sharding`), and a process reads only the
+rows its own devices hold (`StoredTensor.read_placed`: whatever the checkpoint's format). Peak
+memory is about the bytes of the largest task: the one merging and those read ahead are held to
+the larger of that and MIN_READ_AHEAD_BYTES, not the model size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jkarcher.io import StoredTensor
+from jkarcher.pipeline.plan import TensorTask
+from jkarcher.sharding import padded_shape, row_sharding
+
+# Reading ahead may hold at least this much even when every tensor is small.
+MIN_READ_AHEAD_BYTES = 256 * 2**20
+
+
+def read_task(mesh: Mesh, task: TensorTask) -> dict[StoredTensor, jax.Array | np.ndarray]:
+    """What a task reads: its sources and base (and Fishers, in float32) as global arrays split
+    by rows over the mesh (this process reading only its own devices' rows); the extra rows, or
+    a tensor that is copied rather than merged, whole."""
+    if not task.floating:
+        return {info: info.read() for info in task.infos()}
+    shape = padded_shape(task.sources[0].shape, mesh)
+    sharding = row_sharding(mesh, len(shape))
+    placed = (*task.sources, *([task.base] if task.base is not None else []))
+    arrays = {
+        info: info.read_placed(shape, sharding, task.source_dtype) for info in dict.fromkeys(placed)
+    }
+    arrays |= {info: info.read_placed(shape, sharding, np.float32) for info in task.fishers}
+    if task.extra_rows is not None:
+        arrays[task.extra_rows] = task.extra_rows.read()
+    return arrays
+
+
+def read_ahead_bytes(tasks: Sequence[TensorTask]) -> int:
+    """How far reading ahead may go: the largest task's bytes, at least MIN_READ_AHEAD_BYTES."""
+    return max([MIN_READ_AHEAD_BYTES, *(t.read_bytes for t in tasks)])
+
+
+class ReadAhead:
+    """Yields (task, what `read(task)` returned) in order, reading in a background thread.
+
+    The thread stays at most `limit_bytes` (by `task.read_bytes`) ahead: it counts the task being
+    processed until the consumer asks for the next one, and it always reads the next task when
+    nothing is held, however large.
+    """
+
+    def __init__(self, tasks: Sequence[Any], read: Callable[[Any], Any], limit_bytes: int):
+        self._tasks = list(tasks)
+        self._read = read
+        self._limit = limit_bytes
+        self._held = 0
+        self._stopping = False
+        self._condition = threading.Condition()
+        self._results: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read_all, name="read-ahead", daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for task in self._tasks:
+            outcome = self._results.get()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            yield task, outcome
+            with self._condition:
+                self._held -= task.read_bytes
+                self._condition.notify_all()
+
+    def _read_all(self) -> None:
+        try:
+            for task in self._tasks:
+                with self._condition:
+                    while (
+                        not self._stopping
+                        and self._held > 0
+                        and self._held + task.read_bytes > self._limit
+                    ):
+                        self._condition.wait()
+                    if self._stopping:
+                        return
+                    self._held += task.read_bytes
+                self._results.put(self._read(task))
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._results.put(err)

@@ -1,0 +1,176 @@
+"""Running a merge plan (docs/design.md, "Data flow"): read ahead, merge, write, rename.
+
+`run(plan)` merges the tensors in `execution_order`: a background thread reads the next tensors
+(`jkarcher.pipeline.read`) while the current one merges in its leaf function, which a second
+thread compiled ahead (`jkarcher.pipeline.compile`); a third streams each result into the output
+(`jkarcher.pipeline.write`); config, tokenizer files and model card follow, and the finished
+directory is renamed into place. Every input and every merged tensor is checked finite, and a
+tensor that is not floating point is copied only when every model holds the same values.
+
+With several processes (`jkarcher.distributed`), every process runs the same plan on its own
+devices' rows; process 0 renames the output into place once every process has written its part
+and every tensor is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jkarcher import distributed
+from jkarcher.errors import MergeError
+from jkarcher.io import StoredTensor
+from jkarcher.merge import describe_merge, leaf_key
+from jkarcher.numerics import all_finite, first_disagreeing
+from jkarcher.pipeline.compile import LeafCompiler, leaf_signature
+from jkarcher.pipeline.plan import MergePlan, TensorTask
+from jkarcher.pipeline.read import ReadAhead, read_ahead_bytes, read_task
+from jkarcher.pipeline.write import (
+    orbax_output,
+    output_errors,
+    safetensors_output,
+    write_side_files,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSummary:
+    """What a finished merge did."""
+
+    output: Path
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.bytes_read / max(self.seconds, 1e-9) / 1e9
+        return (
+            f"merged {self.tensors} tensors: {self.bytes_read / 1e9:.2f} GB read, "
+            f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s "
+            f"({rate:.2f} GB/s read) -> {self.output}"
+        )
+
+
+def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) -> MergeSummary:
+    """Execute a plan: stream every tensor through the leaf function into the output files.
+
+    The output appears at `plan.config.output` only once complete; on any error (NaN or Inf in a
+    source or the result, models that disagree on a non-float tensor, a full disk, an
+    interruption) nothing is left there; a failed write (ENOSPC, EROFS, ...) is an OutputError.
+    With several processes, every process runs this on the same plan, and the output appears
+    once all of them have written their parts. `on_tensor(task)` is called after each tensor is
+    merged and handed to the writer (e.g. to advance a progress bar).
+    """
+    start = time.perf_counter()
+    key = jax.random.key(plan.config.seed) if plan.method.random else None
+    order = execution_order(plan.tasks)
+    output = orbax_output if plan.config.format == "orbax" else safetensors_output
+    with (
+        output_errors(plan.config.output),
+        distributed.staged_output(plan.config.output, plan.config.overwrite) as staging,
+    ):
+        with (
+            LeafCompiler(plan.method, order, plan.config.seed, plan.mesh) as leaves,
+            ReadAhead(
+                order, functools.partial(read_task, plan.mesh), read_ahead_bytes(order)
+            ) as reads,
+            output(plan, staging) as put,
+        ):
+            for task, arrays in reads:
+                tensor_key = None if key is None else leaf_key(key, task.name)
+                put(task, *merge_tensor(plan, leaves, task, arrays, tensor_key))
+                del arrays
+                if on_tensor is not None:
+                    on_tensor(task)
+        if distributed.is_leader():
+            write_side_files(plan, staging)
+    return MergeSummary(
+        output=plan.config.output,
+        tensors=len(plan.tasks),
+        bytes_read=plan.bytes_to_read,
+        bytes_written=plan.bytes_to_write,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def execution_order(tasks: Sequence[TensorTask]) -> tuple[TensorTask, ...]:
+    """The order to merge in: tasks grouped by the leaf they compile to (`leaf_signature`),
+    groups in order of first appearance.
+
+    Each group merges while the next group's leaf compiles, instead of every layer waiting for
+    new compilations. The output files keep the planned layout whatever the order.
+    """
+    groups: dict[tuple, list[TensorTask]] = {}
+    for task in tasks:
+        groups.setdefault(leaf_signature(task), []).append(task)
+    return tuple(task for group in groups.values() for task in group)
+
+
+def merge_tensor(
+    plan: MergePlan,
+    leaves: LeafCompiler,
+    task: TensorTask,
+    arrays: Mapping[StoredTensor, jax.Array | np.ndarray],
+    key: jax.Array | None,
+) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
+    """The output tensor from what `read_task` read: its merged rows on the mesh (padded, in
+    the output dtype) and the extra rows copied after them, if any; or a tensor that is copied
+    rather than merged, and None. A NaN or Inf in an input or the result is a MergeError."""
+    if not task.floating:
+        return _agreed_copy(plan, task, arrays), None
+    sources = tuple(arrays[info] for info in task.sources)
+    base = None if task.base is None else arrays[task.base]
+    fishers = tuple(arrays[info] for info in task.fishers)
+    merged, finite, merged_finite = leaves.merge(task, sources, base, key, fishers)
+    labelled = plan.input_labels(task)
+    for index in np.flatnonzero(~np.asarray(finite)):
+        _raise_not_finite(task, *labelled[index])
+    if not bool(merged_finite):
+        what = describe_merge(plan.method.name, task.settings.params, task.settings.weights)
+        raise MergeError(
+            f"tensor {task.name!r}: {what} gives NaN or Inf values in the output dtype "
+            f"{np.dtype(task.out_dtype).name} (from finite sources); nothing was written"
+        )
+    if task.extra_rows is None:
+        return merged, None
+    if not bool(_all_finite_rows(arrays[task.extra_rows])):
+        _raise_not_finite(task, *labelled[-1])
+    extra_rows = arrays[task.extra_rows].astype(task.out_dtype)
+    if not bool(_all_finite_rows(extra_rows)):
+        raise MergeError(
+            f"tensor {task.name!r}: rows copied from {labelled[-1][1]} overflow the output "
+            f"dtype {np.dtype(task.out_dtype).name}; nothing was written"
+        )
+    return merged, extra_rows
+
+
+_all_finite_rows = jax.jit(lambda rows: all_finite([rows])[0])
+
+
+def _raise_not_finite(task: TensorTask, info: StoredTensor, label: str) -> None:
+    raise MergeError(
+        f"tensor {task.name!r}: {label} holds NaN or Inf values (file {info.file}); "
+        "nothing was written"
+    )
+
+
+def _agreed_copy(
+    plan: MergePlan, task: TensorTask, arrays: Mapping[StoredTensor, np.ndarray]
+) -> np.ndarray:
+    """A non-float tensor (an index, a mask) is copied if every model holds the same values."""
+    labelled = plan.input_labels(task)
+    index = first_disagreeing([arrays[info] for info, _ in labelled])
+    if index is not None:
+        info, label = labelled[index]
+        raise MergeError(
+            f"tensor {task.name!r} is not floating point ({info.dtype}) and differs between "
+            f"{labelled[0][1]} and {label} (file {info.file}), so it cannot be merged"
+        )
+    return arrays[labelled[0][0]].astype(task.out_dtype, copy=False)
