@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.errors import MergeError
-from jkarcher.numerics import all_finite, check_weights, first_disagreeing
+from jkarcher.numerics import all_finite, check_weights, compute_dtype, first_disagreeing
 from jkarcher.sharding import place_on_mesh, with_auto_axes
 
 
@@ -123,15 +123,22 @@ def path_name(path: tuple) -> str:
 
 
 @functools.cache
-def _jitted_leaf(
-    method: str, params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None
+def traced_leaf(
+    method: str, static_params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None
 ) -> Callable:
-    leaf = with_auto_axes(functools.partial(methods.get(method).leaf, **dict(params)))
+    """The jitted leaf merge of `leaf_function` for the method's static parameters (cached), the
+    traced ones an argument: (sources, weights, base, key, tensors, traced) -> the same triple.
 
-    def merge_one(sources, weights, base, key, tensors=None):
+    `traced` maps the names of the method's traced parameters (`Param.traced`) to their values
+    as scalars (`split_params`), so tensors that differ only in those values share a compilation.
+    """
+    spec = methods.get(method)
+    leaf = with_auto_axes(functools.partial(spec.leaf, **dict(static_params)))
+
+    def merge_one(sources, weights, base, key, tensors=None, traced=None):
         tensors = tensors or {}
         stacked_tensors = {name: jnp.stack(arrays) for name, arrays in tensors.items()}
-        merged = leaf(jnp.stack(sources), weights, base, key=key, **stacked_tensors)
+        merged = leaf(jnp.stack(sources), weights, base, key=key, **stacked_tensors, **traced)
         merged = merged.astype(sources[0].dtype if out_dtype is None else out_dtype)
         checked = (*sources, *([base] if base is not None else []))
         checked += tuple(array for arrays in tensors.values() for array in arrays)
@@ -140,20 +147,39 @@ def _jitted_leaf(
     return jax.jit(merge_one)
 
 
+def split_params(
+    method: str, params: Mapping[str, Any]
+) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
+    """Resolved parameters as (the static ones, sorted (name, value) pairs that key a
+    compilation; the traced ones, {name: scalar or tuple of N scalars} in the compute dtype)."""
+    spec = methods.get(method)
+    static, traced = {}, {}
+    for name, value in params.items():
+        if not spec.param(name).traced:
+            static[name] = value
+        elif isinstance(value, tuple):
+            traced[name] = tuple(jnp.asarray(v, compute_dtype()) for v in value)
+        else:
+            traced[name] = jnp.asarray(value, compute_dtype())
+    return tuple(sorted(static.items())), traced
+
+
 def leaf_function(
     method: str, params: Mapping[str, Any], out_dtype: np.dtype | None = None
 ) -> Callable:
-    """The jitted leaf merge for a method and resolved parameters (cached).
+    """The jitted leaf merge for a method and resolved parameters.
 
     It maps (sources: tuple of N arrays, weights [N], base | None, key | None, tensor inputs:
     {name: tuple of N arrays} | None) to (merged array, all-finite flags of the sources, then
     the base, then each tensor input's N arrays (`input_labels` names them), whether the merged
     array is all finite). The leaf computes in float32 (float64 under x64); its result is
     rounded once, to `out_dtype` (None: the sources' dtype), and checked after that rounding,
-    so a value that overflows the output dtype counts as not finite.
+    so a value that overflows the output dtype counts as not finite. One compilation serves
+    every value of the method's traced parameters (`traced_leaf`).
     """
     dtype = None if out_dtype is None else np.dtype(out_dtype)
-    return _jitted_leaf(method, tuple(sorted(params.items())), dtype)
+    static, traced = split_params(method, params)
+    return functools.partial(traced_leaf(method, static, dtype), traced=traced)
 
 
 def _flatten_models(pytrees: list) -> tuple[list[str], list[tuple], Any]:

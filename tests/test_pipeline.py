@@ -161,9 +161,9 @@ def test_plan_reads_headers_only(tmp_path, monkeypatch):
 def test_merge_order_groups_by_leaf_while_files_keep_name_order(tmp_path):
     models = make_models(tmp_path, n=2)
     plan, _ = merge_checkpoints(models, tmp_path / "out")
-    order = pipeline.execution_order(plan.tasks)
+    order = pipeline.execution_order(plan)
     assert sorted(t.name for t in order) == sorted(t.name for t in plan.tasks)
-    signatures = [pipeline.leaf_signature(t) for t in order]
+    signatures = [pipeline.leaf_signature(plan.method.name, t) for t in order]
     runs = [s for i, s in enumerate(signatures) if i == 0 or s != signatures[i - 1]]
     assert len(runs) == len(set(signatures)) < len(order)
     (shard,) = plan.shards

@@ -20,6 +20,7 @@ from jkarcher import pipeline
 from jkarcher.config import ConfigError, validate
 from jkarcher.io import safetensors_io
 from jkarcher.io.writer import save_checkpoint, write_json
+from jkarcher.merge import split_params
 from jkarcher.sharding import MeshError, make_mesh, padded_shape, row_sharding
 
 TOLERANCE = 1e-6
@@ -104,13 +105,12 @@ def _device_bytes(plan, mesh):
     """Bytes one device needs for the merge of the plan's single tensor: arguments, result and
     scratch of its compiled leaf, as XLA reports them."""
     (task,) = plan.tasks
-    fn = pipeline.placed_leaf(
-        plan.method.name, task.settings.params_key, task.shape, task.out_dtype, mesh
-    )
+    static, traced = split_params(plan.method.name, task.settings.params)
+    fn = pipeline.placed_leaf(plan.method.name, static, task.shape, task.out_dtype, mesh)
     shape = padded_shape(task.shape, mesh)
     source = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=row_sharding(mesh, 2))
     weights = jnp.ones(len(task.sources))
-    compiled = fn.lower((source,) * len(task.sources), weights, None, None, ()).compile()
+    compiled = fn.lower((source,) * len(task.sources), weights, None, None, (), traced).compile()
     usage = compiled.memory_analysis()
     return usage.argument_size_in_bytes + usage.output_size_in_bytes + usage.temp_size_in_bytes
 

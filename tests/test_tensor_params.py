@@ -287,7 +287,8 @@ def test_the_pipeline_merges_each_tensor_with_its_own_settings(tmp_path):
 def test_leaves_are_grouped_and_compiled_per_distinct_parameters(tmp_path):
     _, _, config = _layered_ties(tmp_path)
     plan = pipeline.plan_merge(config)
-    signatures = [pipeline.leaf_signature(t) for t in pipeline.execution_order(plan.tasks)]
+    order = pipeline.execution_order(plan)
+    signatures = [pipeline.leaf_signature(plan.method.name, t) for t in order]
     runs = [s for i, s in enumerate(signatures) if i == 0 or s != signatures[i - 1]]
     assert len(runs) == len(set(signatures))
     densities = {t.settings.params["density"] for t in plan.tasks}
@@ -310,10 +311,41 @@ def test_weights_that_vary_add_no_compilation(tmp_path):
 
     constant = plan_with(1.0)
     varying = plan_with([{"filter": "mlp", "value": 0.5}, {"value": {"gradient": [0.0, 3.0]}}])
-    signatures = [{pipeline.leaf_signature(t) for t in p.tasks} for p in (constant, varying)]
+    signatures = [
+        {pipeline.leaf_signature(p.method.name, t) for t in p.tasks} for p in (constant, varying)
+    ]
     assert signatures[0] == signatures[1]
     assert len({t.settings.weights for t in constant.tasks}) == 1
     assert len({t.settings.weights for t in varying.tasks}) > 2
+
+
+def test_traced_parameters_that_vary_add_no_compilation(tmp_path):
+    """mergekit's gradient-slerp: a `t` that varies by layer and filter compiles exactly the
+    leaves of a constant `t`, and every tensor still merges with its own `t`."""
+    a, b = make_models(tmp_path / "in", n=2, num_layers=LAYERS)
+
+    def plan_with(t, output):
+        config = merge_config([a, b], tmp_path / output, method="slerp", params={"t": t})
+        return pipeline.plan_merge(validate(config))
+
+    gradient = [
+        {"filter": "self_attn", "value": {"gradient": [0.0, 0.5, 1.0]}},
+        {"filter": "mlp", "value": {"gradient": [1.0, 0.3, 0.0]}},
+        {"value": 0.5},
+    ]
+    constant, varying = plan_with(0.5, "constant"), plan_with(gradient, "varying")
+    assert len({t.settings.params["t"] for t in varying.tasks}) == 4  # 0, 0.3, 0.5, 1
+    signatures = [
+        {pipeline.leaf_signature(p.method.name, t) for t in p.tasks} for p in (constant, varying)
+    ]
+    assert signatures[0] == signatures[1]
+    pipeline.run(varying)
+    got = read_all(tmp_path / "varying")
+    models = [read_all(a), read_all(b)]
+    for task in varying.tasks:
+        t = task.settings.params["t"]
+        want = jkarcher.merge([{"x": m[task.name]} for m in models], method="slerp", t=t)["x"]
+        np.testing.assert_array_equal(got[task.name], np.asarray(want), err_msg=task.name)
 
 
 def test_a_required_parameter_that_no_rule_gives_fails_before_writing(tmp_path):

@@ -70,6 +70,7 @@ register(
                 DEFAULT_FISHER_FLOOR,
                 "least value a Fisher entry counts as (where all are below: weighted average)",
                 check=positive,
+                traced=True,
             ),
         ),
         tensor_inputs=("fisher",),

@@ -45,7 +45,11 @@ register(
         leaf=nearswap,
         params=(
             Param(
-                "t", REQUIRED, "distance below which the model's value is taken", check=non_negative
+                "t",
+                REQUIRED,
+                "distance below which the model's value is taken",
+                check=non_negative,
+                traced=True,
             ),
         ),
         base=BASE_REQUIRED,

@@ -50,6 +50,10 @@ class Param:
     (mergekit's per-model `parameters:`); the leaf then receives a tuple of N values.
     `check(value)` returns an error text for a bad value, or None when the value is fine.
     A `default` of `REQUIRED` means the parameter has no default and must be given.
+    A `traced` parameter is a number that the leaf uses only in arithmetic, never in Python
+    control flow or shapes: it reaches the leaf as a traced scalar in the compute dtype (a tuple
+    of N scalars when given per model), so that tensors merged with different values of it (a
+    gradient over layers) share one compiled leaf.
     """
 
     name: str
@@ -57,6 +61,7 @@ class Param:
     doc: str = ""
     per_model: bool = False
     check: Callable[[Any], str | None] | None = None
+    traced: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,7 +166,13 @@ register(
         name="slerp",
         leaf=slerp,
         params=(
-            Param("t", REQUIRED, "position from model 0 (t=0) to model 1 (t=1)", check=number),
+            Param(
+                "t",
+                REQUIRED,
+                "position from model 0 (t=0) to model 1 (t=1)",
+                check=number,
+                traced=True,
+            ),
         ),
         base=BASE_NONE,
         min_models=2,

@@ -119,9 +119,7 @@ def generalized_task_arithmetic(
         divisor = jnp.where(jnp.abs(divisor) < WEIGHT_SUM_EPS, 1.0, divisor)
     if normalize:
         mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base.astype(dtype) + mixed
+    return base.astype(dtype) + mixed * lambda_
 
 
 def keep_masks(
@@ -251,7 +249,7 @@ def _params(variant: Variant) -> tuple[Param, ...]:
             "divide by the sum of the weights (of the sign-agreeing models, with sign election)",
             check=boolean,
         ),
-        Param("lambda", 1.0, "scale of the merged task vector", check=number),
+        Param("lambda", 1.0, "scale of the merged task vector", check=number, traced=True),
     ]
     if variant.rescale is not None:
         doc = "rescale kept task vectors to their L1 norm"

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +23,17 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.config import FISHER_INPUT
-from jkarcher.merge import leaf_function, leaf_key
+from jkarcher.merge import leaf_key, split_params, traced_leaf
 from jkarcher.numerics import check_weights
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.sharding import padded_shape, replicated, row_sharding
 
 
-def leaf_signature(task: TensorTask) -> tuple:
+def leaf_signature(method: str, task: TensorTask) -> tuple:
     """What the compiled leaf of a task depends on: tasks with equal signatures share one
-    compilation (the weights are arguments and take no part)."""
+    compilation (the weights and the traced parameters' values are arguments and take no part;
+    whether a traced parameter is one value or one per model does)."""
+    static, traced = split_params(method, task.settings.params)
     return (
         task.floating,
         task.sources[0].shape,
@@ -37,7 +41,8 @@ def leaf_signature(task: TensorTask) -> tuple:
         task.base is not None,
         len(task.sources),
         len(task.fishers),
-        task.settings.params_key,
+        static,
+        jax.tree.structure(traced),
         task.out_dtype,
     )
 
@@ -56,10 +61,12 @@ class LeafCompiler:
         self._mesh = mesh
         self._seed_key = jax.random.key(seed) if method.random else None
         self._weights: dict[tuple[float, ...], jax.Array] = {}
+        self._traced: dict[tuple, dict[str, Any]] = {}
+        self._compile_seconds = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self._compiled: dict[tuple, concurrent.futures.Future] = {}
         for task in tasks:
-            signature = leaf_signature(task)
+            signature = leaf_signature(self._method, task)
             if task.floating and signature not in self._compiled:
                 self._compiled[signature] = self._executor.submit(self._compile, task)
 
@@ -83,15 +90,35 @@ class LeafCompiler:
         """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
         the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
         `placed_leaf`)."""
-        self._compiled[leaf_signature(task)].result()
-        return self._function(task)(sources, self.weights(task), base, key, fishers)
+        self._compiled[leaf_signature(self._method, task)].result()
+        traced = self.traced_params(task)
+        return self._function(task)(sources, self.weights(task), base, key, fishers, traced)
+
+    def traced_params(self, task: TensorTask) -> dict[str, Any]:
+        """The task's traced parameters as scalars (`jkarcher.merge.split_params`), once per
+        distinct parameters."""
+        params = task.settings.params_key
+        if params not in self._traced:
+            self._traced[params] = split_params(self._method, task.settings.params)[1]
+        return self._traced[params]
 
     def _function(self, task: TensorTask) -> Callable:
         shape = task.sources[0].shape
-        params = task.settings.params_key
-        return placed_leaf(self._method, params, shape, task.out_dtype, self._mesh)
+        static = split_params(self._method, task.settings.params)[0]
+        return placed_leaf(self._method, static, shape, task.out_dtype, self._mesh)
+
+    @property
+    def compilations(self) -> int:
+        """How many distinct leaves this merge compiles (one per `leaf_signature`)."""
+        return len(self._compiled)
+
+    @property
+    def compile_seconds(self) -> float:
+        """The seconds spent compiling so far, in the background thread."""
+        return self._compile_seconds
 
     def _compile(self, task: TensorTask) -> None:
+        start = time.perf_counter()
         shape = padded_shape(task.sources[0].shape, self._mesh)
         sharding = row_sharding(self._mesh, len(shape))
         shaped = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=sharding)
@@ -99,15 +126,19 @@ class LeafCompiler:
         key = None if self._seed_key is None else leaf_key(self._seed_key, task.name)
         sources = (shaped,) * len(task.sources)
         fishers = (jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),) * len(task.fishers)
-        self._function(task).lower(sources, self.weights(task), base, key, fishers).compile()
+        traced = self.traced_params(task)
+        function = self._function(task)
+        function.lower(sources, self.weights(task), base, key, fishers, traced).compile()
+        self._compile_seconds += time.perf_counter() - start
 
 
 @functools.cache
 def placed_leaf(
-    method: str, params_key: tuple, shape: tuple[int, ...], out_dtype: np.dtype, mesh: Mesh
+    method: str, static_params: tuple, shape: tuple[int, ...], out_dtype: np.dtype, mesh: Mesh
 ) -> Callable:
-    """`leaf_function(method, params)` for sources of `shape` split by rows over `mesh`, as
-    `jkarcher.pipeline.read.read_task` places them (cached).
+    """`jkarcher.merge.traced_leaf(method, static_params)` for sources of `shape` split by rows
+    over `mesh`, as `jkarcher.pipeline.read.read_task` places them (cached): (sources, weights,
+    base, key, fishers, traced parameters) -> (merged, all-finite flags, merged all finite).
 
     The padding rows are cut off before the leaf sees the sources (and the Fishers, its
     `fisher` input, when there are any) and put back as zeros after it, so the leaf merges
@@ -115,16 +146,17 @@ def placed_leaf(
     the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
     on every device.
     """
-    leaf = leaf_function(method, dict(params_key), out_dtype)
+    leaf = traced_leaf(method, static_params, np.dtype(out_dtype))
     padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
 
     def cut(x: jax.Array) -> jax.Array:
         return x[: shape[0]] if padding else x
 
-    def run(sources, weights, base, key, fishers):
+    def run(sources, weights, base, key, fishers, traced):
         base = None if base is None else cut(base)
         tensors = {FISHER_INPUT: tuple(map(cut, fishers))} if fishers else None
-        merged, finite, merged_finite = leaf(tuple(map(cut, sources)), weights, base, key, tensors)
+        sources = tuple(map(cut, sources))
+        merged, finite, merged_finite = leaf(sources, weights, base, key, tensors, traced)
         if padding:
             merged = jnp.pad(merged, [(0, padding)] + [(0, 0)] * (len(shape) - 1))
         return merged, finite, merged_finite

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -48,13 +48,24 @@ class MergeSummary:
     bytes_read: int
     bytes_written: int
     seconds: float
+    # Distinct leaf functions compiled, and the seconds spent compiling them (in a background
+    # thread, overlapped with reading and merging).
+    compilations: int
+    compile_seconds: float
+    # Where the main thread's time went, in seconds: waiting for the read-ahead thread, merging
+    # (a tensor's leaf, with any wait for its compilation), handing results to the writer, and
+    # the rest (opening the output, side files, the rename).
+    phases: Mapping[str, float]
 
     def __str__(self) -> str:
         rate = self.bytes_read / max(self.seconds, 1e-9) / 1e9
+        split = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
         return (
             f"merged {self.tensors} tensors: {self.bytes_read / 1e9:.2f} GB read, "
             f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s "
-            f"({rate:.2f} GB/s read) -> {self.output}"
+            f"({rate:.2f} GB/s read) -> {self.output}\n"
+            f"  time: {split}; {self.compilations} leaves compiled in "
+            f"{self.compile_seconds:.1f} s in the background"
         )
 
 
@@ -69,8 +80,9 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     merged and handed to the writer (e.g. to advance a progress bar).
     """
     start = time.perf_counter()
+    phases = dict.fromkeys(("waiting for reads", "merging", "writing"), 0.0)
     key = jax.random.key(plan.config.seed) if plan.method.random else None
-    order = execution_order(plan.tasks)
+    order = execution_order(plan)
     output = orbax_output if plan.config.format == "orbax" else safetensors_output
     with (
         output_errors(plan.config.output),
@@ -83,33 +95,58 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
             ) as reads,
             output(plan, staging) as put,
         ):
-            for task, arrays in reads:
+            for task, arrays in _timed(reads, phases, "waiting for reads"):
                 tensor_key = None if key is None else leaf_key(key, task.name)
-                put(task, *merge_tensor(plan, leaves, task, arrays, tensor_key))
-                del arrays
+                lap = time.perf_counter()
+                merged = merge_tensor(plan, leaves, task, arrays, tensor_key)
+                phases["merging"] += time.perf_counter() - lap
+                lap = time.perf_counter()
+                put(task, *merged)
+                phases["writing"] += time.perf_counter() - lap
+                del arrays, merged
                 if on_tensor is not None:
                     on_tensor(task)
         if distributed.is_leader():
             write_side_files(plan, staging)
+    seconds = time.perf_counter() - start
+    phases["other"] = seconds - sum(phases.values())
     return MergeSummary(
         output=plan.config.output,
         tensors=len(plan.tasks),
         bytes_read=plan.bytes_to_read,
         bytes_written=plan.bytes_to_write,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
+        compilations=leaves.compilations,
+        compile_seconds=leaves.compile_seconds,
+        phases=phases,
     )
 
 
-def execution_order(tasks: Sequence[TensorTask]) -> tuple[TensorTask, ...]:
-    """The order to merge in: tasks grouped by the leaf they compile to (`leaf_signature`),
-    groups in order of first appearance.
+def _timed(items: Iterable, phases: dict[str, float], phase: str) -> Iterator:
+    """The items of `items`, the seconds spent waiting for each added to `phases[phase]`."""
+    iterator = iter(items)
+    while True:
+        lap = time.perf_counter()
+        item = next(iterator, _DONE)
+        phases[phase] += time.perf_counter() - lap
+        if item is _DONE:
+            return
+        yield item
+
+
+_DONE = object()
+
+
+def execution_order(plan: MergePlan) -> tuple[TensorTask, ...]:
+    """The order to merge the plan's tasks in: grouped by the leaf they compile to
+    (`leaf_signature`), groups in order of first appearance.
 
     Each group merges while the next group's leaf compiles, instead of every layer waiting for
     new compilations. The output files keep the planned layout whatever the order.
     """
     groups: dict[tuple, list[TensorTask]] = {}
-    for task in tasks:
-        groups.setdefault(leaf_signature(task), []).append(task)
+    for task in plan.tasks:
+        groups.setdefault(leaf_signature(plan.method.name, task), []).append(task)
     return tuple(task for group in groups.values() for task in group)
 
 
