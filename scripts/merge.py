@@ -14,7 +14,8 @@ gives the merge itself; `--config.FIELD=VALUE` then sets the run's fields (outpu
 out_shard_size, seed, ...).
 Inputs are read from disk or the local HF cache, never the network. The output appears only once
 it is complete; Ctrl-C or SIGTERM stops the run, and nothing is left behind.
-With JAX_COMPILATION_CACHE_DIR=DIR set, compiled merge functions are kept between runs.
+Compiled leaf functions are kept between runs (`jkarcher.compile_cache`: in ~/.cache/jkarcher/jax
+unless JKARCHER_COMPILE_CACHE=DIR or JKARCHER_COMPILE_CACHE=off says otherwise).
 
 Several processes (hosts) run one merge when each is started with the same config and
 `--config.distributed.enabled=True` (plus coordinator_address, num_processes and process_id,
@@ -54,7 +55,14 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jkarcher import demo, distributed, mergekit_yaml, methods, pipeline  # noqa: E402
+from jkarcher import (  # noqa: E402
+    compile_cache,
+    demo,
+    distributed,
+    mergekit_yaml,
+    methods,
+    pipeline,
+)
 from jkarcher.config import (  # noqa: E402
     FIELDS,
     ConfigError,
@@ -137,6 +145,7 @@ def read_config(command_line: CommandLine) -> MergeConfig:
 
 def main(command_line: CommandLine) -> None:
     try:
+        compile_cache.enable(compile_cache.cache_directory())
         distributed.initialize(distributed_settings(_CONFIG.value))
         config = read_config(command_line)
         demo.make_missing_demo_models([config.base_model, *(m.path for m in config.models)])

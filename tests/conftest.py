@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 virtual CPU devices (set before JAX starts) and the slow-test switch."""
+"""Test-wide setup: 8 virtual CPU devices (set before JAX starts), the compile cache of the
+scripts the tests run kept in a temporary directory (not the user's), and the slow-test switch."""
 
 import os
 
@@ -8,6 +9,19 @@ _DEVICES = "--xla_force_host_platform_device_count=8"
 if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compile_cache_of_the_session(tmp_path_factory):
+    """Scripts run by the tests keep compiled leaves for this session only."""
+    directory = tmp_path_factory.mktemp("compile-cache")
+    previous = os.environ.get("JKARCHER_COMPILE_CACHE")
+    os.environ["JKARCHER_COMPILE_CACHE"] = str(directory)
+    yield
+    if previous is None:
+        del os.environ["JKARCHER_COMPILE_CACHE"]
+    else:
+        os.environ["JKARCHER_COMPILE_CACHE"] = previous
 
 
 def pytest_addoption(parser):

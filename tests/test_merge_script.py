@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers_checkpoints import BF16, make_models, read_all, write_tiny
 
-from jkarcher import demo
+from jkarcher import compile_cache, demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,3 +205,26 @@ def test_bad_input_exits_before_writing(tmp_path):
     assert result.returncode == 1
     assert "error: models[1]:" in result.stderr and "pickled" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compiled_leaves_are_kept_for_the_next_run(tmp_path, monkeypatch):
+    """The second merge of the same shapes compiles nothing new: every leaf is in the cache."""
+    config = _tiny_config_file(tmp_path, make_models(tmp_path / "in", n=2))
+    cache = tmp_path / "compile-cache"
+    monkeypatch.setenv("JKARCHER_COMPILE_CACHE", str(cache))
+    first = _merge_script("--config", config)
+    assert first.returncode == 0, first.stderr
+    kept = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert kept
+    second = _merge_script("--config", config, "--config.overwrite=True")
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == kept
+
+
+def test_the_compile_cache_directory_comes_from_the_environment(tmp_path):
+    assert compile_cache.cache_directory({"JKARCHER_COMPILE_CACHE": "off"}) is None
+    chosen = {"JKARCHER_COMPILE_CACHE": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": "/elsewhere"}
+    assert compile_cache.cache_directory(chosen) == tmp_path
+    assert compile_cache.cache_directory({"JAX_COMPILATION_CACHE_DIR": "/x"}) == Path("/x")
+    default = compile_cache.cache_directory({"XDG_CACHE_HOME": str(tmp_path)})
+    assert default == tmp_path / "jkarcher" / "jax"
