@@ -80,6 +80,17 @@ class TensorInfo(StoredTensor):
     def read(self) -> np.ndarray:
         return read_tensor(self)
 
+    def prefetch(self) -> None:
+        """POSIX_FADV_WILLNEED on the tensor's byte range, where the platform has it."""
+        if not hasattr(os, "posix_fadvise") or not self.nbytes:
+            return
+        with reading(self.file):
+            fd = os.open(self.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, self.start, self.end - self.start, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse one safetensors file's header: ({name: TensorInfo}, metadata).

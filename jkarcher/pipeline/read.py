@@ -50,17 +50,35 @@ def read_ahead_bytes(tasks: Sequence[TensorTask]) -> int:
     return max([MIN_READ_AHEAD_BYTES, *(t.read_bytes for t in tasks)])
 
 
+def prefetch_task(task: TensorTask) -> None:
+    """Hint the operating system to start reading what a task will read (`StoredTensor.prefetch`),
+    with one process only: with several, each reads only some rows of each tensor."""
+    if jax.process_count() == 1:
+        for info in task.infos():
+            info.prefetch()
+
+
 class ReadAhead:
     """Yields (task, what `read(task)` returned) in order, reading in a background thread.
 
     The thread stays at most `limit_bytes` (by `task.read_bytes`) ahead: it counts the task being
     processed until the consumer asks for the next one, and it always reads the next task when
-    nothing is held, however large.
+    nothing is held, however large. Before reading a task it calls `prefetch` on the tasks after
+    it, up to `limit_bytes` beyond it (and always the next one), each once: on a cold disk the
+    next reads are then already under way while this one is copied and merged.
     """
 
-    def __init__(self, tasks: Sequence[Any], read: Callable[[Any], Any], limit_bytes: int):
+    def __init__(
+        self,
+        tasks: Sequence[Any],
+        read: Callable[[Any], Any],
+        limit_bytes: int,
+        prefetch: Callable[[Any], None] | None = None,
+    ):
         self._tasks = list(tasks)
         self._read = read
+        self._prefetch = prefetch
+        self._prefetched = 0
         self._limit = limit_bytes
         self._held = 0
         self._stopping = False
@@ -90,7 +108,7 @@ class ReadAhead:
 
     def _read_all(self) -> None:
         try:
-            for task in self._tasks:
+            for index, task in enumerate(self._tasks):
                 with self._condition:
                     while (
                         not self._stopping
@@ -101,6 +119,21 @@ class ReadAhead:
                     if self._stopping:
                         return
                     self._held += task.read_bytes
+                self._prefetch_after(index)
                 self._results.put(self._read(task))
         except BaseException as err:  # handed to the consumer, which raises it
             self._results.put(err)
+
+    def _prefetch_after(self, index: int) -> None:
+        """Prefetch the tasks after `index` whose bytes fit in `limit_bytes` beyond it, and the
+        next one however large."""
+        if self._prefetch is None:
+            return
+        ahead = 0
+        for later in range(index + 1, len(self._tasks)):
+            ahead += self._tasks[later].read_bytes
+            if ahead > self._limit and later > index + 1:
+                return
+            if later >= self._prefetched:
+                self._prefetch(self._tasks[later])
+                self._prefetched = later + 1
