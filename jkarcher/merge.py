@@ -130,7 +130,8 @@ def traced_leaf(
     traced ones an argument: (sources, weights, base, key, tensors, traced) -> the same triple.
 
     `traced` maps the names of the method's traced parameters (`Param.traced`) to their values
-    as scalars (`split_params`), so tensors that differ only in those values share a compilation.
+    as scalars (`traced_arguments`), so tensors that differ only in those values share a
+    compilation.
     """
     spec = methods.get(method)
     leaf = with_auto_axes(functools.partial(spec.leaf, **dict(static_params)))
@@ -151,17 +152,18 @@ def split_params(
     method: str, params: Mapping[str, Any]
 ) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
     """Resolved parameters as (the static ones, sorted (name, value) pairs that key a
-    compilation; the traced ones, {name: scalar or tuple of N scalars} in the compute dtype)."""
+    compilation; the traced ones, {name: value or tuple of N values}, as `traced_arguments`
+    passes them to `traced_leaf`)."""
     spec = methods.get(method)
-    static, traced = {}, {}
-    for name, value in params.items():
-        if not spec.param(name).traced:
-            static[name] = value
-        elif isinstance(value, tuple):
-            traced[name] = tuple(jnp.asarray(v, compute_dtype()) for v in value)
-        else:
-            traced[name] = jnp.asarray(value, compute_dtype())
+    static = {name: value for name, value in params.items() if not spec.param(name).traced}
+    traced = {name: value for name, value in params.items() if spec.param(name).traced}
     return tuple(sorted(static.items())), traced
+
+
+def traced_arguments(traced: Mapping[str, Any]) -> dict[str, Any]:
+    """The traced parameters of `split_params` as scalars in the compute dtype (a tuple of N
+    scalars where a parameter is given per model), the `traced` argument of `traced_leaf`."""
+    return jax.tree.map(lambda value: jnp.asarray(value, compute_dtype()), dict(traced))
 
 
 def leaf_function(
@@ -179,7 +181,7 @@ def leaf_function(
     """
     dtype = None if out_dtype is None else np.dtype(out_dtype)
     static, traced = split_params(method, params)
-    return functools.partial(traced_leaf(method, static, dtype), traced=traced)
+    return functools.partial(traced_leaf(method, static, dtype), traced=traced_arguments(traced))
 
 
 def _flatten_models(pytrees: list) -> tuple[list[str], list[tuple], Any]:

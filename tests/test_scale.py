@@ -20,7 +20,7 @@ from jkarcher import pipeline
 from jkarcher.config import ConfigError, validate
 from jkarcher.io import safetensors_io
 from jkarcher.io.writer import save_checkpoint, write_json
-from jkarcher.merge import split_params
+from jkarcher.merge import split_params, traced_arguments
 from jkarcher.sharding import MeshError, make_mesh, padded_shape, row_sharding
 
 TOLERANCE = 1e-6
@@ -106,6 +106,7 @@ def _device_bytes(plan, mesh):
     scratch of its compiled leaf, as XLA reports them."""
     (task,) = plan.tasks
     static, traced = split_params(plan.method.name, task.settings.params)
+    traced = traced_arguments(traced)
     fn = pipeline.placed_leaf(plan.method.name, static, task.shape, task.out_dtype, mesh)
     shape = padded_shape(task.shape, mesh)
     source = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=row_sharding(mesh, 2))

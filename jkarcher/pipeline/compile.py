@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.config import FISHER_INPUT
-from jkarcher.merge import leaf_key, split_params, traced_leaf
+from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
 from jkarcher.numerics import check_weights
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.sharding import padded_shape, replicated, row_sharding
@@ -95,11 +95,12 @@ class LeafCompiler:
         return self._function(task)(sources, self.weights(task), base, key, fishers, traced)
 
     def traced_params(self, task: TensorTask) -> dict[str, Any]:
-        """The task's traced parameters as scalars (`jkarcher.merge.split_params`), once per
+        """The task's traced parameters as scalars (`jkarcher.merge.traced_arguments`), once per
         distinct parameters."""
         params = task.settings.params_key
         if params not in self._traced:
-            self._traced[params] = split_params(self._method, task.settings.params)[1]
+            traced = split_params(self._method, task.settings.params)[1]
+            self._traced[params] = traced_arguments(traced)
         return self._traced[params]
 
     def _function(self, task: TensorTask) -> Callable:
