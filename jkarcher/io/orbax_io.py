@@ -24,10 +24,10 @@ import functools
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from jkarcher.io.checkpoint import (
@@ -41,6 +41,9 @@ from jkarcher.io.hf import copy_files, resolve_checkpoint_dir
 from jkarcher.io.output_dir import check_output_dir, staged_directory
 from jkarcher.io.safetensors_io import INDEX_NAME, Checkpoint, map_tensor
 from jkarcher.io.writer import OutputTensor, ShardWriter, natural_key, plan_shards, write_index
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 PARAMS_DIR = "params"
 # The file Orbax writes into every PyTree checkpoint: the tree's structure and leaf metadata.
@@ -71,7 +74,7 @@ class OrbaxTensor(StoredTensor):
 
     def read(self) -> np.ndarray:
         """The tensor (its rows that this selects) into host memory."""
-        array = np.asarray(_restore_one(self, ocp.RestoreArgs(restore_type=np.ndarray)))
+        array = np.asarray(_restore_one(self, _orbax().RestoreArgs(restore_type=np.ndarray)))
         return array[self.first_row : self.first_row + self.shape[0]] if self.shape else array
 
     def prefetch(self) -> None:
@@ -85,7 +88,7 @@ class OrbaxTensor(StoredTensor):
         shards that this process's devices hold."""
         if self.first_row:
             raise ValueError(f"tensor {self.name!r}: only rows from 0 on can be read onto a mesh")
-        args = ocp.ArrayRestoreArgs(
+        args = _orbax().ArrayRestoreArgs(
             sharding=sharding, global_shape=shape, strict=False, dtype=dtype
         )
         return _restore_one(self, args)
@@ -148,7 +151,8 @@ def save_params(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray |
         if leaf in node:
             raise CheckpointError(f"tensor {name!r} clashes with another tensor's path")
         node[leaf] = array
-    _checkpointer().save(Path(directory).absolute() / PARAMS_DIR, args=ocp.args.PyTreeSave(tree))
+    params = Path(directory).absolute() / PARAMS_DIR
+    _checkpointer().save(params, args=_orbax().args.PyTreeSave(tree))
 
 
 def hf_to_orbax(
@@ -197,20 +201,29 @@ def orbax_to_hf(
 
 
 @functools.cache
+def _orbax():
+    """`orbax.checkpoint`, imported on first use: importing it adds about 0.3 s to every start,
+    and most merges neither read nor write an Orbax checkpoint."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
+
+
+@functools.cache
 def _checkpointer() -> ocp.Checkpointer:
     """Saves: every process of a run takes part (each writes its own shards)."""
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    return _orbax().Checkpointer(_orbax().PyTreeCheckpointHandler())
 
 
 @functools.cache
 def _reader() -> ocp.Checkpointer:
     """Reads: each process on its own, with no barrier between processes, so that a process
     reads ahead in a thread of its own while the others merge."""
-    alone = ocp.options.MultiprocessingOptions(
+    alone = _orbax().options.MultiprocessingOptions(
         primary_host=jax.process_index(), active_processes={jax.process_index()}
     )
-    return ocp.Checkpointer(
-        ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+    return _orbax().Checkpointer(
+        _orbax().PyTreeCheckpointHandler(multiprocessing_options=alone),
         multiprocessing_options=alone,
     )
 
@@ -219,7 +232,7 @@ def _restore_one(info: OrbaxTensor, args: ocp.RestoreArgs):
     """Restore the one array at `info.path` with `args` (a partial restore)."""
     restored = _reader().restore(
         info.file,
-        args=ocp.args.PyTreeRestore(
+        args=_orbax().args.PyTreeRestore(
             item=_nested(info.path, 0), restore_args=_nested(info.path, args), partial_restore=True
         ),
     )

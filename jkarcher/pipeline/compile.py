@@ -90,9 +90,8 @@ class LeafCompiler:
         """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
         the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
         `placed_leaf`)."""
-        self._compiled[leaf_signature(self._method, task)].result()
-        traced = self.traced_params(task)
-        return self._function(task)(sources, self.weights(task), base, key, fishers, traced)
+        compiled = self._compiled[leaf_signature(self._method, task)].result()
+        return compiled(sources, self.weights(task), base, key, fishers, self.traced_params(task))
 
     def traced_params(self, task: TensorTask) -> dict[str, Any]:
         """The task's traced parameters as scalars (`jkarcher.merge.traced_arguments`), once per
@@ -118,7 +117,9 @@ class LeafCompiler:
         """The seconds spent compiling so far, in the background thread."""
         return self._compile_seconds
 
-    def _compile(self, task: TensorTask) -> None:
+    def _compile(self, task: TensorTask) -> jax.stages.Compiled:
+        """The task's leaf, traced, lowered and compiled for its shapes: calling this compiled
+        leaf runs it, where calling the jitted function would trace and lower it again."""
         start = time.perf_counter()
         shape = padded_shape(task.sources[0].shape, self._mesh)
         sharding = row_sharding(self._mesh, len(shape))
@@ -129,8 +130,9 @@ class LeafCompiler:
         fishers = (jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),) * len(task.fishers)
         traced = self.traced_params(task)
         function = self._function(task)
-        function.lower(sources, self.weights(task), base, key, fishers, traced).compile()
+        compiled = function.lower(sources, self.weights(task), base, key, fishers, traced).compile()
         self._compile_seconds += time.perf_counter() - start
+        return compiled
 
 
 @functools.cache
