@@ -14,8 +14,9 @@ from helpers_checkpoints import make_models, read_all, tiny_config, tiny_weights
 from safetensors import safe_open
 
 from jkarcher.io import Checkpoint, CheckpointError, read_header, read_tensor
+from jkarcher.io.buffers import BUFFER_ALIGNMENT
 from jkarcher.io.hf import output_model_config
-from jkarcher.io.safetensors_io import BUFFER_ALIGNMENT, INDEX_NAME
+from jkarcher.io.safetensors_io import INDEX_NAME
 from jkarcher.io.writer import (
     OutputTensor,
     ShardWriter,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from jkarcher.io.buffers import aligned_bytes
 from jkarcher.io.checkpoint import (
     CONFIG_NAME,
     CheckpointError,
@@ -32,10 +32,6 @@ from jkarcher.io.hf import resolve_checkpoint_dir
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the `safetensors` library's limit
-# Arrays are read into buffers aligned like this, so that JAX on CPU can use them without a copy.
-BUFFER_ALIGNMENT = 64
-# Buffers at least this large get memory maps of their own (see `aligned_bytes`).
-MAP_BUFFER_BYTES = 32 * 2**20
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -202,7 +198,7 @@ def _offsets(info: TensorInfo, data_start: int) -> list[int]:
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor from disk into a new NumPy array of its dtype and shape.
 
-    The array's data is aligned to BUFFER_ALIGNMENT bytes, so `jax.device_put(array,
+    The array's data is aligned (`jkarcher.io.buffers`), so `jax.device_put(array,
     may_alias=True)` on CPU can use it in place.
     """
     raw = aligned_bytes(info.nbytes)
@@ -223,24 +219,6 @@ def map_tensor(info: TensorInfo) -> np.ndarray:
             info.file, info.dtype, "r", offset=info.start, shape=info.nbytes // info.dtype.itemsize
         )
     return mapped.view(np.ndarray).reshape(info.shape)
-
-
-def aligned_bytes(nbytes: int) -> np.ndarray:
-    """A uint8 array of `nbytes` whose data starts on a BUFFER_ALIGNMENT boundary.
-
-    Large buffers are anonymous memory maps of their own (page-aligned, freed with the array):
-    allocating them costs a steady time per byte, where heap memory advised for huge pages can
-    stall the first time on the kernel's memory compaction. They are populated when mapped
-    (MAP_POPULATE, where the platform has it): one system call instead of a page fault per 4 KiB
-    page as the read first touches them, which took 40% of the time to read a checkpoint.
-    Smaller buffers come from the heap, whose freed memory the allocator reuses without faults.
-    """
-    if nbytes >= MAP_BUFFER_BYTES:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=np.uint8)
-    raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
-    offset = -raw.ctypes.data % BUFFER_ALIGNMENT
-    return raw[offset : offset + nbytes]
 
 
 class Checkpoint(CheckpointReader):
