@@ -151,6 +151,15 @@ def write_model(
     """Write one complete HF checkpoint directory (weights, config, tokenizer, generation)."""
     directory = Path(directory)
     save_checkpoint(directory, weights, max_shard_bytes)
+    write_model_files(directory, config, tokenizer)
+    return directory
+
+
+def write_model_files(
+    directory: str | os.PathLike, config: dict, tokenizer: tokenizers.Tokenizer
+) -> None:
+    """Write a checkpoint's files other than its weights: config, tokenizer, generation."""
+    directory = Path(directory)
     write_json(directory / "config.json", config)
     tokenizer.save(str(directory / "tokenizer.json"))
     write_json(
@@ -168,7 +177,6 @@ def write_model(
         directory / "generation_config.json",
         {"bos_token_id": eos, "eos_token_id": eos, "max_new_tokens": 32, "do_sample": False},
     )
-    return directory
 
 
 def write_demo_models(directory: str | os.PathLike, seed: int = 0) -> list[Path]:

@@ -1,6 +1,7 @@
 """End-to-end merge speed and memory on a synthetic zoo, against the I/O floor and mergekit.
 
     python scripts/bench_merge.py                      # add --mergekit_karcher for that leg too
+    python scripts/bench_merge.py --zoo=big --experts=5  # the cold 3B legs (31 GB of inputs)
 
 The zoo is 4 experts with Qwen2.5-0.5B's shapes in bfloat16 (about 1 GB each: a shared random base
 plus a small random update per expert), made once under --zoo_dir. In one run this times, each as
@@ -18,9 +19,13 @@ a fresh process on the same files (read once beforehand, so every leg finds them
                     filter) on two tiny 40-layer models, by jkarcher (`--mergekit-yaml`) and by
                     `mergekit-yaml`;
 
-and prints wall time and peak resident memory of each, the ratios between them, and where our
-karcher run's time went (its summary's split). Karcher runs
-with each tool's own defaults (jkarcher: tol 1e-6, up to 100 iterations; mergekit: tol 1e-5, up
+With --zoo=big the zoo is `big_zoo.py`'s (Qwen2.5-3B shapes, more than the machine's memory),
+and each leg starts with the page cache dropped (when run as root): a `cat` of every input file,
+jkarcher karcher (with its compile cache as it is) and mergekit linear.
+
+Each run prints wall time and peak resident memory of each leg, the ratios between them, and
+where our karcher run's time went (its summary's split). Karcher runs with each tool's own
+defaults (jkarcher: tol 1e-6, up to 100 iterations; mergekit: tol 1e-5, up
 to 10), so jkarcher does at least as much iteration as mergekit.
 """
 
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from big_zoo import make_big_zoo
 
 from jkarcher import demo
 from jkarcher.io import Checkpoint, read_tensor
@@ -45,6 +51,12 @@ _ZOO_DIR = flags.DEFINE_string("zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-0.5
 _WORK_DIR = flags.DEFINE_string("work_dir", str(ROOT / ".bench" / "runs"), "Configs and outputs.")
 _EXPERTS = flags.DEFINE_integer("experts", 4, "Number of experts in the zoo.")
 _MERGEKIT_KARCHER = flags.DEFINE_bool("mergekit_karcher", False, "Also time mergekit's karcher.")
+_ZOO = flags.DEFINE_enum(
+    "zoo", "small", ["small", "big"], "small: the 0.5B legs below; big: the cold 3B legs."
+)
+_BIG_ZOO_DIR = flags.DEFINE_string(
+    "big_zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-3b"), "Big zoo cache (31 GB for 5)."
+)
 
 QWEN05B = dict(
     vocab_size=151936,
@@ -183,10 +195,52 @@ def mergekit_command(work: Path, models: list[Path], method: str, output: Path) 
     return [shutil.which("mergekit-yaml"), str(config), str(output)]
 
 
+def drop_page_cache() -> bool:
+    """Write dirty pages out and drop the page cache (root only): whether it was dropped."""
+    os.sync()
+    if os.geteuid() != 0:
+        return False
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return True
+
+
+def cold_legs(work: Path) -> None:
+    """The --zoo=big legs, each after the page cache is dropped, and their ratios."""
+    models = make_big_zoo(Path(_BIG_ZOO_DIR.value), _EXPERTS.value)
+    files = [str(f) for model in models for f in sorted(model.glob("*.safetensors"))]
+    total = sum(os.path.getsize(f) for f in files)
+    print(f"big zoo: {len(models)} experts, {total / 1e9:.1f} GB", flush=True)
+    legs = {"cat": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]}
+    legs["jkarcher karcher"] = jkarcher_command(work, models, "karcher", work / "out-big")
+    if shutil.which("mergekit-yaml"):
+        legs["mergekit linear"] = mergekit_command(work, models, "linear", work / "out-big")
+    results = {}
+    for name, command in legs.items():
+        shutil.rmtree(work / "out-big", ignore_errors=True)
+        cold = drop_page_cache()
+        log = work / f"big-{name.replace(' ', '-')}.log"
+        results[name] = timed_process(command, log)
+        seconds, rss = results[name]
+        state = "cold" if cold else "page cache NOT dropped (not root)"
+        print(f"{name:17s} {seconds:6.1f} s   peak RSS {rss:5.2f} GB   ({state})", flush=True)
+        if name == "jkarcher karcher":
+            print(f"  {time_split(log)}", flush=True)
+    shutil.rmtree(work / "out-big", ignore_errors=True)
+    ours, ours_rss = results["jkarcher karcher"]
+    print(f"jkarcher karcher / cat, wall: {ours / results['cat'][0]:.2f}x (target <= 1.2)")
+    if "mergekit linear" in results:
+        theirs = results["mergekit linear"][0]
+        print(f"jkarcher karcher / mergekit linear, wall: {ours / theirs:.2f}x (target <= 0.6)")
+    print(f"jkarcher karcher peak RSS: {ours_rss:.2f} GB (target <= 4.5)")
+
+
 def main(argv: list[str]) -> None:
     del argv
     work = Path(_WORK_DIR.value)
     work.mkdir(parents=True, exist_ok=True)
+    if _ZOO.value == "big":
+        cold_legs(work)
+        return
     models = make_zoo(Path(_ZOO_DIR.value), _EXPERTS.value)
     read_everything(models)  # page cache warm for every leg
     floor, total = read_everything(models)
