@@ -143,9 +143,6 @@ def traced_leaf(
         merged = merged.astype(sources[0].dtype if out_dtype is None else out_dtype)
         checked = (*sources, *([base] if base is not None else []))
         checked += tuple(array for arrays in tensors.values() for array in arrays)
-        if merged.shape != checked[0].shape:
-            return merged, all_finite(checked), all_finite((merged,))[0]
-        # One pass over the inputs and the result: two would read the inputs twice as long.
         finite = all_finite((*checked, merged))
         return merged, finite[:-1], finite[-1]
 

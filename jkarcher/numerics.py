@@ -204,16 +204,24 @@ def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
     """[len(arrays)] flags: whether each array holds only finite values.
 
     x * 0 is 0 where x is finite and NaN where it is not, so one variadic sum over the last
-    axis checks every array (all of one shape) in a single read of the data.
+    axis checks every array of one shape in a single read of the data (a leaf checks its
+    inputs and its result together this way, rather than reading the inputs twice).
     """
-    zeros = tuple(jnp.atleast_1d(a).astype(jnp.float32) * 0 for a in arrays)
-    sums = jax.lax.reduce(
-        zeros,
-        (jnp.float32(0),) * len(zeros),
-        lambda x, y: tuple(p + q for p, q in zip(x, y, strict=True)),
-        (zeros[0].ndim - 1,),
-    )
-    return jnp.stack([jnp.sum(s) == 0 for s in sums])
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, array in enumerate(arrays):
+        by_shape.setdefault(jnp.shape(array) or (1,), []).append(index)
+    flags = [None] * len(arrays)
+    for indices in by_shape.values():
+        zeros = tuple(jnp.atleast_1d(arrays[i]).astype(jnp.float32) * 0 for i in indices)
+        sums = jax.lax.reduce(
+            zeros,
+            (jnp.float32(0),) * len(zeros),
+            lambda x, y: tuple(p + q for p, q in zip(x, y, strict=True)),
+            (zeros[0].ndim - 1,),
+        )
+        for index, total in zip(indices, sums, strict=True):
+            flags[index] = jnp.sum(total) == 0
+    return jnp.stack(flags)
 
 
 def first_disagreeing(arrays: Sequence[np.ndarray | jax.Array]) -> int | None:

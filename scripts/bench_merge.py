@@ -19,7 +19,7 @@ a fresh process on the same files (read once beforehand, so every leg finds them
                     filter) on two tiny 40-layer models, by jkarcher (`--mergekit-yaml`) and by
                     `mergekit-yaml`;
 
-With --zoo=big the zoo is `big_zoo.py`'s (Qwen2.5-3B shapes, more than the machine's memory),
+With --zoo=big the zoo is the big one of `bench_zoos.py` (Qwen2.5-3B shapes, beyond memory),
 and each leg starts with the page cache dropped (when run as root): a `cat` of every input file,
 jkarcher karcher (with its compile cache as it is) and mergekit linear.
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from big_zoo import make_big_zoo
+from bench_zoos import make_big_zoo, make_zoo
 
 from jkarcher import demo
 from jkarcher.io import Checkpoint, read_tensor
@@ -58,31 +58,7 @@ _BIG_ZOO_DIR = flags.DEFINE_string(
     "big_zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-3b"), "Big zoo cache (31 GB for 5)."
 )
 
-QWEN05B = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_layers=24,
-    num_heads=14,
-    num_kv_heads=2,
-    tie_word_embeddings=True,
-)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-def make_zoo(directory: Path, experts: int) -> list[Path]:
-    """The experts' directories, written once: Qwen2.5-0.5B shapes, bf16, base + small updates."""
-    names = [f"expert-{i}" for i in range(experts)]
-    if not directory.is_dir():
-        print(f"making the zoo under {directory} (once; about a minute per expert)", flush=True)
-        rng = np.random.default_rng(0)
-        config = demo.qwen2_config(**QWEN05B)
-        tokenizer = demo.build_tokenizer()
-        with staged_directory(directory, overwrite=False) as staging:
-            base = demo.random_weights(config, rng)
-            for name in names:
-                demo.write_model(staging / name, demo.fine_tuned(base, rng), config, tokenizer)
-    return [directory / name for name in names]
 
 
 GRADIENT_SLERP = """\

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from bench_merge import OFFLINE, make_zoo, read_everything
+from bench_merge import OFFLINE, read_everything
+from bench_zoos import make_zoo
 
 from jkarcher.io import Checkpoint
 

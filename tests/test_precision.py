@@ -21,7 +21,7 @@ from karcher_reference import curvature_bound, karcher_reference, sources_with_c
 from jkarcher import methods
 from jkarcher.karcher import DEFAULT_TOL
 from jkarcher.merge import leaf_function
-from jkarcher.numerics import check_weights
+from jkarcher.numerics import all_finite, check_weights
 
 U = 2.0**-24
 SHAPE = (16, 32)
@@ -276,3 +276,20 @@ def test_float16_output_of_bfloat16_sources_is_rounded_once(case):
         assert np.all(error <= half_spacing + bound)
     else:
         assert np.linalg.norm(error) <= np.linalg.norm(half_spacing) + bound
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_flags_each_array_whatever_its_shape(bad):
+    arrays = [
+        np.ones((3, 5), ml_dtypes.bfloat16),
+        np.ones((3, 5), np.float32),
+        np.ones((7,), np.float32),
+        np.float32(2.0),
+        np.full((3, 5), 3e38, np.float32),  # finite, though its sum overflows
+    ]
+    assert np.asarray(all_finite([jnp.asarray(a) for a in arrays])).tolist() == [True] * 5
+    for index in range(len(arrays)):
+        broken = [np.array(a, copy=True) for a in arrays]
+        broken[index].reshape(-1)[-1] = bad
+        flags = np.asarray(all_finite([jnp.asarray(a) for a in broken])).tolist()
+        assert flags == [i != index for i in range(len(arrays))]
