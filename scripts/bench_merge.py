@@ -44,6 +44,7 @@ from bench_zoos import make_big_zoo, make_zoo
 
 from jkarcher import demo
 from jkarcher.io import Checkpoint, read_tensor
+from jkarcher.io.file_io import write_range
 from jkarcher.io.output_dir import staged_directory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,20 +101,30 @@ def make_gradient_slerp(directory: Path, work: Path) -> Path:
 
 
 def write_floor(work: Path, nbytes: int) -> float:
-    """Seconds to write `nbytes` to a new file in 64 MiB positional writes (into the page cache,
-    as the merge's output goes), the file then removed."""
+    """Seconds to write `nbytes` to a new file in 64 MiB pieces as the merge writes its output
+    (`jkarcher.io.file_io.write_range`), the file then removed."""
     block = np.zeros(64 << 20, np.uint8)
     path = work / "write-floor.bin"
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for offset in range(0, nbytes, block.size):
-            os.pwrite(fd, block[: min(block.size, nbytes - offset)], offset)
+            write_range(fd, path, memoryview(block[: min(block.size, nbytes - offset)]), offset)
     finally:
         os.close(fd)
     seconds = time.perf_counter() - start
     path.unlink()
     return seconds
+
+
+def warm_page_cache(models: list[Path]) -> None:
+    """Read every weight file through the page cache (jkarcher's reader would bypass it for
+    files not already cached)."""
+    for path in models:
+        for file in sorted(path.glob("*.safetensors")):
+            with open(file, "rb") as f:
+                while f.read(64 << 20):
+                    pass
 
 
 def read_everything(models: list[Path]) -> tuple[float, int]:
@@ -218,7 +229,7 @@ def main(argv: list[str]) -> None:
         cold_legs(work)
         return
     models = make_zoo(Path(_ZOO_DIR.value), _EXPERTS.value)
-    read_everything(models)  # page cache warm for every leg
+    warm_page_cache(models)  # for every leg
     floor, total = read_everything(models)
     print(f"zoo: {len(models)} experts, {total / 1e9:.2f} GB; read floor {floor:.2f} s", flush=True)
     import_command = [sys.executable, "-c", "import jkarcher.pipeline"]

@@ -24,7 +24,7 @@ from helpers_checkpoints import (
 import jkarcher
 from jkarcher import demo, methods, pipeline
 from jkarcher.config import validate
-from jkarcher.io import Checkpoint, CheckpointError, safetensors_io
+from jkarcher.io import CheckpointError, safetensors_io
 from jkarcher.io.output_dir import OutputError
 from jkarcher.io.safetensors_io import INDEX_NAME, read_header, read_tensor
 from jkarcher.io.writer import natural_key, save_checkpoint
@@ -418,34 +418,6 @@ def test_read_ahead_keeps_order_and_stays_within_its_budget():
                 held[0] -= task.read_bytes
     assert order == list(range(len(tasks)))
     assert peak[0] <= 90  # the limit, or one task larger than it on its own
-
-
-def test_read_ahead_prefetches_each_later_task_once_before_it_is_read():
-    tasks = [_Task(i, n) for i, n in enumerate([10, 30, 50, 10, 10, 90, 5])]
-    events = []
-    with pipeline.ReadAhead(
-        tasks,
-        lambda task: events.append(("read", task.index)),
-        limit_bytes=60,
-        prefetch=lambda task: events.append(("prefetch", task.index)),
-    ) as reads:
-        for _ in reads:
-            pass
-    prefetched = [index for kind, index in events if kind == "prefetch"]
-    assert sorted(prefetched) == prefetched == list(range(1, len(tasks)))
-    for index in prefetched:
-        assert events.index(("prefetch", index)) < events.index(("read", index))
-    # Never more than the limit ahead of the task being read: task 2 (50 bytes) waits for
-    # task 0's read, since 30 + 50 > 60.
-    assert events.index(("prefetch", 2)) > events.index(("read", 0))
-
-
-def test_a_safetensors_tensor_reads_the_same_after_its_prefetch(tmp_path):
-    (path,) = make_models(tmp_path, n=1)
-    checkpoint = Checkpoint(path)
-    info = checkpoint.info(EMBED)
-    info.prefetch()
-    np.testing.assert_array_equal(info.read(), checkpoint.read(EMBED))
 
 
 def test_read_ahead_hands_errors_to_the_consumer_and_stops():

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from safetensors import SafetensorError, safe_open
 
-from jkarcher.io import Checkpoint, CheckpointError, read_header, read_tensor, safetensors_io
+from jkarcher.io import (
+    Checkpoint,
+    CheckpointError,
+    file_io,
+    read_header,
+    read_tensor,
+    safetensors_io,
+)
 from jkarcher.io.writer import save_checkpoint
 
 
@@ -175,7 +182,8 @@ def test_a_file_that_cannot_be_opened_or_read_is_named(tmp_path, monkeypatch, er
             raise error
         return builtins.open(file, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors_io, "open", failing_open, raising=False)
+    for module in (safetensors_io, file_io):
+        monkeypatch.setattr(module, "open", failing_open, raising=False)
     for read in (lambda: read_header(path), lambda: read_tensor(info)):
         with pytest.raises(CheckpointError, match=error.strerror) as err:
             read()

@@ -23,28 +23,30 @@ MAP_BUFFER_BYTES = 32 * 2**20
 POOL_BYTES = 2**30
 
 
-def aligned_bytes(nbytes: int) -> np.ndarray:
-    """A uint8 array of `nbytes` whose data starts on a BUFFER_ALIGNMENT boundary, its contents
-    undefined (the caller fills it).
+def aligned_bytes(nbytes: int, alignment: int = BUFFER_ALIGNMENT) -> np.ndarray:
+    """A uint8 array of `nbytes` whose data starts on an `alignment` boundary (at most a page),
+    its contents undefined (the caller fills it).
 
     Buffers of at least MAP_BUFFER_BYTES come from the pool (`BufferPool`); smaller ones from
     the heap, whose freed memory the allocator reuses without page faults.
     """
     if nbytes >= MAP_BUFFER_BYTES:
         return _POOL.take(nbytes)
-    raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
-    offset = -raw.ctypes.data % BUFFER_ALIGNMENT
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    offset = -raw.ctypes.data % alignment
     return raw[offset : offset + nbytes]
 
 
 class BufferPool:
     """Anonymous memory maps handed out as arrays, and taken back when no array uses them.
 
-    `take(nbytes)` returns a free map of nbytes to 2 nbytes (the smallest), or maps a new one,
-    populated when mapped (MAP_POPULATE, where the platform has it: one system call instead of
-    a page fault per page as a read first touches it). Every array made from the buffer,
-    views included, holds one memoryview, its base; when that memoryview is freed, the map
-    returns to the pool, which keeps at most `max_free_bytes` of free maps.
+    `take(nbytes)` returns a free map of nbytes to 2 nbytes (the smallest), or else releases
+    every free map (a merge reads its tensors grouped by shape, so a size the pool cannot serve
+    means the group that used them is done) and maps a new one, populated when mapped
+    (MAP_POPULATE, where the platform has it: one system call instead of a page fault per page
+    as a read first touches it). Every array made from the buffer, views included, holds one
+    memoryview, its base; when that memoryview is freed, the map returns to the pool, which
+    keeps at most `max_free_bytes` of free maps.
     """
 
     def __init__(self, max_free_bytes: int = POOL_BYTES):
@@ -59,6 +61,8 @@ class BufferPool:
             mapped = min(fitting, key=len) if fitting else None
             if mapped is not None:
                 self._free.remove(mapped)
+            else:
+                self._free.clear()  # unmapped once nothing refers to them
         if mapped is None:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
             mapped = mmap.mmap(-1, nbytes, flags=flags)

@@ -68,12 +68,6 @@ class StoredTensor(abc.ABC):
     def read(self) -> np.ndarray:
         """The tensor (the rows it selects) in a new host array of its dtype and shape."""
 
-    @abc.abstractmethod
-    def prefetch(self) -> None:
-        """Ask the operating system to start reading the tensor's bytes into its page cache, so
-        that a later `read` finds them there (a hint: nothing is read here, and a reader whose
-        storage takes no hints does nothing)."""
-
     def read_placed(
         self, shape: tuple[int, ...], sharding: NamedSharding, dtype: np.dtype
     ) -> jax.Array:

@@ -77,9 +77,6 @@ class OrbaxTensor(StoredTensor):
         array = np.asarray(_restore_one(self, _orbax().RestoreArgs(restore_type=np.ndarray)))
         return array[self.first_row : self.first_row + self.shape[0]] if self.shape else array
 
-    def prefetch(self) -> None:
-        """Nothing: Orbax decides how its files are read."""
-
     def read_placed(
         self, shape: tuple[int, ...], sharding: NamedSharding, dtype: np.dtype
     ) -> jax.Array:

@@ -18,7 +18,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from jkarcher.io.buffers import aligned_bytes
 from jkarcher.io.checkpoint import (
     CONFIG_NAME,
     CheckpointError,
@@ -27,6 +26,7 @@ from jkarcher.io.checkpoint import (
     load_model_config,
     reading,
 )
+from jkarcher.io.file_io import read_range
 from jkarcher.io.hf import resolve_checkpoint_dir
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -75,17 +75,6 @@ class TensorInfo(StoredTensor):
 
     def read(self) -> np.ndarray:
         return read_tensor(self)
-
-    def prefetch(self) -> None:
-        """POSIX_FADV_WILLNEED on the tensor's byte range, where the platform has it."""
-        if not hasattr(os, "posix_fadvise") or not self.nbytes:
-            return
-        with reading(self.file):
-            fd = os.open(self.file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, self.start, self.end - self.start, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -201,11 +190,9 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     The array's data is aligned (`jkarcher.io.buffers`), so `jax.device_put(array,
     may_alias=True)` on CPU can use it in place.
     """
-    raw = aligned_bytes(info.nbytes)
-    with reading(info.file), open(info.file, "rb") as f:
-        f.seek(info.start)
-        got = f.readinto(memoryview(raw)) if info.nbytes else 0
-    if got != info.nbytes:
+    with reading(info.file):
+        raw = read_range(info.file, info.start, info.nbytes)
+    if raw.nbytes != info.nbytes:
         raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
     return raw.view(info.dtype).reshape(info.shape)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from jkarcher.io.file_io import write_range
 from jkarcher.io.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
@@ -126,13 +127,14 @@ class ShardWriter:
             create_shard_files(directory, shards)
         self._shared = shared
         self._files = []
-        self._places: dict[str, tuple[int, int, OutputTensor]] = {}
+        self._places: dict[str, tuple[Path, int, int, OutputTensor]] = {}
         for shard in shards:
-            file = open(Path(directory) / shard.file_name, "r+b")
+            path = Path(directory) / shard.file_name
+            file = open(path, "r+b")
             self._files.append(file)
             offset = len(shard.header())
             for tensor in shard.tensors:
-                self._places[tensor.name] = (file.fileno(), offset, tensor)
+                self._places[tensor.name] = (path, file.fileno(), offset, tensor)
                 offset += tensor.nbytes
         self._rows_written = dict.fromkeys(self._places, 0)
 
@@ -156,7 +158,7 @@ class ShardWriter:
     def write_rows(self, name: str, first_row: int, block: np.ndarray) -> None:
         """Rows [first_row, first_row + len(block)) of a tensor (a scalar: all of it, row 0)."""
         planned = self._planned(name)
-        descriptor, offset, _ = self._places[name]
+        path, descriptor, offset, _ = self._places[name]
         rows = _rows(planned)
         count = block.shape[0] if block.ndim else 1
         if block.dtype != np.dtype(planned.dtype):
@@ -169,9 +171,7 @@ class ShardWriter:
         data = memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
         offset += first_row * (planned.nbytes // rows if rows else 0)
         self._rows_written[name] += count
-        while data:  # one call writes at most about 2 GB
-            written = os.pwrite(descriptor, data, offset)
-            data, offset = data[written:], offset + written
+        write_range(descriptor, path, data, offset)
 
     def rows_written(self) -> dict[str, int]:
         """Rows written so far, by tensor name."""
@@ -179,7 +179,7 @@ class ShardWriter:
 
     def close(self) -> None:
         """Close the files; every planned tensor must have been written (unless `shared`)."""
-        missing = [n for n, t in self._places.items() if self._rows_written[n] < _rows(t[2])]
+        missing = [n for n, t in self._places.items() if self._rows_written[n] < _rows(t[3])]
         if missing and not self._shared:
             first = min(missing, key=natural_key)
             raise ValueError(f"the output is incomplete: tensor {first!r} was never written")
@@ -188,7 +188,7 @@ class ShardWriter:
     def _planned(self, name: str) -> OutputTensor:
         if name not in self._places:
             raise ValueError(f"tensor {name!r} was not planned")
-        return self._places[name][2]
+        return self._places[name][3]
 
     def _close_files(self) -> None:
         for file in self._files:

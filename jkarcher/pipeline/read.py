@@ -10,6 +10,8 @@ the larger of that and MIN_READ_AHEAD_BYTES, not the model size.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -25,24 +27,35 @@ from jkarcher.sharding import padded_shape, row_sharding
 
 # Reading ahead may hold at least this much even when every tensor is small.
 MIN_READ_AHEAD_BYTES = 256 * 2**20
+# The tensors of a task read at once.
+PARALLEL_TENSOR_READS = 8
 
 
 def read_task(mesh: Mesh, task: TensorTask) -> dict[StoredTensor, jax.Array | np.ndarray]:
     """What a task reads: its sources and base (and Fishers, in float32) as global arrays split
     by rows over the mesh (this process reading only its own devices' rows); the extra rows, or
-    a tensor that is copied rather than merged, whole."""
+    a tensor that is copied rather than merged, whole. The tensors are read in parallel."""
     if not task.floating:
-        return {info: info.read() for info in task.infos()}
+        reads = {info: _pool().submit(info.read) for info in task.infos()}
+        return {info: read.result() for info, read in reads.items()}
     shape = padded_shape(task.sources[0].shape, mesh)
     sharding = row_sharding(mesh, len(shape))
     placed = (*task.sources, *([task.base] if task.base is not None else []))
-    arrays = {
-        info: info.read_placed(shape, sharding, task.source_dtype) for info in dict.fromkeys(placed)
+    reads = {
+        info: _pool().submit(info.read_placed, shape, sharding, task.source_dtype)
+        for info in dict.fromkeys(placed)
     }
-    arrays |= {info: info.read_placed(shape, sharding, np.float32) for info in task.fishers}
+    reads |= {
+        info: _pool().submit(info.read_placed, shape, sharding, np.float32) for info in task.fishers
+    }
     if task.extra_rows is not None:
-        arrays[task.extra_rows] = task.extra_rows.read()
-    return arrays
+        reads[task.extra_rows] = _pool().submit(task.extra_rows.read)
+    return {info: read.result() for info, read in reads.items()}
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(PARALLEL_TENSOR_READS, "tensor-read")
 
 
 def read_ahead_bytes(tasks: Sequence[TensorTask]) -> int:
@@ -50,22 +63,12 @@ def read_ahead_bytes(tasks: Sequence[TensorTask]) -> int:
     return max([MIN_READ_AHEAD_BYTES, *(t.read_bytes for t in tasks)])
 
 
-def prefetch_task(task: TensorTask) -> None:
-    """Hint the operating system to start reading what a task will read (`StoredTensor.prefetch`),
-    with one process only: with several, each reads only some rows of each tensor."""
-    if jax.process_count() == 1:
-        for info in task.infos():
-            info.prefetch()
-
-
 class ReadAhead:
     """Yields (task, what `read(task)` returned) in order, reading in a background thread.
 
     The thread stays at most `limit_bytes` (by `task.read_bytes`) ahead: it counts the task being
     processed until the consumer asks for the next one, and it always reads the next task when
-    nothing is held, however large. Before reading a task it calls `prefetch` on the tasks after
-    it, up to `limit_bytes` beyond it (and always the next one), each once: on a cold disk the
-    next reads are then already under way while this one is copied and merged.
+    nothing is held, however large.
     """
 
     def __init__(
@@ -73,12 +76,9 @@ class ReadAhead:
         tasks: Sequence[Any],
         read: Callable[[Any], Any],
         limit_bytes: int,
-        prefetch: Callable[[Any], None] | None = None,
     ):
         self._tasks = list(tasks)
         self._read = read
-        self._prefetch = prefetch
-        self._prefetched = 0
         self._limit = limit_bytes
         self._held = 0
         self._stopping = False
@@ -108,7 +108,7 @@ class ReadAhead:
 
     def _read_all(self) -> None:
         try:
-            for index, task in enumerate(self._tasks):
+            for task in self._tasks:
                 with self._condition:
                     while (
                         not self._stopping
@@ -119,21 +119,6 @@ class ReadAhead:
                     if self._stopping:
                         return
                     self._held += task.read_bytes
-                self._prefetch_after(index)
                 self._results.put(self._read(task))
         except BaseException as err:  # handed to the consumer, which raises it
             self._results.put(err)
-
-    def _prefetch_after(self, index: int) -> None:
-        """Prefetch the tasks after `index` whose bytes fit in `limit_bytes` beyond it, and the
-        next one however large."""
-        if self._prefetch is None:
-            return
-        ahead = 0
-        for later in range(index + 1, len(self._tasks)):
-            ahead += self._tasks[later].read_bytes
-            if ahead > self._limit and later > index + 1:
-                return
-            if later >= self._prefetched:
-                self._prefetch(self._tasks[later])
-                self._prefetched = later + 1

@@ -30,7 +30,7 @@ from jkarcher.merge import describe_merge, leaf_key
 from jkarcher.numerics import all_finite, first_disagreeing
 from jkarcher.pipeline.compile import LeafCompiler, leaf_signature
 from jkarcher.pipeline.plan import MergePlan, TensorTask
-from jkarcher.pipeline.read import ReadAhead, prefetch_task, read_ahead_bytes, read_task
+from jkarcher.pipeline.read import ReadAhead, read_ahead_bytes, read_task
 from jkarcher.pipeline.write import (
     orbax_output,
     output_errors,
@@ -94,7 +94,6 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
                 order,
                 functools.partial(read_task, plan.mesh),
                 read_ahead_bytes(order),
-                prefetch=prefetch_task,
             ) as reads,
             output(plan, staging) as put,
         ):
