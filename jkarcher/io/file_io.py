@@ -60,8 +60,9 @@ def write_range(fd: int, path: Path, data: memoryview, offset: int) -> None:
     with O_DIRECT, the rest through `fd`."""
     first = -(-offset // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
     stop = (offset + len(data)) // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
-    direct = hasattr(os, "O_DIRECT") and stop - first >= MIN_DIRECT_BYTES
-    if not direct or not _write_direct(path, data[first - offset :], first, stop):
+    if stop - first < MIN_DIRECT_BYTES or not _write_direct(
+        path, data[first - offset :], first, stop
+    ):
         _write_buffered(fd, data, offset)
         return
     _write_buffered(fd, data[: first - offset], offset)
@@ -134,7 +135,9 @@ def _read_direct(path: Path, start: int, nbytes: int) -> np.ndarray | None:
 
 
 def _open_direct(path: Path, flags: int) -> int | None:
-    """`path` opened with O_DIRECT, or None where its file system refuses it."""
+    """`path` opened with O_DIRECT, or None where the platform or its file system has none."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
     try:
         return os.open(path, flags | os.O_DIRECT)
     except OSError as err:
