@@ -49,6 +49,20 @@ ARCHITECTURE_FIELDS = (
 NONE_WHEN_MISSING = ("rope_scaling", "rope_parameters")
 NESTED_CONFIGS = ("text_config",)
 TIED_EMBEDDINGS = "tie_word_embeddings"
+LAYER_COUNT = "num_hidden_layers"
+
+
+def layer_count(config: Mapping[str, Any]) -> Any:
+    """A model's number of layers as its `config.json` states it: `num_hidden_layers` at the top
+    level, else in a nested `text_config` (where multimodal models such as LLaVA keep their
+    language model's); None where neither states it. The value is returned unchecked."""
+    if LAYER_COUNT in config:
+        return config[LAYER_COUNT]
+    for nested in NESTED_CONFIGS:
+        inner = config.get(nested)
+        if isinstance(inner, Mapping) and LAYER_COUNT in inner:
+            return inner[LAYER_COUNT]
+    return None
 
 
 def architecture_differences(

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.errors import MergeError
-from jkarcher.numerics import all_finite, check_weights, compute_dtype, first_disagreeing
+from jkarcher.numerics import all_finite, compute_dtype, first_disagreeing
 from jkarcher.sharding import place_on_mesh, with_auto_axes
 
 
@@ -41,7 +41,8 @@ def merge(
 
     Args:
       pytrees: the N models' parameters, all with the same tree structure, shapes and dtypes.
-      weights: N non-negative weights, not all zero (default: equal).
+      weights: N weights (default: equal): >= 0 and not all zero, or of any sign for the methods
+        that take signed weights (`jkarcher.methods.get(method).signed_weights`).
       method: a name from `jkarcher.methods.names()`.
       base: the base model's parameters, same structure, for methods that use one.
       key: a `jax.random` key, required by random methods; each leaf folds in its path.
@@ -70,7 +71,7 @@ def merge(
     resolved = spec.resolve(params, len(pytrees), base is not None)
     if spec.random and key is None:
         raise MergeError(f"method {method!r} is random: pass key=jax.random.key(seed)")
-    weight_array = check_weights(weights, len(pytrees))
+    weight_array = spec.checked_weights(weights, len(pytrees), resolved)
     names, sources_per_leaf, treedef = _flatten_models(pytrees)
     base_leaves = _flatten_base(base, names, treedef)
     extra_leaves = {

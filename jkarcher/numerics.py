@@ -156,14 +156,30 @@ def _chunk_length(length: int) -> int:
     return CHUNK
 
 
-def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) -> jax.Array:
+class NegativeWeightError(MergeError):
+    """A negative weight given to a method whose weights must be >= 0."""
+
+
+# Signed weights whose sum is within this fraction of the sum of their magnitudes sum to 0.
+ZERO_SUM = 1e-8
+
+
+def check_weights(
+    weights: Sequence[float] | jax.Array | None,
+    n_models: int,
+    *,
+    signed: bool = False,
+    nonzero_sum: bool = True,
+) -> jax.Array:
     """The weights as a float array [N] in the compute dtype.
 
-    Errors for a wrong count, values that are not numbers, negative or not finite, that
-    overflow the compute dtype (float32: beyond 3.4e38), or that sum to zero (or overflow). Traced
-    weights (inside a caller's jit) can only be checked by `jax.experimental.checkify`: the same
-    checks run there as `checkify.debug_check`s, which do nothing unless the caller's function
-    is wrapped in `checkify.checkify`.
+    Errors for a wrong count, values that are not numbers or not finite, that overflow the
+    compute dtype (float32: beyond 3.4e38), or whose sum overflows; unless `signed`, for negative
+    values (a NegativeWeightError) and a sum that is not positive; if `signed` and `nonzero_sum`,
+    for a sum of 0 to ZERO_SUM of the weights' magnitudes (for a method that divides by it).
+    Traced weights (inside a caller's jit) can only be checked by `jax.experimental.checkify`:
+    the same checks run there as `checkify.debug_check`s, which do nothing unless the caller's
+    function is wrapped in `checkify.checkify`.
     """
     dtype = compute_dtype()
     if weights is None:
@@ -173,9 +189,14 @@ def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) ->
             raise MergeError(f"got weights of shape {weights.shape} for {n_models} models")
         weights = weights.astype(dtype)
         total = jnp.sum(weights)
+        sign_ok = True if signed else jnp.all(weights >= 0) & (total > 0)
+        nonzero = jnp.abs(total) > ZERO_SUM * jnp.sum(jnp.abs(weights))
+        sum_ok = nonzero if signed and nonzero_sum else True
         checkify.debug_check(
-            jnp.all(jnp.isfinite(weights) & (weights >= 0)) & jnp.isfinite(total) & (total > 0),
-            "the weights must be finite, >= 0 and not all zero",
+            jnp.all(jnp.isfinite(weights)) & jnp.isfinite(total) & sign_ok & sum_ok,
+            "the weights must be finite"
+            + ("" if signed else ", >= 0 and not all zero")
+            + (" and not sum to 0" if signed and nonzero_sum else ""),
         )
         return weights
     try:
@@ -186,16 +207,23 @@ def check_weights(weights: Sequence[float] | jax.Array | None, n_models: int) ->
         raise MergeError(f"got {values.size} weights for {n_models} models")
     largest = float(jnp.finfo(dtype).max)
     for index, value in enumerate(values):
-        if not np.isfinite(value) or value < 0:
-            raise MergeError(f"weight of model {index} is {value}; weights must be finite and >= 0")
-        if value > largest:
+        if not np.isfinite(value):
+            raise MergeError(f"weight of model {index} is {value}; weights must be finite")
+        if value < 0 and not signed:
+            raise NegativeWeightError(f"weight of model {index} is {value}; weights must be >= 0")
+        if abs(value) > largest:
             raise MergeError(
                 f"weight of model {index} is {value:g}, beyond the {dtype.name} range "
                 f"({largest:.3g}) that merges compute in"
             )
-    if values.sum() <= 0:
+    if not signed and values.sum() <= 0:
         raise MergeError("the weights sum to zero; at least one model needs a positive weight")
-    if values.sum() > largest:
+    if signed and nonzero_sum and abs(values.sum()) <= ZERO_SUM * np.abs(values).sum():
+        raise MergeError(
+            f"the weights {values.tolist()} sum to 0 (to {ZERO_SUM:g} of their magnitudes), "
+            "and the merge divides by their sum"
+        )
+    if abs(values.sum()) > largest:
         raise MergeError(f"the weights sum to {values.sum():g}, beyond the {dtype.name} range")
     return jnp.asarray(values, dtype)
 

@@ -72,7 +72,10 @@ def test_method_params_go_through_the_registry():
         ({"models": [{"weight": 1.0}]}, r"models\[0\].path: required"),
         ({"models": [{"path": "a", "w": 1}]}, r"models\[0\]: unknown field 'w'"),
         ({"models": [{"path": "a", "weight": "1"}]}, r"models\[0\].weight: must be a finite"),
-        ({"models": [{"path": "a", "weight": -1.0}]}, r"models\[0\].weight: must be >= 0"),
+        (
+            {"models": [{"path": "a", "weight": -1.0}]},
+            r"models\[0\].weight: method 'karcher' takes weights >= 0, since the Karcher mean",
+        ),
         (
             {"models": [{"path": "a", "weight": 0}, {"path": "b", "weight": 0.0}]},
             r"models\[\*\].weight: the weights sum to zero",
@@ -114,10 +117,20 @@ def test_unknown_field_is_rejected_by_the_config_dict_too():
         ("100", 100),
         (123, 123),
         ("64 KiB", 65536),
+        ("5B", 5 * 10**9),
+        ("2b", 2 * 10**9),
+        ("500M", 5 * 10**8),
+        ("1000K", 10**6),
     ],
 )
 def test_parse_size(text, size):
     assert parse_size(text, "out_shard_size") == size
+
+
+@pytest.mark.parametrize("text", ["5B", "1B", "500M", "1000K", "123", "2b", "750m"])
+def test_mergekits_shard_sizes_mean_what_they_mean_in_mergekit(text):
+    common = pytest.importorskip("mergekit.common", reason="mergekit is not installed")
+    assert parse_size(text, "out_shard_size") == common.parse_kmb(text)
 
 
 def test_per_model_params_override_the_shared_value(monkeypatch):

@@ -225,9 +225,22 @@ def test_inside_a_users_jit_value_checks_run_through_checkify():
     assert error.get() is None
     error, _ = checked(poisoned, jnp.ones(3))
     assert "leaf 'embed': model 1 holds NaN or Inf values" in error.get()
+    # linear takes signed weights, and divides by their sum.
     error, _ = checked(trees, jnp.array([1.0, -1.0, 1.0]))
+    assert error.get() is None
+    error, _ = checked(trees, jnp.array([1.0, -1.0, 0.0]))
+    assert "weights must be finite and not sum to 0" in error.get()
+    # model_stock's weights must be >= 0.
+    unsigned = checkify.checkify(
+        jax.jit(
+            lambda trees, weights: jkarcher.merge(
+                trees, weights, method="model_stock", base=trees[0]
+            )
+        )
+    )
+    error, _ = unsigned(trees, jnp.array([1.0, -1.0, 1.0]))
     assert "weights must be finite, >= 0 and not all zero" in error.get()
-    error, _ = checked(trees, jnp.zeros(3))
+    error, _ = unsigned(trees, jnp.zeros(3))
     assert "not all zero" in error.get()
     # Without checkify the same jitted call runs unchecked, as any JAX function does.
     assert np.isnan(np.asarray(jax.jit(merged)(poisoned, jnp.ones(3))["embed"])).any()

@@ -151,13 +151,14 @@ def test_one_slice_over_every_layer_is_the_models_form():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"layer_range": [0, LAYERS - 1]}, r"slices\[0\].sources\[1\].layer_range: .* \[0, 4\]"),
-        ({"layer_range": [1, LAYERS]}, r"slices\[0\].sources\[1\].layer_range"),
-        ({"layer_range": None}, r"slices\[0\].sources\[1\].layer_range"),
+        ({"layer_range": [0, LAYERS - 1]}, r"sources\[1\].layer_range: 3 layers, but .* gives 4"),
+        ({"layer_range": [1, LAYERS + 1]}, r"sources\[1\].layer_range: \[1, 5\) is outside the 4"),
+        ({"layer_range": [2, 2]}, r"slices\[0\].sources\[1\].layer_range: \[2, 2\) holds no"),
+        ({"layer_range": None}, r"slices\[0\].sources\[1\].layer_range: must be \[start, end\)"),
         ({"weight": 1}, r"slices\[0\].sources\[1\]: unknown field 'weight'"),
     ],
 )
-def test_slices_that_do_not_span_every_layer_are_refused(change, message):
+def test_slice_layer_ranges_that_cannot_be_merged_are_refused(change, message):
     source = {"model": "b", "layer_range": [0, LAYERS]} | change
     document = {
         "slices": [{"sources": [{"model": "a", "layer_range": [0, LAYERS]}, source]}],
@@ -167,10 +168,15 @@ def test_slices_that_do_not_span_every_layer_are_refused(change, message):
         _translate(document)
 
 
-def test_several_slices_are_refused_and_residual_weight_is_noted():
+def test_several_slices_are_jkarcher_slices_and_residual_weight_is_noted():
     piece = {"sources": [{"model": "a", "layer_range": [0, LAYERS]}], "residual_weight": 0.3}
-    with pytest.raises(ConfigError, match="slices: jkarcher merges whole models"):
-        _translate({"slices": [piece, piece], "merge_method": "linear"})
+    part = {"sources": [{"model": "b", "layer_range": [1, 3]}]}
+    fields = _translate({"slices": [piece, part], "merge_method": "linear"}).fields
+    assert "models" not in fields
+    assert fields["slices"] == [
+        {"models": [{"path": "a", "layer_range": [0, 4]}], "base_model": None, "params": {}},
+        {"models": [{"path": "b", "layer_range": [1, 3]}], "base_model": None, "params": {}},
+    ]
     notes = _translate({"slices": [piece], "merge_method": "linear"}).notes
     assert any(n.startswith("slices[0].residual_weight: ignored") for n in notes)
 
@@ -273,11 +279,12 @@ REFUSED = [
     (_ties(tokenizer={"source": "base"}), "tokenizer: building a new vocabulary"),
     (_ties(chat_template="chatml"), "chat_template: setting a chat template is not supported"),
     (_ties(name="first"), r"unknown field 'name' \(jkarcher reads: models, slices"),
-    (_ties(merge_method="ram"), "merge_method: unknown merge method 'ram'"),
+    (_ties(merge_method="soup"), "merge_method: unknown merge method 'soup'"),
     (_ties(merge_method=None), "merge_method: required"),
     (_ties(slices=[]), "models, slices: give exactly one of them"),
     (_ties(models=None), "models, slices: give exactly one of them"),
-    (_ties(models=[{"model": "a+adapter"}]), r"models\[0\].model: 'a\+adapter' applies a LoRA"),
+    (_ties(models=[{"model": "a+b+adapter"}]), r"models\[0\].model: 'a\+b\+adapter': jkarcher"),
+    (_ties(base_model="b+adapter"), r"base_model: 'b\+adapter': jkarcher applies a LoRA adapter"),
     (_ties(models=[{"model": "org/a@main"}]), r"models\[0\].model: .* names a revision"),
     (_ties(models=[{"model": "a", "weight": 1}]), r"models\[0\]: unknown field 'weight'"),
     (_ties(models=[{"parameters": {}}]), r"models\[0\].model: required"),
@@ -296,10 +303,16 @@ REFUSED = [
         _ties(parameters={"density": [{"filter": 2, "value": 1}]}),
         r"parameters.density\[0\].filter: must be text",
     ),
-    (_ties(parameters={"weight": -1}), "parameters.weight: weights must be >= 0"),
     (
-        _ties(models=[{"model": "a", "parameters": {"weight": [1, -0.5]}}]),
-        r"models\[0\].parameters.weight: weights must be >= 0 .* -0.5",
+        {"models": [{"model": "a"}], "merge_method": "karcher", "parameters": {"weight": -1}},
+        "parameters.weight: method 'karcher' takes weights >= 0, since the Karcher mean is",
+    ),
+    (
+        {
+            "models": [{"model": "a", "parameters": {"weight": [1, -0.5]}}, {"model": "b"}],
+            "merge_method": "karcher",
+        },
+        r"models\[0\].parameters.weight: method 'karcher' takes weights >= 0, .* got -0.5",
     ),
     (
         _ties(models=[{"model": "a", "parameters": {"gama": 0.1}}]),
@@ -455,6 +468,32 @@ CASES = {
         base_model: {m0}
         dtype: float32
     """,
+    # Task vectors of the tiny models are ~N(0, 0.03): these epsilons leave each entry changed
+    # by none, one or several models.
+    "ram": """
+        models:
+          - model: {m1}
+          - model: {m2}
+          - model: {m3}
+        merge_method: ram
+        base_model: {m0}
+        parameters:
+          epsilon: [0.02, 0.04]
+        dtype: float32
+    """,
+    "ramplus_tl": """
+        models:
+          - model: {m1}
+          - model: {m2}
+          - model: {m3}
+        merge_method: ramplus_tl
+        base_model: {m0}
+        parameters:
+          r: [0.2, 0.8]
+          alpha: 1.0
+          epsilon: 0.03
+        dtype: float32
+    """,
     "breadcrumbs_ties": """
         models:
           - model: {m1}
@@ -493,6 +532,44 @@ CASES = {
         merge_method: nuslerp
         dtype: float32
     """,
+    "task_negation": """
+        models:
+          - model: {m1}
+            parameters:
+              weight: 1.0
+          - model: {m2}
+            parameters:
+              weight: -0.5
+        merge_method: task_arithmetic
+        base_model: {m0}
+        dtype: float32
+    """,
+    "linear_signed": """
+        models:
+          - model: {m1}
+            parameters:
+              weight: 1.0
+          - model: {m2}
+            parameters:
+              weight: [1.0, -0.5]
+          - model: {m3}
+            parameters:
+              weight: -0.25
+        merge_method: linear
+        dtype: float32
+    """,
+    "nuslerp_zero_sum": """
+        models:
+          - model: {m1}
+            parameters:
+              weight: 1.0
+          - model: {m2}
+            parameters:
+              weight: -1.0
+        merge_method: nuslerp
+        base_model: {m0}
+        dtype: float32
+    """,
     "sce": """
         models:
           - model: {m1}
@@ -517,6 +594,94 @@ CASES = {
         dtype: float32
     """,
 }
+# mergekit's own examples/*.yml (mergekit 0.1.5's repository), each on the tiny models: the same
+# fields, methods, parameters, gradients and filters; float32 output, so that both tools' values
+# compare to float32 rounding. examples/orcamini-platy-44layer.yml, a passthrough stack that
+# changes the layer count, runs in tests/test_slices.py on Llama-layout models.
+EXAMPLES = {
+    "examples/arcee_fusion.yml": """
+        models:
+          - model: {m0}
+          - model: {m1}
+        merge_method: arcee_fusion
+        base_model: {m0}
+        dtype: float32
+    """,
+    "examples/bio-merge.yml": """
+        models:
+          - model: {m1}
+            parameters:
+              density: 0.5
+              weight: 0.5
+          - model: {m2}
+            parameters:
+              density: 0.5
+              weight: 0.5
+        merge_method: ties
+        base_model: {m0}
+        parameters:
+          normalize: false
+          int8_mask: true
+        dtype: float32
+    """,
+    "examples/gradient-slerp.yml": """
+        slices:
+          - sources:
+              - model: {m0}
+                layer_range: [0, 4]
+              - model: {m1}
+                layer_range: [0, 4]
+        merge_method: slerp
+        base_model: {m0}
+        parameters:
+          t:
+            - filter: self_attn
+              value: [0, 0.5, 0.3, 0.7, 1]
+            - filter: mlp
+              value: [1, 0.5, 0.7, 0.3, 0]
+            - value: 0.5
+        dtype: float32
+    """,
+    "examples/linear.yml": """
+        models:
+          - model: {m0}
+            parameters:
+              weight: 1.0
+          - model: {m1}
+            parameters:
+              weight: 0.3
+          - model: {m2}
+            parameters:
+              weight: 0.5
+        merge_method: linear
+        dtype: float32
+    """,
+    "examples/ties.yml": """
+        models:
+          - model: {m1}
+            parameters:
+              density: [1, 0.7, 0.1]
+              weight: 1.0
+          - model: {m2}
+            parameters:
+              density: 0.5
+              weight: [0, 0.3, 0.7, 1]
+          - model: {m3}
+            parameters:
+              density: 0.33
+              weight:
+                - filter: mlp
+                  value: 0.5
+                - value: 0
+        merge_method: ties
+        base_model: {m0}
+        parameters:
+          normalize: true
+          int8_mask: true
+        dtype: float32
+    """,
+}
+CASES |= EXAMPLES
 RUN_MERGEKIT_YAML = """
 import sys
 from mergekit.scripts.run_yaml import main
@@ -541,7 +706,7 @@ def case_files(tmp_path_factory):
     paths = {f"m{i}": str(p) for i, p in enumerate(models)}
     files = {}
     for name, text in CASES.items():
-        files[name] = root / f"{name}.yml"
+        files[name] = root / f"{name.replace('/', '_').removesuffix('.yml')}.yml"
         files[name].write_text(textwrap.dedent(text).format(**paths))
     return files
 
@@ -551,7 +716,7 @@ def mergekit_outputs(mergekit, case_files, tmp_path_factory):
     """Each case merged by the `mergekit-yaml` command (its entry point, all cases in one
     process), on the CPU and without network."""
     root = tmp_path_factory.mktemp("mergekit_out")
-    outputs = {name: root / name for name in case_files}
+    outputs = {name: root / path.stem for name, path in case_files.items()}
     arguments = [str(a) for name in case_files for a in (case_files[name], outputs[name])]
     environment = os.environ | {
         "CUDA_VISIBLE_DEVICES": "",
@@ -734,10 +899,10 @@ def test_the_merge_script_runs_a_mergekit_yaml(case_files, mergekit_outputs, tmp
 
 def test_the_merge_script_refuses_a_bad_mergekit_yaml(tmp_path):
     path = tmp_path / "bad.yml"
-    path.write_text("merge_method: ties\nbase_model: b\nmodels:\n  - model: a+lora\n")
+    path.write_text("merge_method: ties\nbase_model: b+lora\nmodels:\n  - model: a\n")
     result = _merge_script("--mergekit-yaml", path, f"--config.output={tmp_path / 'out'}")
     assert result.returncode == 1
-    assert f"error: {path}: models[0].model: 'a+lora' applies a LoRA adapter" in result.stderr
+    assert f"error: {path}: base_model: 'b+lora': jkarcher applies a LoRA adapter" in result.stderr
     assert not (tmp_path / "out").exists()
     both = _merge_script("--mergekit-yaml", path, "--config", ROOT / "configs" / "demo.py")
     assert both.returncode != 0 and "exclude each other" in both.stderr

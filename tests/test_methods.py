@@ -99,6 +99,8 @@ def test_base_requirements_follow_mergekit():
         "sce",
         "model_stock",
         "arcee_fusion",
+        "ram",
+        "ramplus_tl",
         "nearswap",
     }
     assert optional == {"nuslerp", "multislerp", "karcher"}

@@ -138,21 +138,26 @@ def test_weights_that_vary_by_tensor():
     assert tensor_values(config, q_proj(1), 1.0)[0] == (0.0, 1.0)  # b: the default weight
 
 
-def test_weights_that_sum_to_zero_on_one_tensor_name_it():
-    raw = _ties(
-        models=[
-            {"path": "a", "weight": [{"filter": "mlp", "value": 0}]},
-            {"path": "b", "weight": 0},
-        ]
-    )
-    config = validate(raw)
+@pytest.mark.parametrize(
+    "method, base, message",
+    [
+        ("karcher", None, "the weights sum to zero"),
+        ("linear", None, r"the weights \[0.0, 0.0\] sum to 0 .* divides by their sum"),
+    ],
+)
+def test_weights_that_sum_to_zero_on_one_tensor_name_it(method, base, message):
+    models = [{"path": "a", "weight": [{"filter": "mlp", "value": 0}]}, {"path": "b", "weight": 0}]
+    config = validate(_ties(models=models) | {"method": method, "base_model": base})
     assert tensor_values(config, q_proj(0), 0.0)[0] == (1.0, 0.0)
     with pytest.raises(
-        ConfigError,
-        match=r"models\[\*\].weight, tensor '.*mlp.up_proj.weight': "
-        "the weights sum to zero",
+        ConfigError, match=r"models\[\*\].weight, tensor '.*mlp.up_proj.weight': " + message
     ):
         tensor_values(config, up_proj(0), 0.0)
+
+
+def test_ties_takes_weights_that_sum_to_zero_on_a_tensor_as_mergekit_does():
+    models = [{"path": "a", "weight": [{"filter": "mlp", "value": 0}]}, {"path": "b", "weight": 0}]
+    assert tensor_values(validate(_ties(models=models)), up_proj(0), 0.0)[0] == (0.0, 0.0)
 
 
 def test_filter_only_settings_need_no_layer_count():
@@ -199,7 +204,10 @@ def test_bad_settings_name_the_field(params, message):
 @pytest.mark.parametrize(
     "model, message",
     [
-        ({"path": "a", "weight": [{"value": -1}]}, r"models\[0\].weight\[0\].value: must be >= 0"),
+        (
+            {"path": "a", "weight": [{"value": "x"}]},
+            r"models\[0\].weight\[0\].value: must be a finite number",
+        ),
         ({"path": "a", "weight": [0.1, 0.2]}, r"models\[0\].weight: a list here is filter rules"),
         (
             {"path": "a", "weight": {"gradient": [1, "x"]}},

@@ -10,6 +10,7 @@ registry; every error names the field.
              `base_config`)
   settings   values that vary by tensor (gradients over the layers, filters on the tensor name)
              and their resolution for one tensor (`tensor_values`)
+  slices     the `slices` field (frankenmerges and merges by slice), checked slice by slice
   validate   `validate` and `distributed_settings`
   params     the method's parameters resolved through the registry
   fields     the parsers of scalar fields (sizes, paths, flags, counts, the mesh, the dtype)

@@ -78,19 +78,32 @@ def output(value: Any) -> Path:
 
 
 def parse_size(value: Any, field: str) -> int:
-    """A byte count from an int or text like "5GB" (10^9), "500MB", "2GiB" (2^31), "1.5G"."""
+    """A byte count from an int or text like "5GB" (10^9), "500MB", "2GiB" (2^31), "1.5G".
+
+    A number followed by B alone is billions of bytes, as mergekit reads its `out_shard_size`
+    ("5B", its default, is 5 * 10^9 bytes; "500M" and "1000K" read the same either way).
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", value, re.IGNORECASE)
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?(b?)\s*", value, re.IGNORECASE)
         if not match:
             raise ConfigError(f"{field}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 2GiB)")
-        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+        number, unit, byte = match.groups()
+        unit = "g" if byte and not unit else (unit or "").lower()
+        size = int(float(number) * _SIZE_UNITS[unit])
     else:
         raise ConfigError(f"{field}: must be a byte count or text like '5GB', got {value!r}")
     if size <= 0:
         raise ConfigError(f"{field}: must be positive, got {value!r}")
     return size
+
+
+def optional_document(value: Any, field: str) -> str | None:
+    """The text of a document (a config file's contents), or None."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{field}: must be text (a config file's contents), got {value!r}")
+    return value
 
 
 def flag(value: Any, field: str) -> bool:

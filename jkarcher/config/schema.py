@@ -63,6 +63,66 @@ class ModelEntry:
     weight: Any = DEFAULT_WEIGHT
     # This model's own values of the method's per-model parameters, over those in `params`.
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # A PEFT LoRA adapter directory (or hub id) applied to the model as its tensors are read
+    # (mergekit's `model+lora`; `jkarcher.lora.applied`), or None. Not in slices.
+    lora: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SliceModel(ModelEntry):
+    """One model of a slice: a `ModelEntry` and the consecutive layers of it that the slice
+    merges (`jkarcher.config.slices`)."""
+
+    # The model's layers [start, end): layers start .. end - 1, written [start, end].
+    layer_range: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceBase:
+    """The base model of a slice: where it is, and the layers of it that the slice merges."""
+
+    # A local checkpoint directory, or a hub id found in the local Hugging Face cache.
+    path: str
+    # The base model's layers [start, end), as many as each model of the slice gives.
+    layer_range: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """Consecutive output layers, each merged from one layer of every model of the slice (the
+    k-th layer of the slice from layer start + k of each model's `layer_range`), with the
+    slice's own base model and method parameters (mergekit's output slice)."""
+
+    # The slice's models, each {path, layer_range, weight, params}: see `SliceModel`.
+    models: tuple[SliceModel, ...]
+    # The slice's base model {path, layer_range}, or None.
+    base_model: SliceBase | None = None
+    # The method's parameters for this slice, resolved as `MergeConfig.params` are; written,
+    # they are over the shared `params` (a name the slice gives replaces the shared value, its
+    # filter rules falling back to it).
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        start, end = self.models[0].layer_range
+        return end - start
+
+    def plain(self) -> dict[str, Any]:
+        return {
+            "models": [
+                {
+                    "path": m.path,
+                    "layer_range": list(m.layer_range),
+                    "weight": plain(m.weight),
+                    "params": plain(m.params),
+                }
+                for m in self.models
+            ],
+            "base_model": None
+            if self.base_model is None
+            else {"path": self.base_model.path, "layer_range": list(self.base_model.layer_range)},
+            "params": plain(self.params),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +200,12 @@ class MergeConfig:
     models: tuple[ModelEntry, ...] = _written(list)
     # Path or hub id of the base model, or None.
     base_model: str | None = _written(_placeholder(str), None)
+    # Frankenmerges and merges by slice: the output's layers as consecutive slices, each of its
+    # own models' layers, base model and params (see `Slice`), renumbered from 0 in order; the
+    # embeddings come from the first slice's models, the other tensors outside the layers
+    # (final norm, lm_head) from the last slice's. Given, `models` stays empty and `base_model`
+    # unset. Empty: each of `models` gives all its layers.
+    slices: tuple[Slice, ...] = _written(list, ())
     # The method's parameters (defaults from the registry); a list gives one value per model,
     # for the parameters that take one; any of them may vary by tensor
     # (`jkarcher.config.settings`). `params.fisher` is the `fisher` field below.
@@ -163,6 +229,10 @@ class MergeConfig:
     # Merge models whose config.json disagree on the architecture (mergekit's name): by default
     # such models are refused, the differences listed.
     allow_crimes: bool = False
+    # The mergekit YAML this config was translated from, as its file holds it (None: a config
+    # file): written into the output as mergekit_config.yml, where mergekit keeps its config,
+    # and shown in the model card.
+    mergekit_config: str | None = _written(_placeholder(str), None)
     # Output format: "safetensors" (a Hugging Face checkpoint) or "orbax" (an Orbax checkpoint in
     # `params/` beside the same config, tokenizer and card files; see `jkarcher.io.orbax_io`).
     # Inputs of either format are recognized by their files.
@@ -189,6 +259,11 @@ class MergeConfig:
         return tuple(m.weight for m in self.models)
 
     @property
+    def all_models(self) -> tuple[ModelEntry, ...]:
+        """Every model entry: those of `models`, or of each slice in turn."""
+        return self.models + tuple(m for piece in self.slices for m in piece.models)
+
+    @property
     def out_dtype(self) -> np.dtype:
         return OUTPUT_DTYPES[self.dtype]
 
@@ -202,8 +277,10 @@ class MergeConfig:
         written = {
             "models": [
                 {"path": m.path, "weight": plain(m.weight), "params": plain(m.params)}
+                | ({"lora": m.lora} if m.lora else {})
                 for m in self.models
             ],
+            "slices": [piece.plain() for piece in self.slices],
             "params": plain(self.params)
             | ({FISHER_INPUT: self.fisher.plain()} if self.fisher else {}),
             "output": str(self.output),
@@ -225,6 +302,9 @@ def _names(schema: type) -> tuple[str, ...]:
 
 FIELDS = _names(MergeConfig)
 MODEL_FIELDS = _names(ModelEntry)
+SLICE_FIELDS = _names(Slice)
+SLICE_MODEL_FIELDS = _names(SliceModel)
+SLICE_BASE_FIELDS = _names(SliceBase)
 DISTRIBUTED_FIELDS = _names(DistributedSettings)
 FISHER_ESTIMATE_FIELDS = _names(FisherEstimate)
 

@@ -30,7 +30,6 @@ from jkarcher import methods
 from jkarcher.config.fields import ConfigError, check_known
 from jkarcher.errors import MergeError
 from jkarcher.methods.registry import REQUIRED, is_number
-from jkarcher.numerics import check_weights
 
 if TYPE_CHECKING:
     from jkarcher.config.schema import MergeConfig
@@ -108,18 +107,17 @@ def tensor_values(
     (1 when L = 1), 0 outside the layers. Every value is checked as `validate` checks it; an error
     names the tensor.
     """
+    spec = methods.get(config.method)
     weights = tuple(float(setting_at(w, name, position)) for w in config.weights)
-    try:
-        check_weights(weights, len(weights))
-    except MergeError as err:
-        raise ConfigError(f"models[*].weight, tensor {name!r}: {err}") from None
     values = {key: setting_at(v, name, position) for key, v in config.params.items()}
     try:
-        params = methods.get(config.method).resolve(
-            values, len(config.models), config.base_model is not None
-        )
+        params = spec.resolve(values, len(config.models), config.base_model is not None)
     except methods.MethodError as err:
         raise ConfigError(f"params, tensor {name!r}: {err}") from None
+    try:
+        spec.checked_weights(weights, len(weights), params)
+    except MergeError as err:
+        raise ConfigError(f"models[*].weight, tensor {name!r}: {err}") from None
     return weights, params
 
 

@@ -5,6 +5,7 @@ field (docs/design.md, "Data flow" and "Conventions").
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -23,9 +24,9 @@ from jkarcher.config.schema import (
     ModelEntry,
 )
 from jkarcher.config.settings import falling_back, plain, read_setting
+from jkarcher.config.slices import validated_slices
 from jkarcher.errors import MergeError
 from jkarcher.methods.registry import number
-from jkarcher.numerics import check_weights
 
 
 def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
@@ -36,10 +37,13 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
     check_known(raw, schema.FIELDS, "")
     raw = schema.defaults() | raw
     spec = _method(raw.get("method"))
-    models = _models(raw.get("models"))
+    check = functools.partial(_check_inputs, spec)
+    slice_model = functools.partial(_model, spec=spec, lora_allowed=False)
+    slices = validated_slices(raw, spec, slice_model, check)
+    models = () if slices else _models(raw.get("models"), spec)
     base_model = optional_text(raw["base_model"], "base_model")
-    _check_model_count_and_base(spec, len(models), base_model)
-    _check_weights(models)
+    if not slices:
+        check(models, base_model)
     raw_params = raw["params"]
     fisher = _fisher(
         spec,
@@ -50,7 +54,8 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         method=spec.name,
         models=models,
         base_model=base_model,
-        params=resolved_params(spec, raw_params, models, base_model is not None),
+        slices=slices,
+        params={} if slices else resolved_params(spec, raw_params, models, base_model is not None),
         dtype=fields.output_dtype(raw["dtype"]),
         output=fields.output(raw.get("output")),
         out_shard_size=fields.parse_size(raw["out_shard_size"], "out_shard_size"),
@@ -58,6 +63,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         copy_tokenizer=fields.flag(raw["copy_tokenizer"], "copy_tokenizer"),
         overwrite=fields.flag(raw["overwrite"], "overwrite"),
         allow_crimes=fields.flag(raw["allow_crimes"], "allow_crimes"),
+        mergekit_config=fields.optional_document(raw["mergekit_config"], "mergekit_config"),
         format=fields.output_format(raw["format"]),
         mesh=fields.mesh(raw["mesh"]),
         distributed=distributed_settings(raw),
@@ -107,41 +113,54 @@ def _method(value: Any) -> methods.MergeMethod:
         raise ConfigError(f"method: {err}") from None
 
 
-def _models(value: Any) -> tuple[ModelEntry, ...]:
+def _models(value: Any, spec: methods.MergeMethod) -> tuple[ModelEntry, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError("models: must be a non-empty list of {path, weight, params} entries")
-    return tuple(_model(entry, f"models[{i}]") for i, entry in enumerate(value))
+    return tuple(_model(entry, f"models[{i}]", spec) for i, entry in enumerate(value))
 
 
-def _model(entry: Any, field: str) -> ModelEntry:
+def _model(
+    entry: Any, field: str, spec: methods.MergeMethod, lora_allowed: bool = True
+) -> ModelEntry:
     if not isinstance(entry, dict):
         raise ConfigError(f"{field}: must be a mapping with a 'path', got {entry!r}")
     check_known(entry, schema.MODEL_FIELDS, field)
     path = optional_text(entry.get("path"), f"{field}.path")
     if path is None:
         raise ConfigError(f"{field}.path: required (a checkpoint directory or a hub id)")
-    weight = _weight(entry.get("weight", schema.DEFAULT_WEIGHT), f"{field}.weight")
+    weight = _weight(entry.get("weight", schema.DEFAULT_WEIGHT), f"{field}.weight", spec)
     params = entry.get("params", {})
     if not isinstance(params, dict):
         raise ConfigError(f"{field}.params: must be a mapping, got {params!r}")
-    return ModelEntry(path, weight, params)
+    lora = optional_text(entry.get("lora"), f"{field}.lora")
+    if lora is not None and not lora_allowed:
+        raise ConfigError(f"{field}.lora: LoRA adapters apply to the models of `models` only")
+    return ModelEntry(path, weight, params, lora)
 
 
-def _weight(value: Any, field: str) -> Any:
-    """A model's weight: a number >= 0, or a setting that varies by tensor."""
+def _weight(value: Any, field: str, spec: methods.MergeMethod) -> Any:
+    """A model's weight: a number (>= 0 unless the method takes signed weights), or a setting
+    that varies by tensor."""
+    problem_of = functools.partial(_weight_problem, spec)
     if isinstance(value, list | dict):
-        return falling_back(read_setting(value, field, _weight_problem), schema.DEFAULT_WEIGHT)
-    problem = _weight_problem(value)
+        return falling_back(read_setting(value, field, problem_of), schema.DEFAULT_WEIGHT)
+    problem = problem_of(value)
     if problem:
         raise ConfigError(f"{field}: {problem}")
     return float(value)
 
 
-def _weight_problem(value: Any) -> str | None:
+def _weight_problem(spec: methods.MergeMethod, value: Any) -> str | None:
     problem = number(value)
     if problem:
         return f"{problem}, got {value!r}"
-    return f"must be >= 0, got {value!r}" if value < 0 else None
+    return spec.weight_sign_problem(value)
+
+
+def _check_inputs(spec, models: tuple[ModelEntry, ...], base_model: str | None) -> None:
+    """The models and base model of one merge (or slice), as the method takes them."""
+    _check_model_count_and_base(spec, len(models), base_model)
+    _check_weights(spec, models)
 
 
 def _check_model_count_and_base(spec, n_models: int, base_model: str | None) -> None:
@@ -150,13 +169,13 @@ def _check_model_count_and_base(spec, n_models: int, base_model: str | None) -> 
         raise ConfigError(": ".join(problem))
 
 
-def _check_weights(models: tuple[ModelEntry, ...]) -> None:
-    """Weights that are the same for every tensor must not sum to zero (`tensor_values` checks
-    the others tensor by tensor)."""
+def _check_weights(spec, models: tuple[ModelEntry, ...]) -> None:
+    """Weights that are the same for every tensor, as the method takes them (`tensor_values`
+    checks the others, and the sums that the parameters divide by, tensor by tensor)."""
     if not all(isinstance(m.weight, float) for m in models):
         return
     try:
-        check_weights([m.weight for m in models], len(models))
+        spec.checked_weights([m.weight for m in models], len(models))
     except MergeError as err:
         raise ConfigError(f"models[*].weight: {err}") from None
 
@@ -181,6 +200,13 @@ def _fisher(spec, value: Any, models: tuple[ModelEntry, ...]) -> FisherSettings 
         raise ConfigError(
             f"params.fisher: method {spec.name!r} takes no Fisher; the methods that do are "
             f"{', '.join(users)}"
+        )
+    adapted = next((i for i, m in enumerate(models) if m.lora), None)
+    if adapted is not None and not isinstance(value, list):
+        raise ConfigError(
+            f"params.fisher: models[{adapted}] applies a LoRA adapter, so the Fisher beside its "
+            "model is not its own, and none is estimated with the adapter: give one Fisher file "
+            "per model"
         )
     if value == schema.FISHER_BESIDE:
         return FisherSettings()

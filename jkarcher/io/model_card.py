@@ -41,6 +41,7 @@ def model_card(
     models: Sequence[tuple[str, Any]],
     base_model: str | None,
     resolved_config: Mapping[str, Any],
+    mergekit_config: str | None = None,
 ) -> str:
     """Markdown with Hugging Face front matter (base_model list; tags merge, jkarcher, the method).
 
@@ -54,6 +55,7 @@ def model_card(
         not a number varies by tensor, and the configuration shows it.
       base_model: the base model's path or hub id, if the merge used one.
       resolved_config: the config with every default filled in, shown as JSON.
+      mergekit_config: the mergekit YAML the config was translated from, if any, shown as it is.
     """
     names = [display_name(path) for path, _ in models]
     base_name = display_name(base_model) if base_model else None
@@ -89,6 +91,15 @@ def model_card(
         "```",
         "",
     ]
+    if mergekit_config is not None:
+        lines += [
+            "It was translated from this mergekit configuration (also in mergekit_config.yml):",
+            "",
+            "```yaml",
+            mergekit_config.rstrip("\n"),
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 

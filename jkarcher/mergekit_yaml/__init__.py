@@ -21,8 +21,10 @@ What maps to what:
   out_dtype, else dtype           dtype, the output dtype (arithmetic is float32 whatever the
                                   dtype)
   tokenizer_source: base          the base model's tokenizer (the output's reference model)
-  slices                          one slice whose sources all span every layer, as models; its
-                                  parameters and base_model come before the top-level ones
+  slices                          one slice whose sources all span every layer, as models;
+                                  other slices as slices, each source's layer_range with it (a
+                                  slice's base_model among its sources); a slice's parameters
+                                  and base_model come before the top-level ones
 jkarcher's models are mergekit's in their order, less the base model, which mergekit lists among
 them or adds to them.
 
@@ -30,6 +32,7 @@ them or adds to them.
   translate  the translation of the fields (`translate`, `Translation`)
   values     parameter values in jkarcher's form, what changes nothing, the YAML's structure
   outputs    the output's dtype and tokenizer
+  multi      multi-stage files, as mergekit-multi runs them (`load_stages`, `plan_stages`)
 """
 
 from jkarcher.mergekit_yaml.reader import checkpoint_layer_count, load, read

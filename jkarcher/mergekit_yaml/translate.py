@@ -14,11 +14,13 @@ from typing import Any
 from jkarcher import methods
 from jkarcher.config import ConfigError
 from jkarcher.config.params import declared_param
+from jkarcher.config.slices import layer_range
 from jkarcher.mergekit_yaml.outputs import check_tokenizer_source, output_dtype
 from jkarcher.mergekit_yaml.values import (
     chain,
     check_weight,
     mapping_of,
+    model_entry_path,
     model_path,
     non_empty_list,
     note_no_effect,
@@ -39,7 +41,7 @@ FIELDS = (
 )
 REFUSED_FIELDS = {
     "modules": "merges of several modules, each with its own layers, are not supported; give "
-    "models, or one slice",
+    "models, or slices",
     "tokenizer": "building a new vocabulary (added tokens, embedding initialisation) is not "
     "supported; tokenizer_source: base keeps the base model's tokenizer",
     "chat_template": "setting a chat template is not supported; the output keeps the tokenizer "
@@ -47,7 +49,8 @@ REFUSED_FIELDS = {
 }
 # Methods for which mergekit merges base_model as one of the models: slerp's t = 0 end, and the
 # methods without a base role in mergekit. jkarcher merges it as model 0.
-BASE_AS_MODEL_0 = ("slerp", "linear", "passthrough", "karcher")
+BASE_IGNORED = ("linear", "passthrough", "karcher")
+BASE_AS_MODEL_0 = ("slerp", *BASE_IGNORED)
 # Parameters that mergekit reads per model and jkarcher's method takes once (for its one model).
 PER_MODEL_IN_MERGEKIT = {"passthrough": ("scale",)}
 
@@ -63,47 +66,97 @@ class Translation:
 
 @dataclasses.dataclass(frozen=True)
 class _Input:
-    """One model that mergekit merges: where the YAML lists it, its path and its parameters."""
+    """One model that mergekit merges: where the YAML lists it, its path and its parameters,
+    and in a slice, its layers [start, end)."""
 
     field: str
     path: str
     parameters: dict[str, Any]
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """What mergekit merges as one: the models of the models form, or one output slice
+    (`field` names it: "" or "slices[i]"), with its base model and its own parameters;
+    `every_layer`: each of its inputs gives all the layers of its model."""
+
+    field: str
+    inputs: list[_Input]
+    base: str | None
+    parameters: dict[str, Any]
+    every_layer: bool = True
 
 
 def translate(document: Any, *, layer_count: Callable[[str], int]) -> Translation:
     """A parsed mergekit config as the fields of a jkarcher config, and notes.
 
-    `layer_count(model)` gives a model's number of layers (used only to check slices).
+    `layer_count(model)` gives a model's number of layers, which a slice's layer ranges are
+    checked against. One slice whose sources span every layer of their models is the models
+    form (what mergekit makes of `models`); other slices are jkarcher's `slices`.
     """
     if not isinstance(document, dict):
         raise ConfigError(f"a mergekit config is a mapping of fields, got {document!r}")
     _check_fields(document)
     spec = _method(document.get("merge_method"))
     notes: list[str] = []
-    inputs, base, slice_parameters = _inputs(document, layer_count, notes)
+    groups = _groups(document, layer_count, notes)
+    listed = document.get("models") is not None
+    whole = len(groups) == 1 and groups[0].every_layer
     shared = parameter_settings(
         parameter_mapping(document.get("parameters"), "parameters"), "parameters"
     )
-    for name, (field, setting) in parameter_settings(
-        slice_parameters, "slices[0].parameters"
-    ).items():
+    merges = [_merge(spec, group, shared, listed, not whole, notes) for group in groups]
+    if whole:
+        models, base_model, params = merges[0]
+        fields = {"models": models, "base_model": base_model, "params": params}
+    else:
+        fields = {
+            "slices": [
+                {"models": models, "base_model": _slice_base(group, base), "params": params}
+                for group, (models, base, params) in zip(groups, merges, strict=True)
+            ]
+        }
+    models, base_model, _ = merges[0]
+    reference = base_model or models[0]["path"]
+    check_tokenizer_source(document.get("tokenizer_source"), groups[0].base, reference)
+    fields = {"method": spec.name} | fields | {"dtype": output_dtype(document, notes)}
+    return Translation(fields, tuple(dict.fromkeys(notes)))
+
+
+def _merge(
+    spec: methods.MergeMethod,
+    group: _Group,
+    top_level: dict,
+    listed: bool,
+    ranged: bool,
+    notes: list[str],
+) -> tuple[list[dict[str, Any]], str | None, dict]:
+    """jkarcher's models (with their layer ranges where `ranged`), base model and params of one
+    group; `listed`: the models form, to which mergekit adds a base model it does not list."""
+    shared = dict(top_level)
+    own = parameter_settings(group.parameters, f"{group.field}.parameters")
+    for name, (field, setting) in own.items():
         shared[name] = (field, chain(setting, value_of(shared, name)))
-    models, base_model = _arrange(spec, inputs, base, notes)
+    models, base_model = _arrange(spec, group, listed, notes)
     models, shared = _lift_per_model(spec, models, shared)
     weight_field, weight = shared.pop("weight", (None, None))
     if weight is not None:
-        check_weight(weight_field, weight)
+        check_weight(weight_field, weight, spec)
     params = _shared_params(spec, shared, notes)
     entries = [_model_entry(spec, item, weight, notes) for item in models]
-    check_tokenizer_source(document.get("tokenizer_source"), base, base or models[0].path)
-    fields = {
-        "method": spec.name,
-        "models": entries,
-        "base_model": base_model,
-        "params": params,
-        "dtype": output_dtype(document, notes),
-    }
-    return Translation(fields, tuple(dict.fromkeys(notes)))
+    if ranged:
+        for entry, item in zip(entries, models, strict=True):
+            entry["layer_range"] = list(item.layer_range)
+    return entries, base_model, params
+
+
+def _slice_base(group: _Group, base: str | None) -> dict[str, Any] | None:
+    """A slice's base model in jkarcher's form: its path and the layers its source gives."""
+    if base is None:
+        return None
+    layers = next(item.layer_range for item in group.inputs if item.path == base)
+    return {"path": base, "layer_range": list(layers)}
 
 
 def _check_fields(document: dict) -> None:
@@ -123,10 +176,8 @@ def _method(value: Any) -> methods.MergeMethod:
         raise ConfigError(f"merge_method: {err}") from None
 
 
-def _inputs(
-    document: dict, layer_count: Callable[[str], int], notes: list[str]
-) -> tuple[list[_Input], str | None, dict]:
-    """The models mergekit merges, its base model, and the parameters of the slice (if any)."""
+def _groups(document: dict, layer_count: Callable[[str], int], notes: list[str]) -> list[_Group]:
+    """The models form as one group, or each output slice as one."""
     if (document.get("models") is None) == (document.get("slices") is None):
         raise ConfigError("models, slices: give exactly one of them")
     base = document.get("base_model")
@@ -134,48 +185,61 @@ def _inputs(
     if document.get("models") is not None:
         entries = non_empty_list(document["models"], "models")
         inputs = [_input(e, f"models[{i}]", ("model", "parameters")) for i, e in enumerate(entries)]
-        slice_parameters: dict = {}
+        groups = [_Group("", inputs, base, {})]
     else:
-        inputs, slice_base, slice_parameters = _single_slice(document["slices"], layer_count, notes)
-        base = slice_base or base
-    seen: dict[str, str] = {}
-    for item in inputs:
-        if item.path in seen:
-            raise ConfigError(
-                f"{item.field}.model: {item.path} is listed twice ({seen[item.path]})"
-            )
-        seen[item.path] = item.field
-    return inputs, base, slice_parameters
+        pieces = non_empty_list(document["slices"], "slices")
+        groups = [
+            _slice(piece, f"slices[{i}]", base, layer_count, notes)
+            for i, piece in enumerate(pieces)
+        ]
+    for group in groups:
+        seen: dict[str, str] = {}
+        for item in group.inputs:
+            if item.path in seen:
+                raise ConfigError(
+                    f"{item.field}.model: {item.path} is listed twice ({seen[item.path]})"
+                )
+            seen[item.path] = item.field
+    return groups
 
 
-def _single_slice(
-    slices: Any, layer_count: Callable[[str], int], notes: list[str]
-) -> tuple[list[_Input], str | None, dict]:
-    """The one slice jkarcher can honour: every source spans all the layers of its model."""
-    slices = non_empty_list(slices, "slices")
-    if len(slices) != 1:
-        raise ConfigError(
-            f"slices: jkarcher merges whole models: give one slice whose sources span every "
-            f"layer, not {len(slices)}"
-        )
-    field = "slices[0]"
-    piece = mapping_of(slices[0], field, ("sources", "base_model", "parameters", "residual_weight"))
+def _slice(
+    piece: Any, field: str, base: str | None, layer_count: Callable[[str], int], notes: list[str]
+) -> _Group:
+    """One output slice: its sources, each a range of layers within its model, all of the
+    same length; its base model (else the top-level one) and its parameters."""
+    piece = mapping_of(piece, field, ("sources", "base_model", "parameters", "residual_weight"))
     if piece.get("residual_weight") is not None:
         notes.append(f"{field}.residual_weight: ignored, as mergekit reads it but never uses it")
     inputs = []
+    every_layer = True
     for i, source in enumerate(non_empty_list(piece.get("sources"), f"{field}.sources")):
         where = f"{field}.sources[{i}]"
         item = _input(source, where, ("model", "layer_range", "parameters"))
+        start, end = layer_range(source.get("layer_range"), f"{where}.layer_range")
         layers = layer_count(item.path)
-        if source.get("layer_range") != [0, layers]:
+        if end > layers:
             raise ConfigError(
-                f"{where}.layer_range: jkarcher merges whole models, so a source spans all "
-                f"{layers} layers of {item.path}: [0, {layers}], not {source.get('layer_range')!r}"
+                f"{where}.layer_range: [{start}, {end}) is outside the {layers} layers of "
+                f"{item.path} (layers 0 .. {layers - 1})"
             )
-        inputs.append(item)
-    base = piece.get("base_model")
-    base = None if base is None else model_path(base, f"{field}.base_model")
-    return inputs, base, parameter_mapping(piece.get("parameters"), f"{field}.parameters")
+        if inputs and end - start != _length(inputs[0]):
+            raise ConfigError(
+                f"{where}.layer_range: {end - start} layers, but {inputs[0].field} gives "
+                f"{_length(inputs[0])}; the sources of a slice give the same number of layers"
+            )
+        inputs.append(dataclasses.replace(item, layer_range=(start, end)))
+        every_layer &= (start, end) == (0, layers)
+    own_base = piece.get("base_model")
+    if own_base is not None:
+        base = model_path(own_base, f"{field}.base_model")
+    parameters = parameter_mapping(piece.get("parameters"), f"{field}.parameters")
+    return _Group(field, inputs, base, parameters, every_layer)
+
+
+def _length(item: _Input) -> int:
+    start, end = item.layer_range
+    return end - start
 
 
 def _input(entry: Any, field: str, allowed: tuple[str, ...]) -> _Input:
@@ -184,19 +248,34 @@ def _input(entry: Any, field: str, allowed: tuple[str, ...]) -> _Input:
         raise ConfigError(f"{field}.model: required")
     return _Input(
         field,
-        model_path(entry["model"], f"{field}.model"),
+        model_path(entry["model"], f"{field}.model", lora=True),
         parameter_mapping(entry.get("parameters"), f"{field}.parameters"),
     )
 
 
 def _arrange(
-    spec: methods.MergeMethod, inputs: list[_Input], base: str | None, notes: list[str]
+    spec: methods.MergeMethod, group: _Group, listed_form: bool, notes: list[str]
 ) -> tuple[list[_Input], str | None]:
-    """jkarcher's models, in order, and its base model, from mergekit's inputs and base."""
+    """jkarcher's models, in order, and its base model, from mergekit's inputs and base.
+
+    mergekit adds the base to the models form; a slice's base must be among its sources, but
+    for the methods that take no base in mergekit, which ignore it."""
+    inputs, base = group.inputs, group.base
     if base is None:
         return inputs, None
     listed = [item for item in inputs if item.path == base]
     others = [item for item in inputs if item.path != base]
+    if not listed and not listed_form:
+        if spec.name in BASE_IGNORED:
+            notes.append(
+                f"{group.field}: base_model {base} is not among its sources, and mergekit's "
+                f"{spec.name} takes no base, so it is not merged"
+            )
+            return inputs, None
+        raise ConfigError(
+            f"{group.field}.sources: the base model {base} is not among them; mergekit merges a "
+            "slice's base model from its sources"
+        )
     if spec.name in BASE_AS_MODEL_0:
         return [listed[0] if listed else _Input("base_model", base, {}), *others], None
     for item in listed:
@@ -242,13 +321,13 @@ def _model_entry(
     spec: methods.MergeMethod, item: _Input, shared_weight: Any, notes: list[str]
 ) -> dict[str, Any]:
     """A jkarcher model entry: path, weight (its own, else the shared one) and own params."""
-    entry: dict[str, Any] = {"path": item.path}
+    entry: dict[str, Any] = model_entry_path(item.path)
     weight = shared_weight
     own: dict[str, Any] = {}
     parameters = parameter_settings(item.parameters, f"{item.field}.parameters")
     for name, (field, setting) in parameters.items():
         if name == "weight":
-            check_weight(field, setting)
+            check_weight(field, setting, spec)
             weight = chain(setting, shared_weight)
         elif note_no_effect(spec, name, field, notes):
             continue

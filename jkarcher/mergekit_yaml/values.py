@@ -52,17 +52,16 @@ def chain(first: Any, fallback: Any) -> Any:
     return first + (fallback if isinstance(fallback, list) else [{"value": fallback}])
 
 
-def check_weight(field: str, setting: Any) -> None:
-    """jkarcher's weights are numbers >= 0 (mergekit also takes negative ones)."""
+def check_weight(field: str, setting: Any, spec: methods.MergeMethod) -> None:
+    """A weight setting as the method takes it: of any sign for the methods with signed weights
+    (as mergekit takes them), else >= 0, the refusal saying why."""
     rules = setting if isinstance(setting, list) else [{"value": setting}]
     for rule in rules:
         value = rule["value"]
         for number in value["gradient"] if isinstance(value, dict) else [value]:
-            if is_number(number) and number < 0:
-                raise ConfigError(
-                    f"{field}: weights must be >= 0 in jkarcher (no negative weights), got "
-                    f"{number!r}"
-                )
+            problem = spec.weight_sign_problem(number) if is_number(number) else None
+            if problem:
+                raise ConfigError(f"{field}: {problem}")
 
 
 def note_no_effect(spec: methods.MergeMethod, name: str, field: str, notes: list[str]) -> bool:
@@ -73,14 +72,15 @@ def note_no_effect(spec: methods.MergeMethod, name: str, field: str, notes: list
     return bool(why)
 
 
-def model_path(value: Any, field: str) -> str:
-    """A model reference: a local directory or a hub id, without LoRA or revision."""
+def model_path(value: Any, field: str, lora: bool = False) -> str:
+    """A model reference: a local directory or a hub id, without revision; with `lora`, it may
+    apply a LoRA adapter ('model+lora', which `model_entry_path` splits)."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{field}: must be a local directory or a hub id, got {value!r}")
-    if "+" in value:
+    if "+" in value and (not lora or value.count("+") > 1 or "" in value.split("+")):
         raise ConfigError(
-            f"{field}: {value!r} applies a LoRA adapter (model+lora), which jkarcher does not do; "
-            "merge the adapter into its model first"
+            f"{field}: {value!r}: jkarcher applies a LoRA adapter (model+lora) to a merged "
+            "model only, as one model and one adapter; merge the adapter into its model first"
         )
     if "@" in value:
         raise ConfigError(
@@ -88,6 +88,12 @@ def model_path(value: Any, field: str) -> str:
             "the local cache without revisions: give the snapshot's directory"
         )
     return value
+
+
+def model_entry_path(reference: str) -> dict[str, str]:
+    """A jkarcher model entry's path, and its `lora` where the reference is 'model+lora'."""
+    path, _, lora = reference.partition("+")
+    return {"path": path, "lora": lora} if lora else {"path": path}
 
 
 def parameter_mapping(value: Any, field: str) -> dict[str, Any]:

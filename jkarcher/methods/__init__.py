@@ -12,6 +12,7 @@ from jkarcher.methods import (  # noqa: F401  (registration side effects)
     model_stock,
     nearswap,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,

@@ -52,6 +52,10 @@ register(
         base=BASE_OPTIONAL,
         tensor_inputs=("fisher",),
         summary="weighted Karcher mean on the unit sphere, rescaled to the mean norm",
+        unsigned_because=(
+            "the Karcher mean is a weighted mean of points on the sphere, which a negative weight "
+            "leaves undefined (task_arithmetic subtracts a task vector with a negative weight)"
+        ),
         citation=(
             "Wang, Ye, Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold"
         ),

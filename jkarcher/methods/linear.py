@@ -12,6 +12,9 @@ from jkarcher.numerics import weighted_sum
 def linear(stacked, weights, base=None, *, key=None, normalize: bool = True) -> jax.Array:
     """Weighted average  sum_i w_i x_i / sum_i w_i  (or the plain weighted sum if not normalize).
 
+    The weights may be negative (a negative weight subtracts its model), as in mergekit; with
+    normalize their sum must not be 0.
+
     Computed and returned in float32 (float64 under x64).
     """
     del base, key
@@ -27,6 +30,8 @@ register(
         leaf=linear,
         params=(Param("normalize", True, "divide by the sum of the weights", check=boolean),),
         summary="weighted average of the models",
+        signed_weights=True,
+        divides_by_weight_sum=lambda params: params["normalize"],
         citation="https://arxiv.org/abs/2203.05482",
     )
 )

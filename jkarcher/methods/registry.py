@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jkarcher.errors import JkarcherError
+from jkarcher.numerics import NegativeWeightError, check_weights
 
 BASE_NONE = "none"
 BASE_OPTIONAL = "optional"
@@ -86,6 +87,13 @@ class MergeMethod:
     tensor_inputs: tuple[str, ...] = ()
     # Whether the leaf needs every tensor input (else they are optional).
     tensor_inputs_required: bool = False
+    # Whether the weights may be negative, as mergekit lets them be (task negation: a negative
+    # weight subtracts a model's task vector); else they must be >= 0, for the reason given.
+    signed_weights: bool = False
+    unsigned_because: str = "its weights are the proportions of a mean"
+    # For signed weights: whether the resolved parameters divide by the weights' sum, which must
+    # then not be 0 (methods that guard a zero sum, as mergekit's do, leave this None).
+    divides_by_weight_sum: Callable[[Mapping[str, Any]], bool] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -115,6 +123,32 @@ class MergeMethod:
             noun = "model" if self.max_models == 1 else "models"
             return "models", f"method {self.name!r} merges {span} {noun}, got {n_models}"
         return None
+
+    def checked_weights(
+        self, weights: Any, n_models: int, params: Mapping[str, Any] | None = None
+    ) -> Any:
+        """`jkarcher.numerics.check_weights` of N weights as this method takes them: signed or
+        >= 0, the sum of signed ones checked for 0 where the resolved `params` divide by it
+        (params None: not known yet, the sum is not checked)."""
+        divides = (
+            params is not None
+            and self.divides_by_weight_sum is not None
+            and self.divides_by_weight_sum(params)
+        )
+        try:
+            return check_weights(weights, n_models, signed=self.signed_weights, nonzero_sum=divides)
+        except NegativeWeightError as err:
+            raise NegativeWeightError(
+                f"{err} for method {self.name!r}, since {self.unsigned_because}"
+            ) from None
+
+    def weight_sign_problem(self, weight: float) -> str | None:
+        """Why this method cannot take `weight` (a number), or None: a negative weight, for a
+        method whose weights must be >= 0."""
+        if weight >= 0 or self.signed_weights:
+            return None
+        why = self.unsigned_because
+        return f"method {self.name!r} takes weights >= 0, since {why}; got {weight!r}"
 
     def resolve(self, params: Mapping[str, Any], n_models: int, has_base: bool) -> dict[str, Any]:
         """Fill defaults and check every value; per-model values become tuples of length N."""

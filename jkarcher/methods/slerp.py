@@ -195,6 +195,7 @@ register(
         min_models=2,
         max_models=2,
         summary="SLERP at t = w_1 / (w_0 + w_1), of task vectors with a base",
+        signed_weights=True,
         citation="Shoemake 1985, Animating rotation with quaternion curves",
     )
 )
@@ -209,6 +210,8 @@ register(
         ),
         base=BASE_OPTIONAL,
         summary="weighted mean direction at the weighted mean norm",
+        signed_weights=True,
+        divides_by_weight_sum=lambda params: params["normalize_weights"],
         citation="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     )
 )

@@ -6,7 +6,7 @@ with task arithmetic", arXiv:2212.04089) in one way, mergekit's "generalized tas
 1. sparsify: delta_i <- delta_i * m_i with a keep-mask m_i (TIES: largest magnitudes; DARE: random;
    breadcrumbs: middle magnitudes; DELLA: random by magnitude rank); with `rescale`, the kept part
    is scaled back to the L1 norm of delta_i (`sparsify.rescaled`);
-2. weight: d_i = w_i delta_i;
+2. weight: d_i = w_i delta_i (w_i of any sign: a negative weight subtracts its task vector);
 3. elect signs (TIES, DARE-TIES, breadcrumbs-TIES, DELLA): s = sign(sum_i d_i), with s = +1 where
    the sum is 0; entry j of model i takes part only where sign(d_ij) = s_j;
 4. sum: M = sum_i c_i d_i with c_i the sign-election mask (or 1), and with `normalize` divide by
@@ -87,7 +87,7 @@ def generalized_task_arithmetic(
 
     Args:
       stacked: [N, ...] the models.
-      weights: [N] their weights w_i.
+      weights: [N] their weights w_i, of any sign (a negative weight subtracts its task vector).
       base: [...] the base model.
       key: the `jax.random` key of a random sparsification (else unused).
       sparsification: a key of `SPARSIFICATIONS` (the keep-masks m_i), or None to keep every entry.
@@ -287,6 +287,7 @@ def _method(name: str, variant: Variant) -> MergeMethod:
         summary=SUMMARIES[name],
         citation=kind.citation,
         check=kind.check,
+        signed_weights=True,
     )
 
 

@@ -7,7 +7,8 @@ it:
   `plan`     `plan_merge(config)` reads headers and config files only: every output tensor with
              its sources, all models checked for the same names and shapes (`vocab`: vocabulary
              rows and tied embeddings; `fishers`: Fisher files), the output layout fixed; any
-             problem is an error here, before anything is written.
+             problem is an error here, before anything is written. `slices` plans a merge
+             by slices: each output layer's sources from its slice's layers.
   `read`     a background thread reads the next tensors, each process only its devices' rows.
   `compile`  a second thread compiles the leaf function ahead for the shapes still to come.
   `write`    each result streams into its planned place in the output (safetensors or Orbax);

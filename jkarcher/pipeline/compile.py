@@ -24,7 +24,6 @@ from jax.sharding import Mesh
 from jkarcher import methods
 from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
-from jkarcher.numerics import check_weights
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.sharding import padded_shape, replicated, row_sharding
 
@@ -77,12 +76,15 @@ class LeafCompiler:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def weights(self, task: TensorTask) -> jax.Array:
-        """The task's weights, checked (`jkarcher.numerics.check_weights`), once per distinct
-        weights."""
+        """The task's weights, checked as the method takes them (`MergeMethod.checked_weights`),
+        once per distinct weights and parameters."""
         weights = task.settings.weights
-        if weights not in self._weights:
-            self._weights[weights] = check_weights(weights, len(weights))
-        return self._weights[weights]
+        cached = (weights, task.settings.params_key)
+        if cached not in self._weights:
+            spec = methods.get(self._method)
+            params = task.settings.params
+            self._weights[cached] = spec.checked_weights(weights, len(weights), params)
+        return self._weights[cached]
 
     def merge(
         self, task: TensorTask, sources: tuple, base, key, fishers: tuple = ()

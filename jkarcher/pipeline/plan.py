@@ -23,13 +23,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jkarcher import methods
-from jkarcher.architecture import check_architectures
+from jkarcher.architecture import check_architectures, layer_count
 from jkarcher.config import ConfigError, MergeConfig, layer_position, tensor_values
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
 from jkarcher.io.orbax_io import open_checkpoint
 from jkarcher.io.output_dir import check_free_space, check_output_dir
 from jkarcher.io.writer import OutputTensor, Shard, natural_key, plan_shards
+from jkarcher.lora.applied import with_adapter
 from jkarcher.pipeline.fishers import fisher_sources, open_fishers
 from jkarcher.pipeline.vocab import LM_HEAD_NAME, shared_rows, source_info, ties_embeddings
 from jkarcher.sharding import MeshError, make_mesh
@@ -55,7 +56,9 @@ class TensorTask:
     `extra_rows`, when the template model's vocabulary is larger, holds the output's further
     rows, copied from that model. A tensor that is not `floating` point is copied from the first
     model once all agree, rather than merged. `fishers[i]`, when the method is given Fishers, is
-    model i's Fisher of the same rows as `sources[i]`.
+    model i's Fisher of the same rows as `sources[i]`. `labels`, in a merge by slices, names
+    each source's input and then the base's ('slices[1].models[0] (PATH)'); otherwise the
+    plan's labels do.
     """
 
     name: str
@@ -68,6 +71,7 @@ class TensorTask:
     settings: TensorSettings
     floating: bool
     fishers: tuple[StoredTensor, ...] = ()
+    labels: tuple[str, ...] = ()
 
     def infos(self) -> tuple[StoredTensor, ...]:
         """Every distinct tensor this task reads (a model listed twice is read once)."""
@@ -94,6 +98,9 @@ class MergePlan:
     shards: tuple[Shard, ...]
     warnings: tuple[str, ...]
     mesh: Mesh
+    # Fields of the output's config.json other than the template's: a merge by slices sets its
+    # layer count (`jkarcher.pipeline.slices`).
+    config_updates: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def template(self) -> CheckpointReader:
@@ -115,9 +122,10 @@ class MergePlan:
     def input_labels(self, task: TensorTask) -> list[tuple[StoredTensor, str]]:
         """Each tensor a task reads, with the input it comes from ('model 2 (PATH)'), in the
         order of the leaf's all-finite flags (sources, base, Fishers), then the extra rows."""
-        labelled = list(zip(task.sources, self.labels, strict=False))
+        labels = task.labels or self.labels
+        labelled = list(zip(task.sources, labels, strict=False))
         if task.base is not None:
-            labelled.append((task.base, self.labels[-1]))
+            labelled.append((task.base, labels[-1]))
         labelled += zip(task.fishers, self.fisher_labels, strict=False)
         if task.extra_rows is not None:
             labelled.append((task.extra_rows, self.template_label))
@@ -149,12 +157,20 @@ def plan_merge(config: MergeConfig) -> MergePlan:
 
     Raises CheckpointError, MergeError or OutputError, naming the tensor, the model and the file,
     or ConfigError for a tensor whose weights or parameters the method cannot take, before any
-    output is written.
+    output is written. A merge by slices (`config.slices`) is planned by
+    `jkarcher.pipeline.slices`, which builds on this module.
     """
-    models = tuple(_open(entry.path, f"models[{i}]") for i, entry in enumerate(config.models))
-    base = None if config.base_model is None else _open(config.base_model, "base_model")
+    if config.slices:
+        from jkarcher.pipeline.slices import plan_slices  # it imports this module
+
+        return plan_slices(config)
+    models = tuple(
+        open_input(entry.path, f"models[{i}]", entry.lora) for i, entry in enumerate(config.models)
+    )
+    base = None if config.base_model is None else open_input(config.base_model, "base_model")
     inputs = (*models, base) if base else models
-    check_output_dir(config.output, [c.path for c in inputs], config.overwrite)
+    adapters = [m.lora for m in config.models if m.lora]
+    check_output_dir(config.output, [c.path for c in inputs] + adapters, config.overwrite)
     template = base or models[0]
     if not template.config:
         raise CheckpointError(
@@ -174,12 +190,13 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         (n for n in template.names() if not (tie and n == LM_HEAD_NAME)), key=natural_key
     )
     warnings += _check_names(inputs, labels, names, labels[template_index], tie)
-    num_layers = template.config.get("num_hidden_layers")
+    num_layers = layer_count(template.config)
     tasks = []
     for name in names:
         infos = [source_info(c, name) for c in inputs]
-        task, warning = _plan_tensor(
-            config, name, infos, labels, len(models), template_index, num_layers
+        settings = tensor_settings(config, name, num_layers)
+        task, warning = plan_tensor(
+            config, name, infos, labels, len(models), template_index, settings
         )
         if fishers and task.floating:
             chosen = fisher_sources(task.sources, infos[: len(models)], fishers, fisher_labels)
@@ -200,18 +217,20 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         tasks=tuple(tasks),
         shards=shards,
         warnings=tuple(warnings),
-        mesh=_mesh(config),
+        mesh=plan_mesh(config),
     )
 
 
-def _open(path: str, field: str) -> CheckpointReader:
+def open_input(path: str, field: str, lora: str | None = None) -> CheckpointReader:
+    """The checkpoint at `path`, with the LoRA adapter `lora` applied as it is read."""
     try:
-        return open_checkpoint(path)
+        checkpoint = open_checkpoint(path)
+        return checkpoint if lora is None else with_adapter(checkpoint, lora)
     except CheckpointError as err:
         raise CheckpointError(f"{field}: {err}") from None
 
 
-def _mesh(config: MergeConfig) -> Mesh:
+def plan_mesh(config: MergeConfig) -> Mesh:
     try:
         return make_mesh(config.mesh)
     except MeshError as err:
@@ -259,16 +278,17 @@ def _check_names(
     return warnings
 
 
-def _plan_tensor(
+def plan_tensor(
     config: MergeConfig,
     name: str,
     infos: Sequence[StoredTensor],
     labels: Sequence[str],
     n_models: int,
     template_index: int,
-    num_layers: int | None,
+    settings: TensorSettings,
 ) -> tuple[TensorTask, str | None]:
-    """The task for one output tensor and, for a vocabulary size difference, a warning."""
+    """The task for one output tensor merged by `settings` from `infos` (the models' tensors,
+    then the base's) and, for a vocabulary size difference, a warning."""
     template = infos[template_index]
     floating = [bool(jnp.issubdtype(i.dtype, jnp.floating)) for i in infos]
     if len(set(floating)) > 1:
@@ -291,7 +311,7 @@ def _plan_tensor(
         sources=tuple(trimmed[:n_models]),
         base=trimmed[n_models] if len(infos) > n_models else None,
         extra_rows=template.rows(rows, template.shape[0]) if has_extra_rows else None,
-        settings=tensor_settings(config, name, num_layers),
+        settings=settings,
         floating=floating[0],
     )
     return task, warning

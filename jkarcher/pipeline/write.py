@@ -74,6 +74,9 @@ def safetensors_output(plan: MergePlan, staging: Path) -> Iterator[Put]:
         check_complete(plan.shards, files.rows_written())
 
 
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"  # where mergekit keeps the config of a merge
+
+
 def write_part(
     writer: WriteBehind,
     task: TensorTask,
@@ -148,11 +151,13 @@ def _assembler(shape: tuple[int, ...], sharding: NamedSharding) -> Callable:
 
 
 def write_side_files(plan: MergePlan, directory: Path) -> None:
-    """Index (when sharded), config.json, generation and tokenizer files, and the model card."""
+    """Index (when sharded), config.json, generation and tokenizer files, the model card, and
+    for a merge from a mergekit YAML that YAML as mergekit_config.yml."""
     config = plan.config
     if config.format == "safetensors" and len(plan.shards) > 1:
         write_index(directory, plan.shards)
     model_config = output_model_config(plan.template.config, config.dtype, plan.tie_embeddings)
+    model_config |= plan.config_updates
     write_json(directory / "config.json", model_config)
     copy_files(plan.template.path, directory, side_files(config.copy_tokenizer))
     card = model_card(
@@ -161,8 +166,11 @@ def write_side_files(plan: MergePlan, directory: Path) -> None:
         method_summary=plan.method.summary
         + (", with each model's diagonal Fisher (params.fisher)" if config.fisher else ""),
         method_citation=plan.method.citation,
-        models=[(m.path, m.weight) for m in config.models],
+        models=[(m.path, m.weight) for m in config.all_models],
         base_model=config.base_model,
-        resolved_config=config.to_dict(),
+        resolved_config={k: v for k, v in config.to_dict().items() if k != "mergekit_config"},
+        mergekit_config=config.mergekit_config,
     )
     (directory / "README.md").write_text(card, encoding="utf-8")
+    if config.mergekit_config is not None:
+        (directory / MERGEKIT_CONFIG_NAME).write_text(config.mergekit_config, encoding="utf-8")

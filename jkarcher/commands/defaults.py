@@ -1,4 +1,4 @@
-"""Every field at its default: the config that `scripts/merge.py --mergekit-yaml FILE.yml` starts
+"""Every field at its default: the config that `jkarcher-merge --mergekit-yaml FILE.yml` starts
 from, so that `--config.output=DIR` (and any other `--config.FIELD=VALUE`) sets the run's fields.
 """
 
