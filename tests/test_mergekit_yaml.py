@@ -242,24 +242,23 @@ def _tokenizer_document(source, base):
 
 
 @pytest.mark.parametrize(
-    "source, base, reference", [("base", "base", "base"), ("a", None, "a"), ("x", "x", "x")]
+    "source, ours", [("base", "base"), ("union", "union"), ("b", "b"), ("x", "x")]
 )
-def test_tokenizer_source_of_the_reference_model(source, base, reference):
-    """The output takes the tokenizer of its reference model: the base, else the first model."""
-    fields = _translate(_tokenizer_document(source, base)).fields
-    assert (fields["base_model"] or fields["models"][0]["path"]) == reference
+def test_tokenizer_source_is_jkarchers(source, ours):
+    fields = _translate(_tokenizer_document(source, "x")).fields
+    assert fields["tokenizer_source"] == ours
 
 
 @pytest.mark.parametrize(
     "source, base, message",
     [
         ("base", None, "tokenizer_source: 'base' needs a base_model"),
-        ("union", "base", "tokenizer_source: 'union' builds a new vocabulary"),
-        ("a", "base", "tokenizer_source: the output takes the tokenizer of base"),
-        ("b", None, "tokenizer_source: the output takes the tokenizer of a"),
+        ("union", None, "tokenizer_source: 'union' needs a base_model"),
+        ("b", None, "tokenizer_source: 'b' needs a base_model"),
+        ("b@main", "x", r"tokenizer_source: .* names a revision"),
     ],
 )
-def test_other_tokenizer_sources_are_refused(source, base, message):
+def test_tokenizer_sources_without_a_base_model_are_refused(source, base, message):
     with pytest.raises(ConfigError, match=message):
         _translate(_tokenizer_document(source, base))
 
@@ -276,8 +275,7 @@ def _ties(**changes):
 
 REFUSED = [
     (_ties(modules={"text": {}}), "modules: merges of several modules"),
-    (_ties(tokenizer={"source": "base"}), "tokenizer: building a new vocabulary"),
-    (_ties(chat_template="chatml"), "chat_template: setting a chat template is not supported"),
+    (_ties(tokenizer={"source": "base"}, tokenizer_source="base"), "tokenizer, tokenizer_sour"),
     (_ties(name="first"), r"unknown field 'name' \(jkarcher reads: models, slices"),
     (_ties(merge_method="soup"), "merge_method: unknown merge method 'soup'"),
     (_ties(merge_method=None), "merge_method: required"),

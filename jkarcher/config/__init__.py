@@ -14,6 +14,7 @@ registry; every error names the field.
   validate   `validate` and `distributed_settings`
   params     the method's parameters resolved through the registry
   fields     the parsers of scalar fields (sizes, paths, flags, counts, the mesh, the dtype)
+  tokens     the `tokens` field (tokens added to a vocabulary that tokenizer_source builds)
 """
 
 from jkarcher.config.fields import (

@@ -222,6 +222,22 @@ class MergeConfig:
     seed: int = 0
     # Copy the tokenizer files of the base (or first) model into the output.
     copy_tokenizer: bool = True
+    # The chat template set in the output's tokenizer_config.json (needs copy_tokenizer): "auto"
+    # (the one most models have), "alpaca", "chatml", "llama3", "mistral", or a template's Jinja
+    # text (see `jkarcher.io.chat_template`). None: the template model's is kept.
+    chat_template: str | None = _written(_placeholder(str), None)
+    # The output's vocabulary (needs copy_tokenizer; not with slices or a Fisher): "base" (the
+    # base's, else the first model's, tokenizer), "union" (that one's tokens, then the other
+    # models' it lacks) or a model's path (its tokenizer); every model's embedding and lm_head
+    # rows are read in its token order (`jkarcher.pipeline.tokenizer`). None: the rows all
+    # models share are merged, in the base's (else the first model's) vocabulary.
+    tokenizer_source: str | None = _written(_placeholder(str), None)
+    # With tokenizer_source: tokens added to the output's vocabulary, each with where its rows
+    # come from, {TOKEN: {source, force}} (`jkarcher.config.tokens`).
+    tokens: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # With tokenizer_source: the output's embedding rows (and config.json's vocab_size) rounded
+    # up to a multiple of this, each row past the tokens a model's mean row. None: no padding.
+    pad_to_multiple_of: int | None = _written(_placeholder(int), None)
     # Replace an existing output directory, if it is an earlier jkarcher output (or empty); any
     # other directory is never replaced. On the command line, a config file's overwrite=True
     # covers only the output the file names.

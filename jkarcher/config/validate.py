@@ -25,7 +25,9 @@ from jkarcher.config.schema import (
 )
 from jkarcher.config.settings import falling_back, plain, read_setting
 from jkarcher.config.slices import validated_slices
+from jkarcher.config.tokens import checked_tokens
 from jkarcher.errors import MergeError
+from jkarcher.io import chat_template
 from jkarcher.methods.registry import number
 
 
@@ -61,6 +63,12 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         out_shard_size=fields.parse_size(raw["out_shard_size"], "out_shard_size"),
         seed=fields.seed(raw["seed"]),
         copy_tokenizer=fields.flag(raw["copy_tokenizer"], "copy_tokenizer"),
+        chat_template=_chat_template(raw),
+        tokenizer_source=_tokenizer_source(raw, slices, fisher),
+        tokens=checked_tokens(raw["tokens"]),
+        pad_to_multiple_of=fields.optional_count(
+            raw["pad_to_multiple_of"], "pad_to_multiple_of", 1
+        ),
         overwrite=fields.flag(raw["overwrite"], "overwrite"),
         allow_crimes=fields.flag(raw["allow_crimes"], "allow_crimes"),
         mergekit_config=fields.optional_document(raw["mergekit_config"], "mergekit_config"),
@@ -102,6 +110,51 @@ def distributed_settings(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> 
             "distributed.enabled=True to run as one of several processes"
         )
     return settings
+
+
+def _chat_template(raw: dict) -> str | None:
+    """None, "auto", a named template or a template's Jinja text, which is told from a name
+    by a "{" and its length (`jkarcher.io.chat_template`)."""
+    setting = raw["chat_template"]
+    if setting is None:
+        return None
+    named = setting == chat_template.AUTO or setting in chat_template.NAMED_TEMPLATES
+    literal = (
+        isinstance(setting, str)
+        and "{" in setting
+        and len(setting) >= chat_template.LITERAL_MIN_LENGTH
+    )
+    if not (named or literal):
+        names = ", ".join(map(repr, chat_template.NAMED_TEMPLATES))
+        raise ConfigError(
+            f"chat_template: {setting!r} is none of 'auto', {names} or a Jinja template; give "
+            "any other template's Jinja text literally"
+        )
+    if raw["copy_tokenizer"] is False:
+        raise ConfigError(
+            "chat_template: set, but copy_tokenizer is False; the template is written into the "
+            "copied tokenizer_config.json"
+        )
+    return setting
+
+
+def _tokenizer_source(raw: dict, slices: tuple, fisher: FisherSettings | None) -> str | None:
+    """None, "base", "union" or a model's path (`jkarcher.pipeline.tokenizer`)."""
+    source = optional_text(raw["tokenizer_source"], "tokenizer_source")
+    if source is None:
+        for field in ("tokens", "pad_to_multiple_of"):
+            if raw[field]:
+                raise ConfigError(f"{field}: needs tokenizer_source, which builds the vocabulary")
+        return None
+    refused = {
+        "copy_tokenizer is False": raw["copy_tokenizer"] is False,
+        "slices are given": bool(slices),
+        "a Fisher is given (params.fisher)": fisher is not None,
+    }
+    for reason, applies in refused.items():
+        if applies:
+            raise ConfigError(f"tokenizer_source: set, but {reason}; the two do not combine")
+    return source
 
 
 def _method(value: Any) -> methods.MergeMethod:

@@ -15,7 +15,7 @@ from jkarcher import methods
 from jkarcher.config import ConfigError
 from jkarcher.config.params import declared_param
 from jkarcher.config.slices import layer_range
-from jkarcher.mergekit_yaml.outputs import check_tokenizer_source, output_dtype
+from jkarcher.mergekit_yaml.outputs import output_dtype, tokenizer_fields
 from jkarcher.mergekit_yaml.values import (
     chain,
     check_weight,
@@ -38,14 +38,12 @@ FIELDS = (
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
 )
 REFUSED_FIELDS = {
     "modules": "merges of several modules, each with its own layers, are not supported; give "
     "models, or slices",
-    "tokenizer": "building a new vocabulary (added tokens, embedding initialisation) is not "
-    "supported; tokenizer_source: base keeps the base model's tokenizer",
-    "chat_template": "setting a chat template is not supported; the output keeps the tokenizer "
-    "files of the base (or first) model",
 }
 # Methods for which mergekit merges base_model as one of the models: slerp's t = 0 end, and the
 # methods without a base role in mergekit. jkarcher merges it as model 0.
@@ -117,10 +115,10 @@ def translate(document: Any, *, layer_count: Callable[[str], int]) -> Translatio
                 for group, (models, base, params) in zip(groups, merges, strict=True)
             ]
         }
-    models, base_model, _ = merges[0]
-    reference = base_model or models[0]["path"]
-    check_tokenizer_source(document.get("tokenizer_source"), groups[0].base, reference)
-    fields = {"method": spec.name} | fields | {"dtype": output_dtype(document, notes)}
+    vocabulary = tokenizer_fields(document, groups[0].base)
+    fields = {"method": spec.name} | fields | {"dtype": output_dtype(document, notes)} | vocabulary
+    if document.get("chat_template") is not None:
+        fields["chat_template"] = document["chat_template"]
     return Translation(fields, tuple(dict.fromkeys(notes)))
 
 

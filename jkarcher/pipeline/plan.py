@@ -7,7 +7,8 @@ architectures; vocabulary and tied embeddings: `jkarcher.pipeline.vocab`; Fisher
 layout. Any problem is an error here, before anything is read or written.
 
 The output takes its config, vocabulary and tokenizer from one input, the plan's `template`: the
-base model when there is one, else the first model. Tensors that are not floating point are
+base model when there is one, else the first model (`tokenizer_source` builds another vocabulary:
+`jkarcher.pipeline.tokenizer`). Tensors that are not floating point are
 copied from the first model when every model agrees on them.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,13 +28,23 @@ from jkarcher.architecture import check_architectures, layer_count
 from jkarcher.config import ConfigError, MergeConfig, layer_position, tensor_values
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
+from jkarcher.io.chat_template import chosen_chat_template
 from jkarcher.io.orbax_io import open_checkpoint
 from jkarcher.io.output_dir import check_free_space, check_output_dir
 from jkarcher.io.writer import OutputTensor, Shard, natural_key, plan_shards
 from jkarcher.lora.applied import with_adapter
 from jkarcher.pipeline.fishers import fisher_sources, open_fishers
-from jkarcher.pipeline.vocab import LM_HEAD_NAME, shared_rows, source_info, ties_embeddings
+from jkarcher.pipeline.vocab import (
+    LM_HEAD_NAME,
+    VOCAB_SUFFIXES,
+    shared_rows,
+    source_info,
+    ties_embeddings,
+)
 from jkarcher.sharding import MeshError, make_mesh
+
+if TYPE_CHECKING:
+    from jkarcher.pipeline.tokenizer import OutputVocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +112,12 @@ class MergePlan:
     # Fields of the output's config.json other than the template's: a merge by slices sets its
     # layer count (`jkarcher.pipeline.slices`).
     config_updates: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The chat template written into the output's tokenizer_config.json (`config.chat_template`
+    # resolved by `jkarcher.io.chat_template`); None: the template model's is kept.
+    chat_template: str | None = None
+    # The output's vocabulary for `config.tokenizer_source` (`jkarcher.pipeline.tokenizer`);
+    # None: the template model's.
+    vocabulary: OutputVocabulary | None = None
 
     @property
     def template(self) -> CheckpointReader:
@@ -191,13 +208,22 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     )
     warnings += _check_names(inputs, labels, names, labels[template_index], tie)
     num_layers = layer_count(template.config)
+    vocabulary = None
+    if config.tokenizer_source is not None:
+        from jkarcher.pipeline.tokenizer import plan_vocabulary  # it imports this module
+
+        vocabulary = plan_vocabulary(config, inputs, template_index)
     tasks = []
     for name in names:
         infos = [source_info(c, name) for c in inputs]
         settings = tensor_settings(config, name, num_layers)
-        task, warning = plan_tensor(
-            config, name, infos, labels, len(models), template_index, settings
-        )
+        if vocabulary is not None and name.endswith(VOCAB_SUFFIXES):
+            task = vocabulary.task(config, name, infos, len(models), settings, labels)
+            warning = None
+        else:
+            task, warning = plan_tensor(
+                config, name, infos, labels, len(models), template_index, settings
+            )
         if fishers and task.floating:
             chosen = fisher_sources(task.sources, infos[: len(models)], fishers, fisher_labels)
             task = dataclasses.replace(task, fishers=chosen)
@@ -218,6 +244,11 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         shards=shards,
         warnings=tuple(warnings),
         mesh=plan_mesh(config),
+        chat_template=chosen_chat_template(
+            config.chat_template, [c.path for c in (base, *models) if c is not None]
+        ),
+        vocabulary=vocabulary,
+        config_updates={} if vocabulary is None else {"vocab_size": vocabulary.rows},
     )
 
 

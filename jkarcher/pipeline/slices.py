@@ -26,6 +26,7 @@ from jkarcher.config import ConfigError, MergeConfig, tensor_values
 from jkarcher.config.schema import Slice
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
+from jkarcher.io.chat_template import chosen_chat_template
 from jkarcher.io.output_dir import check_free_space, check_output_dir
 from jkarcher.io.writer import OutputTensor, natural_key, plan_shards
 from jkarcher.pipeline.plan import (
@@ -101,6 +102,7 @@ def plan_slices(config: MergeConfig) -> MergePlan:
         warnings=tuple(warnings),
         mesh=plan_mesh(config),
         config_updates=_config_updates(config.slices, by_path, template),
+        chat_template=chosen_chat_template(config.chat_template, [r.path for r in readers]),
     )
 
 

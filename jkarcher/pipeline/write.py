@@ -25,10 +25,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jkarcher import distributed
-from jkarcher.io.hf import copy_files, output_model_config, side_files
+from jkarcher.io.chat_template import write_chat_template
+from jkarcher.io.hf import TOKENIZER_FILES, copy_files, output_model_config, side_files
 from jkarcher.io.model_card import model_card
 from jkarcher.io.orbax_io import save_params
 from jkarcher.io.output_dir import OutputError
+from jkarcher.io.tokenizer_files import write_tokenizer
 from jkarcher.io.writer import (
     Shard,
     ShardWriter,
@@ -38,6 +40,7 @@ from jkarcher.io.writer import (
     write_json,
 )
 from jkarcher.pipeline.plan import MergePlan, TensorTask
+from jkarcher.pipeline.tokenizer import OutputVocabulary
 from jkarcher.sharding import even_sharding, local_rows
 
 # put(task, merged, extra_rows): hands one output tensor to the output.
@@ -150,16 +153,30 @@ def _assembler(shape: tuple[int, ...], sharding: NamedSharding) -> Callable:
     return jax.jit(assemble, out_shardings=sharding)
 
 
+def write_vocabulary(directory: Path, vocabulary: OutputVocabulary) -> None:
+    """The output's tokenizer files: those of the vocabulary's source model, its tokenizer.json
+    with the vocabulary's added tokens."""
+    copy_files(vocabulary.source, directory, TOKENIZER_FILES)
+    if vocabulary.added:
+        write_tokenizer(directory, vocabulary.source, vocabulary.added, vocabulary.vocab)
+
+
 def write_side_files(plan: MergePlan, directory: Path) -> None:
-    """Index (when sharded), config.json, generation and tokenizer files, the model card, and
-    for a merge from a mergekit YAML that YAML as mergekit_config.yml."""
+    """Index (when sharded), config.json, generation and tokenizer files (with the plan's chat
+    template), the model card, and for a merge from a mergekit YAML that YAML as
+    mergekit_config.yml."""
     config = plan.config
     if config.format == "safetensors" and len(plan.shards) > 1:
         write_index(directory, plan.shards)
     model_config = output_model_config(plan.template.config, config.dtype, plan.tie_embeddings)
     model_config |= plan.config_updates
     write_json(directory / "config.json", model_config)
-    copy_files(plan.template.path, directory, side_files(config.copy_tokenizer))
+    tokenizer_copied = config.copy_tokenizer and plan.vocabulary is None
+    copy_files(plan.template.path, directory, side_files(tokenizer_copied))
+    if plan.vocabulary is not None:
+        write_vocabulary(directory, plan.vocabulary)
+    if plan.chat_template is not None:
+        write_chat_template(directory, plan.chat_template)
     card = model_card(
         title=config.output.name,
         method=plan.method.name,
