@@ -9,15 +9,13 @@ The comparisons with mergekit run where it is installed, and always in CI (CI=tr
 import importlib.resources
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jinja2
 import numpy as np
 import pytest
 from helpers_checkpoints import make_models, read_all, tiny_config, tiny_weights, write_tiny
+from helpers_mergekit import require_mergekit, run_mergekit_yaml
 
 from jkarcher import mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, validate
@@ -55,13 +53,6 @@ TEMPLATE_A = "{% for m in messages %}A {{ m['content'] }}\n{% endfor %}"
 TEMPLATE_B = "{% for m in messages %}B {{ m['content'] }}\n{% endfor %}"
 
 
-def _mergekit_installed():
-    if importlib.util.find_spec("mergekit") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mergekit must be installed in CI (pip install -e '.[test]')")
-        pytest.skip("mergekit is not installed (pip install -e '.[test]')")
-
-
 def _render(template, conversation, generation_prompt):
     """The prompt transformers renders, or the error the template raises."""
     try:
@@ -79,7 +70,7 @@ def _render(template, conversation, generation_prompt):
 
 @pytest.mark.parametrize("name", list(NAMED_TEMPLATES))
 def test_named_templates_render_mergekits_prompts(name):
-    _mergekit_installed()
+    require_mergekit()
     from mergekit._data import chat_templates
 
     theirs = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()
@@ -194,12 +185,6 @@ CONFIG = """
     base_model: {m0}
     dtype: float32
 """
-RUN_MERGEKIT_YAML = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--quiet"], standalone_mode=False)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -228,24 +213,7 @@ def _yaml_line(field, value):
 
 @pytest.fixture(scope="module")
 def mergekit_outputs(case_files, tmp_path_factory):
-    _mergekit_installed()
-    root = tmp_path_factory.mktemp("chat_template_mergekit")
-    outputs = {case: root / case for case in case_files}
-    arguments = [str(a) for case in case_files for a in (case_files[case], outputs[case])]
-    environment = os.environ | {
-        "CUDA_VISIBLE_DEVICES": "",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_MERGEKIT_YAML, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return outputs
+    return run_mergekit_yaml(case_files, tmp_path_factory.mktemp("chat_template_mergekit"))
 
 
 def _template(directory):

@@ -9,8 +9,6 @@ CI (CI=true), where they must run.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from helpers_checkpoints import BF16, assert_close_trees, read_all, tokenizer
+from helpers_mergekit import run_mergekit_yaml
 
 from jkarcher import demo, mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, validate
@@ -430,14 +429,6 @@ def test_mergekit_yaml_model_plus_lora_is_a_lora_entry():
         mergekit_yaml.translate(document | {"base_model": "a+adapter"}, layer_count=len)
 
 
-RUN_MERGEKIT_YAML = """
-import sys
-from mergekit.scripts.run_yaml import main
-config, out, cache = sys.argv[1:]
-main([config, out, "--quiet", "--lora-merge-cache", cache], standalone_mode=False)
-"""
-
-
 @pytest.fixture(scope="module")
 def mergekit():
     if importlib.util.find_spec("mergekit") is None or importlib.util.find_spec("peft") is None:
@@ -457,19 +448,12 @@ def test_model_plus_lora_merges_equal_mergekit_yaml(mergekit, pair, tmp_path):
         f"  - model: {tuned}\n    parameters:\n      weight: 0.4\n"
         f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
     )
-    environment = os.environ | {"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_MERGEKIT_YAML, path, tmp_path / "theirs", tmp_path / "cache"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    options = ["--lora-merge-cache", tmp_path / "cache"]
+    theirs = run_mergekit_yaml({"merge": path}, tmp_path / "theirs", options)["merge"]
     translation = mergekit_yaml.load(path)
     fields = translation.fields | {"output": str(tmp_path / "ours"), "mesh": "devices:1"}
     pipeline.run(pipeline.plan_merge(validate(fields)))
-    ours, theirs = read_all(tmp_path / "ours"), read_all(tmp_path / "theirs")
+    ours, theirs = read_all(tmp_path / "ours"), read_all(theirs)
     assert set(ours) == set(theirs)
     for name in theirs:
         # float32 sums of a few terms of size <= 1: a few float32 units.

@@ -6,8 +6,6 @@ The translation tests need no mergekit. The comparisons with mergekit run where 
 and always in CI (CI=true), where a missing mergekit fails them.
 """
 
-import importlib.util
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers_checkpoints import BF16, make_models, read_all
+from helpers_mergekit import require_mergekit, run_mergekit_yaml
 
 from jkarcher import demo, mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, validate
@@ -680,20 +679,11 @@ EXAMPLES = {
     """,
 }
 CASES |= EXAMPLES
-RUN_MERGEKIT_YAML = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--quiet"], standalone_mode=False)
-"""
 
 
 @pytest.fixture(scope="module")
 def mergekit():
-    if importlib.util.find_spec("mergekit") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mergekit must be installed in CI (pip install -e '.[test]')")
-        pytest.skip("mergekit is not installed (pip install -e '.[test]')")
+    require_mergekit()
 
 
 @pytest.fixture(scope="module")
@@ -713,23 +703,7 @@ def case_files(tmp_path_factory):
 def mergekit_outputs(mergekit, case_files, tmp_path_factory):
     """Each case merged by the `mergekit-yaml` command (its entry point, all cases in one
     process), on the CPU and without network."""
-    root = tmp_path_factory.mktemp("mergekit_out")
-    outputs = {name: root / path.stem for name, path in case_files.items()}
-    arguments = [str(a) for name in case_files for a in (case_files[name], outputs[name])]
-    environment = os.environ | {
-        "CUDA_VISIBLE_DEVICES": "",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_MERGEKIT_YAML, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return outputs
+    return run_mergekit_yaml(case_files, tmp_path_factory.mktemp("mergekit_out"))
 
 
 def _ours(path, output, **fields):
@@ -824,15 +798,7 @@ def bf16_example(mergekit, tmp_path_factory):
         text = text.replace(f"cache/demo/qwen2-tiny-v1-seed0/{name}", str(path))
     config = root / "example.yml"
     config.write_text(text.replace("dtype: bfloat16", "dtype: float32\nout_dtype: bfloat16"))
-    output = root / "mergekit"
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_MERGEKIT_YAML, str(config), str(output)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=os.environ | {"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    output = run_mergekit_yaml({"example": config}, root)["example"]
     return config, output, dict(zip(("a", "b", "c"), models, strict=True))
 
 

@@ -9,9 +9,7 @@ every bad slice an error naming its field before anything is written. The compar
 mergekit run where it is installed, and always in CI (CI=true).
 """
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +19,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from helpers_checkpoints import BF16, read_all, tiny_config, tiny_weights, write_tiny
+from helpers_mergekit import run_mergekit_yaml
 
 from jkarcher import mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, base_config, validate
@@ -71,12 +70,6 @@ SLERPED = """
     dtype: float32
     out_dtype: bfloat16
 """
-RUN_MERGEKIT_YAML = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--quiet"], standalone_mode=False)
-"""
 
 
 def _tiny_llama(directory, num_layers, seed):
@@ -125,23 +118,7 @@ def ours(yaml_files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def theirs(yaml_files, tmp_path_factory):
     """`mergekit-yaml`'s merge of each YAML file (one process, CPU, no network)."""
-    if importlib.util.find_spec("mergekit") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mergekit must be installed in CI (pip install -e '.[test]')")
-        pytest.skip("mergekit is not installed (pip install -e '.[test]')")
-    root = tmp_path_factory.mktemp("slices_mergekit")
-    outputs = {name: root / name for name in yaml_files}
-    arguments = [str(a) for name in yaml_files for a in (yaml_files[name], outputs[name])]
-    environment = os.environ | {"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_MERGEKIT_YAML, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return outputs
+    return run_mergekit_yaml(yaml_files, tmp_path_factory.mktemp("slices_mergekit"))
 
 
 def _config_json(directory):

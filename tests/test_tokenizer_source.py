@@ -7,17 +7,14 @@ whose order in mergekit varies from run to run), each token's row equal, every o
 equal; bf16 models against a float64 NumPy reference written from the rules.
 """
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import tokenizers
 from helpers_checkpoints import BF16, read_all, tiny_config, tiny_weights
+from helpers_mergekit import run_mergekit_yaml
 
 from jkarcher import demo, mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, validate
@@ -292,12 +289,6 @@ SLERP = """
       t: 0.3
     dtype: float32
 """
-RUN_MERGEKIT_YAML = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--quiet"], standalone_mode=False)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -315,23 +306,7 @@ def case_files(models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mergekit_outputs(case_files, tmp_path_factory):
-    if importlib.util.find_spec("mergekit") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mergekit must be installed in CI (pip install -e '.[test]')")
-        pytest.skip("mergekit is not installed (pip install -e '.[test]')")
-    root = tmp_path_factory.mktemp("tokenizer_source_mergekit")
-    outputs = {case: root / case for case in case_files}
-    arguments = [str(a) for case in case_files for a in (case_files[case], outputs[case])]
-    environment = os.environ | {"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_MERGEKIT_YAML, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return outputs
+    return run_mergekit_yaml(case_files, tmp_path_factory.mktemp("tokenizer_source_mergekit"))
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
