@@ -49,19 +49,24 @@ ARCHITECTURE_FIELDS = (
 NONE_WHEN_MISSING = ("rope_scaling", "rope_parameters")
 NESTED_CONFIGS = ("text_config",)
 TIED_EMBEDDINGS = "tie_word_embeddings"
-LAYER_COUNT = "num_hidden_layers"
+# The config.json keys that state the layer count: `num_hidden_layers`, or GPT-2's `n_layer`.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
+LAYER_COUNT = LAYER_COUNT_KEYS[0]
+
+
+def layer_count_key(config: Mapping[str, Any]) -> str | None:
+    """The first of LAYER_COUNT_KEYS that `config` (one level of a config.json) has, or None."""
+    return next((key for key in LAYER_COUNT_KEYS if key in config), None)
 
 
 def layer_count(config: Mapping[str, Any]) -> Any:
-    """A model's number of layers as its `config.json` states it: `num_hidden_layers` at the top
-    level, else in a nested `text_config` (where multimodal models such as LLaVA keep their
-    language model's); None where neither states it. The value is returned unchecked."""
-    if LAYER_COUNT in config:
-        return config[LAYER_COUNT]
-    for nested in NESTED_CONFIGS:
-        inner = config.get(nested)
-        if isinstance(inner, Mapping) and LAYER_COUNT in inner:
-            return inner[LAYER_COUNT]
+    """A model's number of layers as its `config.json` states it: `num_hidden_layers` (or
+    `n_layer`) at the top level, else in a nested `text_config` (where multimodal models such as
+    LLaVA keep their language model's); None where neither states it. The value is returned
+    unchecked."""
+    for inner in (config, *(config.get(nested) for nested in NESTED_CONFIGS)):
+        if isinstance(inner, Mapping) and (key := layer_count_key(inner)):
+            return inner[key]
     return None
 
 

@@ -151,6 +151,19 @@ def test_the_merge_command_runs_the_builtin_example(tmp_path):
     assert not (tmp_path / "o" / MERGEKIT_CONFIG_NAME).exists()
 
 
+@pytest.mark.parametrize(
+    "config, count",
+    [
+        ({"num_hidden_layers": 4}, 4),
+        ({"n_layer": 12}, 12),  # GPT-2
+        ({"text_config": {"num_hidden_layers": 2}, "vision_config": {}}, 2),
+        ({"hidden_size": 8}, None),
+    ],
+)
+def test_the_layer_count_is_found_where_configs_state_it(config, count):
+    assert layer_count(config) == count
+
+
 def test_a_multimodal_config_keeps_its_layer_count_in_text_config(tmp_path):
     models = make_models(tmp_path / "in", n=2, num_layers=3)
     for model in models:

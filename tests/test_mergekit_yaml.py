@@ -116,6 +116,21 @@ def test_the_base_models_own_parameters_are_ignored_with_a_note():
     assert any(n.startswith("models[0].parameters: ignored") for n in translation.notes)
 
 
+def test_karchers_weights_are_ignored_as_mergekit_ignores_them():
+    """mergekit's karcher weighs every model equally, whatever weights the YAML gives."""
+    document = {
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.6}},
+            {"model": "b", "parameters": {"weight": 0.4}},
+        ],
+        "merge_method": "karcher",
+        "parameters": {"weight": 2.0},
+    }
+    translation = _translate(document)
+    assert [m.get("weight") for m in translation.fields["models"]] == [None, None]
+    assert sum("weighs every model equally" in n for n in translation.notes) == 3
+
+
 def test_one_slice_over_every_layer_is_the_models_form():
     asked = []
 

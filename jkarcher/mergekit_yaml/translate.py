@@ -141,6 +141,8 @@ def _merge(
     weight_field, weight = shared.pop("weight", (None, None))
     if weight is not None:
         check_weight(weight_field, weight, spec)
+        if note_no_effect(spec, "weight", weight_field, notes):
+            weight = None
     params = _shared_params(spec, shared, notes)
     entries = [_model_entry(spec, item, weight, notes) for item in models]
     if ranged:
@@ -326,7 +328,8 @@ def _model_entry(
     for name, (field, setting) in parameters.items():
         if name == "weight":
             check_weight(field, setting, spec)
-            weight = chain(setting, shared_weight)
+            if not note_no_effect(spec, name, field, notes):
+                weight = chain(setting, shared_weight)
         elif note_no_effect(spec, name, field, notes):
             continue
         elif not declared_param(spec, name, field).per_model:

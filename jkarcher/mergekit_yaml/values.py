@@ -20,6 +20,10 @@ NO_EFFECT = {
 }
 # ... and for one method.
 NO_EFFECT_BY_METHOD = {
+    "karcher": {
+        "weight": "mergekit's karcher weighs every model equally (jkarcher's own configs give "
+        "the Karcher mean weights)",
+    },
     "task_arithmetic": {
         "density": "mergekit's task_arithmetic accepts it but never sparsifies",
         "rescale": "mergekit's task_arithmetic accepts it but never sparsifies, so never rescales",

@@ -21,7 +21,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from jkarcher import methods
-from jkarcher.architecture import LAYER_COUNT, NESTED_CONFIGS, check_architectures, layer_count
+from jkarcher.architecture import (
+    LAYER_COUNT,
+    LAYER_COUNT_KEYS,
+    NESTED_CONFIGS,
+    check_architectures,
+    layer_count,
+    layer_count_key,
+)
 from jkarcher.config import ConfigError, MergeConfig, tensor_values
 from jkarcher.config.schema import Slice
 from jkarcher.errors import MergeError
@@ -256,7 +263,7 @@ def _config_updates(
     """The output's layer count and, where the template states them, its layers' kinds, each
     from the first model of the layer's slice."""
     stated = _stating_layer_count(template.config, sum(piece.num_layers for piece in slices))
-    updates = {k: v for k, v in stated.items() if k in (LAYER_COUNT, *NESTED_CONFIGS)}
+    updates = {k: v for k, v in stated.items() if k in (*LAYER_COUNT_KEYS, *NESTED_CONFIGS)}
     if isinstance(template.config.get(LAYER_TYPES), list):
         kinds = []
         for piece in slices:
@@ -280,11 +287,11 @@ def _stating_layer_count(config: Mapping[str, Any], count: int | None) -> dict[s
     result = dict(config)
     nested = [n for n in NESTED_CONFIGS if isinstance(result.get(n), Mapping)]
     for key, inner in [(None, result), *((n, dict(result[n])) for n in nested)]:
-        if LAYER_COUNT in inner:
+        if key_of_count := layer_count_key(inner):
             if count is None:
-                del inner[LAYER_COUNT]
+                del inner[key_of_count]
             else:
-                inner[LAYER_COUNT] = count
+                inner[key_of_count] = count
         if key is not None:
             result[key] = inner
     return result
