@@ -65,6 +65,16 @@ def test_stages_run_after_the_stages_they_use_and_the_final_one_writes_the_outpu
     }
 
 
+def test_the_document_without_a_name_is_the_final_merge_and_runs_last():
+    """As in mergekit-multi: the unnamed document writes the output; every named one is a stage
+    in the work directory, used or not."""
+    unnamed = "merge_method: linear\nmodels: [{model: a}, {model: m2}]\n"
+    stages = _stages("---\n".join([_linear("a", "m0", "m1"), unnamed, _linear("b", "m1", "m2")]))
+    assert [s.name for s in stages] == ["a", "b", None]
+    assert [s.output for s in stages] == [os.path.join("work", "a"), "work/b", "out"]
+    assert stages[2].fields["models"] == [{"path": "work/a"}, {"path": "m2"}]
+
+
 def test_independent_stages_keep_the_order_of_the_file():
     text = "---\n".join(
         [_linear("x", "m0", "m1"), _linear("y", "m1", "m2"), _linear("z", "x", "y")]
@@ -129,8 +139,8 @@ def test_a_stage_output_has_the_layers_of_its_slices():
     "documents, message",
     [
         (
-            [_linear("a", "m0", "m1"), "merge_method: linear\nmodels: [{model: a}]\n"],
-            "document 2: name: required, since the file holds several documents",
+            [_linear("a", "m0", "m1"), *["merge_method: linear\nmodels: [{model: a}]\n"] * 2],
+            "document 3: name: required, since document 2 is the one final merge without a name",
         ),
         (
             [_linear("a", "m0", "m1"), _linear("b", "a", "m1"), _linear("a", "m1", "m2")],
@@ -344,6 +354,21 @@ def test_the_stages_and_the_output_equal_those_of_mergekit_multi(merged, mergeki
     _assert_close(read_all(merged / "out"), read_all(work / "final"))
     for name in ("first", "second"):
         _assert_close(read_all(merged / "stages" / name), read_all(work / name))
+
+
+def test_an_unnamed_final_merge_equals_mergekit_multis(merged, mergekit, tmp_path):
+    """The final document without its name: mergekit-multi writes it to --out-path, as
+    jkarcher-yaml writes it to OUT."""
+    path = tmp_path / "unnamed.yml"
+    path.write_text((merged / "multi.yml").read_text().replace("name: final\n", "", 1))
+    ours = _command("jkarcher-yaml", path, tmp_path / "ours", "-I", tmp_path / "our_stages")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    theirs = _command(
+        "mergekit-multi", path, "--out-path", tmp_path / "theirs", "-I", tmp_path / "stages"
+    )
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    _assert_close(read_all(tmp_path / "ours"), read_all(tmp_path / "theirs"))
+    assert sorted(p.name for p in (tmp_path / "our_stages").iterdir()) == ["first", "second"]
 
 
 def test_the_stages_equal_single_document_files_run_one_by_one(merged, models, tmp_path):

@@ -7,15 +7,15 @@ checkpoint (`python scripts/merge.py` runs the same).
 
 Any config field can be overridden on the command line (`--config.FIELD=VALUE`, and a method's
 parameters with `--config.params.NAME=VALUE` whether or not the file sets them); see
-`jkarcher/config/schema.py` for the fields. A config file's `overwrite=True` covers only the
-output it names itself: an output given on the command line is replaced only with
+`jkarcher/config/schema.py` for the fields. A config file's `overwrite=True` covers only the output
+it names itself: an output given on the command line is replaced only with
 `--config.overwrite=True` too, and only when it is an earlier jkarcher output or an empty
 directory. A mergekit YAML config (`--mergekit-yaml`, translated by `jkarcher/mergekit_yaml/`)
 gives the merge itself; `--config.FIELD=VALUE` then sets the run's fields (output, overwrite,
-out_shard_size, seed, ...). A mergekit YAML of several documents, each with a `name`, is a
-multi-stage merge (`jkarcher/mergekit_yaml/multi.py`): its stages are merged in turn into
-OUTPUT.intermediates/NAME, beside the output, but for the final one, into the output; one left
-complete by an earlier run of the same stage is kept.
+out_shard_size, seed, ...). A mergekit YAML of several documents (each with a `name`, but for the
+final one) is a multi- stage merge (`jkarcher/mergekit_yaml/multi.py`): its stages are merged in
+turn into OUTPUT.intermediates/NAME, beside the output, but for the final one, into the output; one
+left complete by an earlier run of the same stage is kept.
 Inputs are read from disk or the local HF cache, never the network. The output appears only once
 it is complete; Ctrl-C or SIGTERM stops the run, and nothing is left behind.
 Compiled leaf functions are kept between runs (`jkarcher.compile_cache`: in ~/.cache/jkarcher/jax

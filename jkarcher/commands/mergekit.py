@@ -12,12 +12,12 @@ accepted, and one line says that it changes nothing. --overwrite (not in mergeki
 OUT_PATH when it is an earlier jkarcher output or an empty directory; nothing else is ever
 replaced. Errors are one line and a non-zero exit status, before anything is written.
 
-A file of several YAML documents, each with a `name`, is a multi-stage merge as mergekit-multi
-runs it (`jkarcher/mergekit_yaml/multi.py`): each stage is merged into
-`--intermediate-dir/NAME` (default: OUT_PATH.intermediates, beside OUT_PATH) but the final one,
-which no other stage uses, into OUT_PATH. An intermediate left complete by an earlier run of the
-same stage is kept (unless --no-lazy); any other existing one is replaced only with --overwrite,
-under the same rules as OUT_PATH.
+A file of several YAML documents, each with a `name` but for at most one, is a multi-stage merge as
+mergekit-multi runs it (`jkarcher/mergekit_yaml/multi.py`): each stage is merged into
+`--intermediate-dir/NAME` (default: OUT_PATH.intermediates, beside OUT_PATH) but the final one, the
+document without a name (else the one no other stage uses), into OUT_PATH. An intermediate left
+complete by an earlier run of the same stage is kept (unless --no-lazy); any other existing one is
+replaced only with --overwrite, under the same rules as OUT_PATH.
 """
 
 from __future__ import annotations

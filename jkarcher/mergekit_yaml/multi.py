@@ -1,12 +1,13 @@
 """Multi-stage merges, as mergekit-multi runs them: a file of several YAML documents, each a
-mergekit config with a `name`, where a stage's name stands for its merged model in the models
-of the others.
+mergekit config with a `name` (but for at most one, the final merge), where a stage's name
+stands for its merged model in the models of the others.
 
 A stage's name may be the model of `models[i].model`, `base_model`, `slices[i].base_model`,
 `slices[i].sources[j].model` or `tokenizer_source` (with a LoRA adapter: `name+adapter`) of any
 other stage, before or after it in the file. The stages run in dependency order (each after
-the stages it uses, else in the order of the file). Each writes `<work dir>/<name>`, except
-the final stage, the one no other stage uses, which writes the requested output. Each stage's
+the stages it uses, else in the order of the file; the final stage last). Each writes
+`<work dir>/<name>`, except the final stage, which writes the requested output: the document
+without a name, else the one stage that no other stage uses. Each stage's
 mergekit_config.yml is its own document, without `name` and with the stages it uses as their
 directories: a single-document config that mergekit-yaml or jkarcher-yaml runs as it is.
 
@@ -39,7 +40,7 @@ TOKENIZER_WORDS = ("base", "union")
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One merge of a multi-stage file: its `name` (None for a file of one unnamed document),
+    """One merge of a multi-stage file: its `name` (None for the unnamed final document),
     the `fields` of its jkarcher config (with `output` and `mergekit_config`), the translation's
     `notes`, and the names of the stages it `uses`."""
 
@@ -71,6 +72,7 @@ def plan_stages(
     references = [list(_references(document)) for document in documents]
     order = _order(names, references)
     final = _final(names, references)
+    order = [i for i in order if names[i] != final] + [names.index(final)]
     outputs = {
         name: str(output) if name == final else os.path.join(work_dir, name) for name in names
     }
@@ -89,7 +91,7 @@ def plan_stages(
     for index in order:
         name, where = names[index], _where(index, names[index])
         document = copy.deepcopy(documents[index])
-        del document["name"]
+        document.pop("name", None)
         uses = []
         for _, reference, place, key in _references(document):
             model, plus, adapter = reference.partition("+")
@@ -171,32 +173,35 @@ def _holds(stage: Stage) -> bool:
     return written == stage.fields["mergekit_config"]
 
 
-def _check_model(names: list[str], index: int, field: str, reference: str) -> None:
+def _check_model(names: list[str | None], index: int, field: str, reference: str) -> None:
     """A model that is not a stage is a local directory, or a hub id in the local cache."""
     try:
         resolve_checkpoint_dir(reference.partition("+")[0])
     except JkarcherError as err:
         raise ConfigError(
             f"{_where(index, names[index])}: {field}: {reference!r} is neither the name of a "
-            f"stage ({', '.join(names)}) nor a model ({err})"
+            f"stage ({', '.join(filter(None, names))}) nor a model ({err})"
         ) from None
 
 
-def _names(documents: Sequence[Any]) -> list[str]:
-    """Each document's name: present, a directory name, and unique."""
-    seen: dict[str, int] = {}
+def _names(documents: Sequence[Any]) -> list[str | None]:
+    """Each document's name: a directory name, unique; None for the one document without."""
+    seen: dict[str | None, int] = {}
     for index, document in enumerate(documents):
         where = _where(index, None)
         if not isinstance(document, dict):
             raise ConfigError(
                 f"{where}: a mergekit config is a mapping of fields, got {document!r}"
             )
-        if "name" not in document:
+        name = document.get("name")
+        if name is None and None in seen:
             raise ConfigError(
-                f"{where}: name: required, since the file holds several documents (each a "
-                "stage, which the others name)"
+                f"{where}: name: required, since {_where(seen[None], None)} is the one final "
+                "merge without a name (the others are stages, which the others name)"
             )
-        name = document["name"]
+        if name is None:
+            seen[None] = index
+            continue
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "+" in name:
             raise ConfigError(
                 f"{where}: name: must be a directory name (not '.' or '..', without '/' or "
@@ -235,7 +240,7 @@ def _list(value: Any) -> list:
     return value if isinstance(value, list) else []
 
 
-def _order(names: list[str], references: list[list]) -> list[int]:
+def _order(names: list[str | None], references: list[list]) -> list[int]:
     """The documents' indices, each after the stages it uses (depth first, in file order);
     a cycle is an error that names the reference closing it."""
     index_of = {name: i for i, name in enumerate(names)}
@@ -265,8 +270,10 @@ def _order(names: list[str], references: list[list]) -> list[int]:
     return order
 
 
-def _final(names: list[str], references: list[list]) -> str:
-    """The one stage that no other stage uses."""
+def _final(names: list[str | None], references: list[list]) -> str | None:
+    """The unnamed stage, else the one stage that no other stage uses."""
+    if None in names:
+        return None
     used = {ref.partition("+")[0] for refs in references for _, ref, _, _ in refs}
     unused = [i for i, name in enumerate(names) if name not in used]
     if len(unused) > 1:
