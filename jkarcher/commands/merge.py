@@ -13,7 +13,7 @@ it names itself: an output given on the command line is replaced only with
 directory. A mergekit YAML config (`--mergekit-yaml`, translated by `jkarcher/mergekit_yaml/`)
 gives the merge itself; `--config.FIELD=VALUE` then sets the run's fields (output, overwrite,
 out_shard_size, seed, ...). A mergekit YAML of several documents (each with a `name`, but for the
-final one) is a multi- stage merge (`jkarcher/mergekit_yaml/multi.py`): its stages are merged in
+final one) is a multi-stage merge (`jkarcher/mergekit_yaml/multi.py`): its stages are merged in
 turn into OUTPUT.intermediates/NAME, beside the output, but for the final one, into the output; one
 left complete by an earlier run of the same stage is kept.
 Inputs are read from disk or the local HF cache, never the network. The output appears only once
