@@ -33,14 +33,15 @@ FLOAT32_TOLERANCE = 4 * np.finfo(np.float32).eps
 
 
 def write_model(directory, name, seed, dtype, tie=False):
-    """A tiny Qwen2 with a WordLevel tokenizer of WORDS[name], EOS and its special tokens."""
+    """A tiny two-layer Qwen2 with a WordLevel tokenizer of WORDS[name], EOS and its special
+    tokens."""
     words, specials, padding = WORDS[name]
     tokenizer = tokenizers.Tokenizer(
         tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
     )
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in (EOS, *specials)])
-    config = tiny_config(tokenizer.get_vocab_size() + padding, tie)
+    config = tiny_config(tokenizer.get_vocab_size() + padding, tie, num_layers=2)
     demo.write_model(directory, tiny_weights(config, seed, dtype), config, tokenizer)
     return directory
 
@@ -267,6 +268,7 @@ CONFIGS = {
     "model": ("task_arithmetic", "tokenizer_source: {m2}"),
     "slerp_union": ("slerp", "tokenizer_source: union"),
     "tokens": ("task_arithmetic", TOKENS),
+    "slices_union": ("slices", "tokenizer_source: union"),
 }
 CONFIG = """
     models:
@@ -291,13 +293,44 @@ SLERP = """
 """
 
 
+# A merge by slices: m0's and m2's first layers merged, then m1's and m2's second; the
+# embeddings merged from m0's and m2's, lm_head from m1's and m2's, each in the union's token
+# order. (mergekit merges the tensors after the layers from as many of the last slice's models
+# as the first slice has: here, both.)
+SLICES = """
+    slices:
+      - sources:
+          - model: {m0}
+            layer_range: [0, 1]
+            parameters:
+              weight: 0.5
+          - model: {m2}
+            layer_range: [0, 1]
+            parameters:
+              weight: 0.5
+      - sources:
+          - model: {m1}
+            layer_range: [1, 2]
+            parameters:
+              weight: 0.6
+          - model: {m2}
+            layer_range: [1, 2]
+            parameters:
+              weight: 0.4
+    merge_method: linear
+    base_model: {m0}
+    dtype: float32
+"""
+TEMPLATES = {"slerp": SLERP, "slices": SLICES}
+
+
 @pytest.fixture(scope="module")
 def case_files(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenizer_source")
     paths = {n: str(p) for n, p in models.items()}
     files = {}
     for case, (method, vocabulary) in CONFIGS.items():
-        text = textwrap.dedent(SLERP if method == "slerp" else CONFIG)
+        text = textwrap.dedent(TEMPLATES.get(method, CONFIG))
         text += textwrap.dedent(vocabulary).strip() + "\n"
         files[case] = root / f"{case}.yml"
         files[case].write_text(text.format(**paths))

@@ -226,11 +226,12 @@ class MergeConfig:
     # (the one most models have), "alpaca", "chatml", "llama3", "mistral", or a template's Jinja
     # text (see `jkarcher.io.chat_template`). None: the template model's is kept.
     chat_template: str | None = _written(_placeholder(str), None)
-    # The output's vocabulary (needs copy_tokenizer; not with slices or a Fisher): "base" (the
-    # base's, else the first model's, tokenizer), "union" (that one's tokens, then the other
-    # models' it lacks) or a model's path (its tokenizer); every model's embedding and lm_head
-    # rows are read in its token order (`jkarcher.pipeline.tokenizer`). None: the rows all
-    # models share are merged, in the base's (else the first model's) vocabulary.
+    # The output's vocabulary (needs copy_tokenizer; not with a Fisher): "base" (the base's,
+    # else the first model's tokenizer; with slices, the first slice's), "union" (that one's
+    # tokens, then the other models' it lacks) or a model's path (its tokenizer); every model's
+    # embedding and lm_head rows are read in its token order (`jkarcher.pipeline.tokenizer`).
+    # None: the rows all models share are merged, in the base's (else the first model's)
+    # vocabulary.
     tokenizer_source: str | None = _written(_placeholder(str), None)
     # With tokenizer_source: tokens added to the output's vocabulary, each with where its rows
     # come from, {TOKEN: {source, force}} (`jkarcher.config.tokens`).

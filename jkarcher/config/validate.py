@@ -64,7 +64,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         seed=fields.seed(raw["seed"]),
         copy_tokenizer=fields.flag(raw["copy_tokenizer"], "copy_tokenizer"),
         chat_template=_chat_template(raw),
-        tokenizer_source=_tokenizer_source(raw, slices, fisher),
+        tokenizer_source=_tokenizer_source(raw, fisher),
         tokens=checked_tokens(raw["tokens"]),
         pad_to_multiple_of=fields.optional_count(
             raw["pad_to_multiple_of"], "pad_to_multiple_of", 1
@@ -138,7 +138,7 @@ def _chat_template(raw: dict) -> str | None:
     return setting
 
 
-def _tokenizer_source(raw: dict, slices: tuple, fisher: FisherSettings | None) -> str | None:
+def _tokenizer_source(raw: dict, fisher: FisherSettings | None) -> str | None:
     """None, "base", "union" or a model's path (`jkarcher.pipeline.tokenizer`)."""
     source = optional_text(raw["tokenizer_source"], "tokenizer_source")
     if source is None:
@@ -148,7 +148,6 @@ def _tokenizer_source(raw: dict, slices: tuple, fisher: FisherSettings | None) -
         return None
     refused = {
         "copy_tokenizer is False": raw["copy_tokenizer"] is False,
-        "slices are given": bool(slices),
         "a Fisher is given (params.fisher)": fisher is not None,
     }
     for reason, applies in refused.items():

@@ -212,7 +212,8 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     if config.tokenizer_source is not None:
         from jkarcher.pipeline.tokenizer import plan_vocabulary  # it imports this module
 
-        vocabulary = plan_vocabulary(config, inputs, template_index)
+        paths = [m.path for m in config.models] + [config.base_model] * (base is not None)
+        vocabulary = plan_vocabulary(config, inputs, paths, template_index)
     tasks = []
     for name in names:
         infos = [source_info(c, name) for c in inputs]

@@ -6,7 +6,9 @@ each model of s (and of its base), for k = 0 .. N - 1 of the slice's N layers, a
 the slice's weights and params at position k / (N - 1) along the slice (1 when N = 1), as
 mergekit numbers and places them. The tensors outside the layers come, at position 0, from the
 first slice's models when they precede the layers (the input embeddings) and from the last
-slice's otherwise (the final norm, lm_head), as mergekit's pre- and post-layer weights do.
+slice's otherwise (the final norm, lm_head), as mergekit's pre- and post-layer weights do. With
+`tokenizer_source`, the output vocabulary is built from every checkpoint of the slices, the
+template first (`jkarcher.pipeline.tokenizer`), and the vocabulary tensors read in its order.
 
 The output's config.json is the template's (the first slice's base model, else its first
 model) with the layer count of all slices together, and `layer_types`, where the template
@@ -44,7 +46,8 @@ from jkarcher.pipeline.plan import (
     plan_mesh,
     plan_tensor,
 )
-from jkarcher.pipeline.vocab import LM_HEAD_NAME, source_info, ties_embeddings
+from jkarcher.pipeline.tokenizer import OutputVocabulary, plan_vocabulary
+from jkarcher.pipeline.vocab import LM_HEAD_NAME, VOCAB_SUFFIXES, source_info, ties_embeddings
 
 LAYER_TYPES = "layer_types"  # the config.json field of each layer's kind (attention pattern)
 # Dotted parts of the names of the tensors before the first layer (mergekit's pre-layer weights).
@@ -84,11 +87,20 @@ def plan_slices(config: MergeConfig) -> MergePlan:
         [ties_embeddings(r) for r in readers],
         config.allow_crimes,
     )
+    vocabulary = None
+    if config.tokenizer_source is not None:
+        vocabulary = plan_vocabulary(config, readers, list(by_path), 0)
     tasks = []
     for out_name, index, sources, base, position in _output_tensors(
         config.slices, by_path, template, tie
     ):
-        task, warning = _task(config, index, out_name, sources, base, position, template)
+        if vocabulary is not None and out_name.endswith(VOCAB_SUFFIXES):
+            task = _vocabulary_task(
+                config, vocabulary, readers, labels, index, out_name, sources, base
+            )
+            warning = None
+        else:
+            task, warning = _task(config, index, out_name, sources, base, position, template)
         tasks.append(task)
         warnings += [warning] if warning else []
     tasks.sort(key=lambda task: natural_key(task.name))
@@ -108,8 +120,10 @@ def plan_slices(config: MergeConfig) -> MergePlan:
         shards=shards,
         warnings=tuple(warnings),
         mesh=plan_mesh(config),
-        config_updates=_config_updates(config.slices, by_path, template),
+        config_updates=_config_updates(config.slices, by_path, template)
+        | ({} if vocabulary is None else {"vocab_size": vocabulary.rows}),
         chat_template=chosen_chat_template(config.chat_template, [r.path for r in readers]),
+        vocabulary=vocabulary,
     )
 
 
@@ -232,15 +246,44 @@ def _task(
     infos = [_info(s, out_name) for s in inputs]
     labels = [s.label for s in inputs]
     piece = slice_config(config, index)
-    try:
-        settings = TensorSettings(*tensor_values(piece, out_name, position))
-    except ConfigError as err:
-        raise ConfigError(f"slices[{index}].{err}") from None
+    settings = _settings(piece, index, out_name, position)
     template_index = next((i for i, s in enumerate(inputs) if s.checkpoint is template), 0)
     task, warning = plan_tensor(
         piece, out_name, infos, labels, len(sources), template_index, settings
     )
     return dataclasses.replace(task, labels=tuple(labels)), warning
+
+
+def _vocabulary_task(
+    config: MergeConfig,
+    vocabulary: OutputVocabulary,
+    readers: tuple[CheckpointReader, ...],
+    labels: tuple[str, ...],
+    index: int,
+    name: str,
+    sources: list[_Source],
+    base: _Source | None,
+) -> TensorTask:
+    """The task of vocabulary tensor `name` (outside the layers, at position 0) from its slice's
+    sources, read in the output's token order; the rows of tokens a source lacks come from
+    every checkpoint (`readers`, the inputs of `vocabulary`, with their `labels`)."""
+    inputs = [*sources, base] if base else sources
+    everyone = [
+        _info(_Source(r, name, label), name) for r, label in zip(readers, labels, strict=True)
+    ]
+    piece = slice_config(config, index)
+    settings = _settings(piece, index, name, 0.0)
+    chosen = [readers.index(s.checkpoint) for s in inputs]
+    task = vocabulary.task(piece, name, everyone, len(sources), settings, labels, chosen)
+    return dataclasses.replace(task, labels=tuple(s.label for s in inputs))
+
+
+def _settings(piece: MergeConfig, index: int, name: str, position: float) -> TensorSettings:
+    """Slice `index`'s weights and params for tensor `name` at `position` along the slice."""
+    try:
+        return TensorSettings(*tensor_values(piece, name, position))
+    except ConfigError as err:
+        raise ConfigError(f"slices[{index}].{err}") from None
 
 
 def _info(source: _Source, out_name: str) -> StoredTensor:

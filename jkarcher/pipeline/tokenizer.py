@@ -9,12 +9,13 @@ semantics):
   by model in order, each in the order of its ids), then the added tokens of all models that it
   still lacks (those of the template first); each appended to its tokenizer.json.
 
-Only a model's tokens of id below its number of embedding rows count as its tokens. Every
-vocabulary tensor (embed_tokens, lm_head) of every model is then read in the output's token order
+Only a model's tokens of id below its number of embedding rows count as its tokens. Every vocabulary
+tensor (embed_tokens, lm_head) of every model is then read in the output's token order
 (`VocabularyRows`): a token the model has is its own row; a token it lacks is the row of the one
 model that has it, else of the template model where it has it, else the mean of the rows of the
-models that have it, else zeros. The tokens of `config.tokens` are appended where the vocabulary
-lacks them, and their rows made as each entry says (`jkarcher.config.tokens`); with
+models that have it, else zeros; the models here are those the tensor is merged from (in a merge by
+slices, its slice's), as in mergekit. The tokens of `config.tokens` are appended where the
+vocabulary lacks them, and their rows made as each entry says (`jkarcher.config.tokens`); with
 `pad_to_multiple_of`, rows past the tokens are each model's mean row.
 """
 
@@ -45,15 +46,18 @@ NEW_TOKEN = {"single_word": False, "lstrip": False, "rstrip": False, "normalized
 class OutputVocabulary:
     """The output's tokens, `vocab` (token -> id, ids 0 .. n - 1): the tokenizer in `source`
     with the `added` entries (of tokenizer.json's added_tokens) appended; `own[i][t]`, input
-    i's row of output token t, -1 where it lacks it; `fills[t]`, the (input, row) pairs whose
-    mean is token t's row in the inputs that lack it (in all, for a forced token); `rows`, the
-    output's embedding rows: the tokens, then padding rows."""
+    i's row of output token t, -1 where it lacks it; `template_index`, the template input;
+    `configured[t]`, for the tokens of `config.tokens` (whose ids are `configured_ids`), the
+    (input, row) pairs whose mean is token t's row in the inputs that lack it (in all, for a
+    forced token); `rows`, the output's embedding rows: the tokens, then padding rows."""
 
     vocab: Mapping[str, int]
     source: Path
     added: tuple[Mapping[str, Any], ...]
     own: tuple[np.ndarray, ...]
-    fills: Mapping[int, tuple[tuple[int, int], ...]]
+    template_index: int
+    configured: Mapping[int, tuple[tuple[int, int], ...]]
+    configured_ids: frozenset[int]
     rows: int
 
     def task(
@@ -64,9 +68,14 @@ class OutputVocabulary:
         n_models: int,
         settings: TensorSettings,
         labels: Sequence[str],
+        chosen: Sequence[int] | None = None,
     ) -> TensorTask:
-        """The task of vocabulary tensor `name`: each input's tensor (`infos`, the models' then
-        the base's) read in the output's token order."""
+        """The task of vocabulary tensor `name`, from `infos`, every input's tensor (in the order
+        of `plan_vocabulary`'s inputs, `labels` theirs): the tensors of the inputs `chosen` (its
+        `n_models` models, then its base; unless given, every input in order) read in the
+        output's token order, the rows of tokens an input lacks filled from those of the chosen
+        inputs that have them (as mergekit fills them from the tensors it merges)."""
+        chosen = list(range(len(infos)) if chosen is None else chosen)
         for info, label in zip(infos, labels, strict=True):
             if len(info.shape) != 2 or info.shape[1:] != infos[0].shape[1:]:
                 raise MergeError(
@@ -76,9 +85,10 @@ class OutputVocabulary:
             if not jnp.issubdtype(info.dtype, jnp.floating):
                 raise MergeError(f"tensor {name!r} is {info.dtype} in {label} ({info.file})")
         shape = (self.rows, infos[0].shape[1])
+        fills = self._fills(chosen)
         views = [
-            VocabularyRows(tuple(infos), i, self.own[i], self.fills, len(self.vocab), shape)
-            for i in range(len(infos))
+            VocabularyRows(tuple(infos), i, self.own[i], fills, len(self.vocab), shape)
+            for i in chosen
         ]
         return TensorTask(
             name=name,
@@ -86,19 +96,34 @@ class OutputVocabulary:
             source_dtype=np.dtype(np.float32),
             out_dtype=np.dtype(config.out_dtype),
             sources=tuple(views[:n_models]),
-            base=views[n_models] if len(infos) > n_models else None,
+            base=views[n_models] if len(views) > n_models else None,
             extra_rows=None,
             settings=settings,
             floating=True,
         )
 
+    def _fills(self, chosen: Sequence[int]) -> dict[int, tuple[tuple[int, int], ...]]:
+        """For each token a chosen input lacks, the (input, row) pairs whose mean is its row
+        there: `configured`'s, else of the chosen inputs that have it (`_fills`)."""
+        template = chosen.index(self.template_index) if self.template_index in chosen else None
+        own = [self.own[i] for i in chosen]
+        fills = {
+            token: tuple((chosen[i], row) for i, row in pairs)
+            for token, pairs in _fills(own, template, self.configured_ids).items()
+        }
+        return fills | dict(self.configured)
+
 
 def plan_vocabulary(
-    config: MergeConfig, inputs: Sequence[CheckpointReader], template_index: int
+    config: MergeConfig,
+    inputs: Sequence[CheckpointReader],
+    paths: Sequence[str],
+    template_index: int,
 ) -> OutputVocabulary:
     """The output vocabulary for `config.tokenizer_source` ("base", "union" or a model's path)
-    and `config.tokens`, and the row maps of `inputs` (the models, then the base);
-    `inputs[template_index]` is the template model."""
+    and `config.tokens`, and the row maps of `inputs` (the models, then the base; in a merge by
+    slices, every checkpoint once), given in the config as `paths`; `inputs[template_index]` is
+    the template model."""
     setting = config.tokenizer_source
     tokens = [read_tokens(c.path, FIELD) for c in inputs]
     rows = [_rows(c) for c in inputs]
@@ -129,19 +154,21 @@ def plan_vocabulary(
             added.append({"content": token, **NEW_TOKEN, "special": False})
             vocab[token] = len(vocab)
     own = tuple(_own_rows(vocab, t, r) for t, r in zip(tokens, rows, strict=True))
-    fills = _fills(own, template_index, {vocab[t] for t in config.tokens})
-    paths = [m.path for m in config.models] + [config.base_model] * (config.base_model is not None)
+    configured = {}
     for token, entry in config.tokens.items():
         fill = _configured_fill(token, entry, vocab[token], paths, own, tokens, rows)
         if fill is not None:
-            fills[vocab[token]] = fill
+            configured[vocab[token]] = fill
         if entry["force"]:
             for model_rows in own:
                 model_rows[vocab[token]] = -1
     size = len(vocab)
     if config.pad_to_multiple_of:
         size = -(-size // config.pad_to_multiple_of) * config.pad_to_multiple_of
-    return OutputVocabulary(vocab, source, tuple(added), own, fills, size)
+    configured_ids = frozenset(vocab[t] for t in config.tokens)
+    return OutputVocabulary(
+        vocab, source, tuple(added), own, template_index, configured, configured_ids, size
+    )
 
 
 def _rows(checkpoint: CheckpointReader) -> int:
@@ -170,17 +197,19 @@ def _own_rows(vocab: Mapping[str, int], tokens: ModelTokens, rows: int) -> np.nd
     return own
 
 
-def _fills(own: Sequence[np.ndarray], template_index: int, configured: set[str]) -> dict:
+def _fills(
+    own: Sequence[np.ndarray], template_index: int | None, configured: frozenset[int]
+) -> dict:
     """For each token some model lacks (but those of `configured` ids): the row of the one
-    model that has it, else of the template model where it has it, else the rows of all that
-    have it (their mean); none of them (zeros) where no model has it."""
+    model that has it, else of the template model (if among them) where it has it, else the
+    rows of all that have it (their mean); none of them (zeros) where no model has it."""
     has = np.stack(own) >= 0
     fills = {}
     for token in np.flatnonzero(~has.all(axis=0)):
         if int(token) in configured:
             continue
         holders = [int(i) for i in np.flatnonzero(has[:, token])]
-        if len(holders) > 1 and has[template_index, token]:
+        if len(holders) > 1 and template_index is not None and has[template_index, token]:
             holders = [template_index]
         fills[int(token)] = tuple((i, int(own[i][token])) for i in holders)
     return fills
