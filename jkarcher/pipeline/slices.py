@@ -265,8 +265,9 @@ def _vocabulary_task(
     base: _Source | None,
 ) -> TensorTask:
     """The task of vocabulary tensor `name` (outside the layers, at position 0) from its slice's
-    sources, read in the output's token order; the rows of tokens a source lacks come from
-    every checkpoint (`readers`, the inputs of `vocabulary`, with their `labels`)."""
+    sources, read in the output's token order. Every checkpoint's tensor (`readers`, the inputs
+    of `vocabulary`, with their `labels`) is handed over, as a `tokens` entry may take its row
+    from any of them; other rows a source lacks come from the slice's own sources."""
     inputs = [*sources, base] if base else sources
     everyone = [
         _info(_Source(r, name, label), name) for r, label in zip(readers, labels, strict=True)
