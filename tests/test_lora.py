@@ -386,6 +386,61 @@ def test_a_config_merge_with_lora_equals_merging_the_materialized_model(pair, tm
     assert_close_trees(merged["lora"], merged["materialized"], tolerance)
 
 
+def test_lora_in_slices_equals_the_materialized_model(pair, tmp_path):
+    """A frankenmerge whose slices read the base with an adapter: layer 0 merged from it and
+    the fine-tune, then layer 1 of it alone, as with the adapted model written out; the same
+    checkpoint without its adapter is another input."""
+    base, tuned, dtype = pair
+    adapter = _extract(pair, tmp_path / "adapter", "--max-rank", 2)
+    rounded, _, _ = _materialized(base, adapter)
+    config = json.loads((base / "config.json").read_text())
+    demo.write_model(tmp_path / "materialized", rounded, config, tokenizer())
+    dtype_name = "float32" if dtype == np.float32 else "bfloat16"
+
+    def slices(adapted):
+        return [
+            {
+                "models": [
+                    adapted | {"layer_range": [0, 1]},
+                    {"path": str(tuned), "layer_range": [0, 1]},
+                ]
+            },
+            {"models": [adapted | {"layer_range": [1, 2]}]},
+            {"models": [{"path": str(base), "layer_range": [1, 2]}]},
+        ]
+
+    merged = {}
+    adapted_forms = {
+        "lora": {"path": str(base), "lora": str(adapter)},
+        "materialized": {"path": str(tmp_path / "materialized")},
+    }
+    for label, adapted in adapted_forms.items():
+        fields = {
+            "method": "linear",
+            "slices": slices(adapted),
+            "dtype": dtype_name,
+            "mesh": "devices:1",
+            "output": str(tmp_path / f"out-{label}"),
+        }
+        checked = validate(fields)
+        assert checked.slices[0].models[0].lora == adapted.get("lora")
+        assert checked.to_dict()["slices"][1]["models"][0].get("lora") == adapted.get("lora")
+        pipeline.run(pipeline.plan_merge(checked))
+        merged[label] = read_all(tmp_path / f"out-{label}")
+    assert "model.layers.2.mlp.up_proj.weight" in merged["lora"]
+    # As in the merge of whole models: one unit in the last place apart, and a mean of two.
+    tolerance = 8 * float(ml_dtypes.finfo(dtype).eps)
+    assert_close_trees(merged["lora"], merged["materialized"], tolerance)
+    plain = read_all(base)
+    for name in ("mlp.up_proj.weight", "self_attn.q_proj.weight"):
+        np.testing.assert_array_equal(
+            merged["lora"][f"model.layers.2.{name}"], plain[f"model.layers.1.{name}"]
+        )
+        assert not np.array_equal(
+            merged["lora"][f"model.layers.1.{name}"], plain[f"model.layers.1.{name}"]
+        )
+
+
 def test_lora_entries_are_checked(pair, tmp_path):
     base, tuned, _ = pair
     adapter = _extract(pair, tmp_path / "adapter", "--max-rank", 2)
@@ -409,9 +464,6 @@ def test_lora_entries_are_checked(pair, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match=r"params.fisher: models\[0\] applies a LoRA adapter"):
         validate(config | {"method": "karcher", "params": {"fisher": "beside"}})
-    sliced = {"models": [{"path": str(base), "lora": str(adapter), "layer_range": [0, 2]}]}
-    with pytest.raises(ConfigError, match=r"slices\[0\]\.models\[0\]\.lora: LoRA adapters"):
-        validate({"method": "linear", "slices": [sliced], "output": str(tmp_path / "o")})
 
 
 def test_mergekit_yaml_model_plus_lora_is_a_lora_entry():
@@ -437,17 +489,27 @@ def mergekit():
         pytest.skip("mergekit and peft are needed (pip install -e '.[test]')")
 
 
-def test_model_plus_lora_merges_equal_mergekit_yaml(mergekit, pair, tmp_path):
+@pytest.mark.parametrize("form", ["models", "slices"])
+def test_model_plus_lora_merges_equal_mergekit_yaml(mergekit, pair, tmp_path, form):
     base, tuned, dtype = pair
     if dtype != np.float32:
         pytest.skip("mergekit adds the adapter in the model's dtype, rounding twice")
     adapter = _extract(pair, tmp_path / "adapter", "--max-rank", 2)
     path = tmp_path / "merge.yml"
-    path.write_text(
-        f"models:\n  - model: {base}+{adapter}\n    parameters:\n      weight: 0.7\n"
-        f"  - model: {tuned}\n    parameters:\n      weight: 0.4\n"
-        f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
-    )
+    if form == "models":
+        inputs = (
+            f"models:\n  - model: {base}+{adapter}\n    parameters:\n      weight: 0.7\n"
+            f"  - model: {tuned}\n    parameters:\n      weight: 0.4\n"
+        )
+    else:
+        inputs = (
+            f"slices:\n  - sources:\n      - model: {base}+{adapter}\n        layer_range: [0, 2]\n"
+            "        parameters:\n          weight: 0.7\n"
+            f"      - model: {tuned}\n        layer_range: [0, 2]\n"
+            "        parameters:\n          weight: 0.4\n"
+            f"      - model: {base}\n        layer_range: [0, 2]\n"
+        )
+    path.write_text(inputs + f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n")
     options = ["--lora-merge-cache", tmp_path / "cache"]
     theirs = run_mergekit_yaml({"merge": path}, tmp_path / "theirs", options)["merge"]
     translation = mergekit_yaml.load(path)

@@ -10,6 +10,7 @@ equal; bf16 models against a float64 NumPy reference written from the rules.
 import json
 import textwrap
 
+import ml_dtypes
 import numpy as np
 import pytest
 import tokenizers
@@ -206,16 +207,20 @@ def test_tied_embeddings_stay_tied_in_the_new_vocabulary(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def test_bf16_models_equal_a_float64_reference(tmp_path):
-    """linear, weights 0.25 and 0.75, union: each model's row of each token from the rules, in
-    float64, then their weighted mean (a float32 output)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("form", ["models", "slices"])
+def test_bf16_models_equal_a_float64_reference(tmp_path, form, dtype):
+    """linear, weights 0.25 and 0.75, union, as whole models or as two slices of one layer
+    each: each model's row of each token from the rules, in float64, then their weighted mean,
+    rounded once to the output dtype."""
     paths = [write_model(tmp_path / n, n, i, BF16) for i, n in enumerate(("m0", "m2"))]
-    fields = {
-        "method": "linear",
-        "models": [{"path": str(p), "weight": w} for p, w in zip(paths, (0.25, 0.75), strict=True)],
-        "tokenizer_source": "union",
-        "dtype": "float32",
-    }
+    models = [{"path": str(p), "weight": w} for p, w in zip(paths, (0.25, 0.75), strict=True)]
+    fields = {"method": "linear", "tokenizer_source": "union", "dtype": dtype}
+    if form == "models":
+        fields["models"] = models
+    else:
+        layers = ([0, 1], [1, 2])
+        fields["slices"] = [{"models": [m | {"layer_range": r} for m in models]} for r in layers]
     output = _ours(fields, tmp_path / "out")
     vocab = _vocab(output)
     tokens = [_vocab(p) for p in paths]
@@ -234,8 +239,12 @@ def test_bf16_models_equal_a_float64_reference(tmp_path):
                 for s, t in zip(sources, tokens, strict=True)
             ]
             expected[out_id] = 0.25 * rows[0] + 0.75 * rows[1]
+        # The float32 sum of two terms (a few float32 units of the largest), then one rounding
+        # to the output dtype: half a unit in its last place of the value.
         bound = 4 * np.finfo(np.float32).eps * np.abs(expected).max()
-        np.testing.assert_allclose(merged[name], expected, rtol=0, atol=bound, err_msg=name)
+        half_ulp = float(ml_dtypes.finfo(merged[name].dtype).eps) / 2
+        error = np.abs(merged[name].astype(np.float64) - expected)
+        assert np.all(error <= half_ulp * np.abs(expected) + bound), name
     assert json.loads((output / "config.json").read_text())["vocab_size"] == len(vocab)
 
 

@@ -64,7 +64,7 @@ class ModelEntry:
     # This model's own values of the method's per-model parameters, over those in `params`.
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # A PEFT LoRA adapter directory (or hub id) applied to the model as its tensors are read
-    # (mergekit's `model+lora`; `jkarcher.lora.applied`), or None. Not in slices.
+    # (mergekit's `model+lora`; `jkarcher.lora.applied`), or None.
     lora: str | None = None
 
 
@@ -116,6 +116,7 @@ class Slice:
                     "weight": plain(m.weight),
                     "params": plain(m.params),
                 }
+                | ({"lora": m.lora} if m.lora else {})
                 for m in self.models
             ],
             "base_model": None

@@ -6,11 +6,12 @@
     ]
 
 stacks layers 0..23 of A and then 8..31 of B into a model of 48 layers. Each slice is a small
-merge of its own: its models (each {path, layer_range, weight, params}, every range of the same
-length), its base model ({path, layer_range}) and its params, over the shared `params`. A slice
-of N layers merges, for k = 0 .. N - 1, layer start + k of each model into output layer
-(the layers of the slices before it) + k; values that vary over the layers are placed by the
-layer's position in its slice, k / (N - 1) (1 when N = 1), as mergekit places them.
+merge of its own: its models (each {path, layer_range, weight, params, lora}, every range of
+the same length), its base model ({path, layer_range}) and its params, over the shared
+`params`. A slice of N layers merges, for k = 0 .. N - 1, layer start + k of each model into
+output layer (the layers of the slices before it) + k; values that vary over the layers are
+placed by the layer's position in its slice, k / (N - 1) (1 when N = 1), as mergekit places
+them.
 
 `validated_slices` checks the field (ranges [start, end) with 0 <= start < end, the same length
 across a slice, each slice's models and base as the method takes them); whether a range lies
@@ -111,7 +112,9 @@ def _model(entry: Any, field: str, model: ModelCheck) -> SliceModel:
     check_known(entry, schema.SLICE_MODEL_FIELDS, field)
     checked = model({k: v for k, v in entry.items() if k != "layer_range"}, field)
     layers = layer_range(entry.get("layer_range"), f"{field}.layer_range")
-    return SliceModel(checked.path, checked.weight, checked.params, layer_range=layers)
+    return SliceModel(
+        checked.path, checked.weight, checked.params, checked.lora, layer_range=layers
+    )
 
 
 def _base(entry: Any, field: str) -> SliceBase | None:

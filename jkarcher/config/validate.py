@@ -40,7 +40,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
     raw = schema.defaults() | raw
     spec = _method(raw.get("method"))
     check = functools.partial(_check_inputs, spec)
-    slice_model = functools.partial(_model, spec=spec, lora_allowed=False)
+    slice_model = functools.partial(_model, spec=spec)
     slices = validated_slices(raw, spec, slice_model, check)
     models = () if slices else _models(raw.get("models"), spec)
     base_model = optional_text(raw["base_model"], "base_model")
@@ -171,9 +171,7 @@ def _models(value: Any, spec: methods.MergeMethod) -> tuple[ModelEntry, ...]:
     return tuple(_model(entry, f"models[{i}]", spec) for i, entry in enumerate(value))
 
 
-def _model(
-    entry: Any, field: str, spec: methods.MergeMethod, lora_allowed: bool = True
-) -> ModelEntry:
+def _model(entry: Any, field: str, spec: methods.MergeMethod) -> ModelEntry:
     if not isinstance(entry, dict):
         raise ConfigError(f"{field}: must be a mapping with a 'path', got {entry!r}")
     check_known(entry, schema.MODEL_FIELDS, field)
@@ -185,8 +183,6 @@ def _model(
     if not isinstance(params, dict):
         raise ConfigError(f"{field}.params: must be a mapping, got {params!r}")
     lora = optional_text(entry.get("lora"), f"{field}.lora")
-    if lora is not None and not lora_allowed:
-        raise ConfigError(f"{field}.lora: LoRA adapters apply to the models of `models` only")
     return ModelEntry(path, weight, params, lora)
 
 

@@ -217,7 +217,7 @@ def _slice(
         where = f"{field}.sources[{i}]"
         item = _input(source, where, ("model", "layer_range", "parameters"))
         start, end = layer_range(source.get("layer_range"), f"{where}.layer_range")
-        layers = layer_count(item.path)
+        layers = layer_count(model_entry_path(item.path)["path"])
         if end > layers:
             raise ConfigError(
                 f"{where}.layer_range: [{start}, {end}) is outside the {layers} layers of "

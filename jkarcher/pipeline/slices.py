@@ -9,6 +9,8 @@ first slice's models when they precede the layers (the input embeddings) and fro
 slice's otherwise (the final norm, lm_head), as mergekit's pre- and post-layer weights do. With
 `tokenizer_source`, the output vocabulary is built from every checkpoint of the slices, the
 template first (`jkarcher.pipeline.tokenizer`), and the vocabulary tensors read in its order.
+A model of a slice with a LoRA adapter (its `lora`) is read with it applied; the same
+checkpoint without the adapter is another input.
 
 The output's config.json is the template's (the first slice's base model, else its first
 model) with the layer count of all slices together, and `layer_types`, where the template
@@ -32,7 +34,7 @@ from jkarcher.architecture import (
     layer_count_key,
 )
 from jkarcher.config import ConfigError, MergeConfig, tensor_values
-from jkarcher.config.schema import Slice
+from jkarcher.config.schema import Slice, SliceBase, SliceModel
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
 from jkarcher.io.chat_template import chosen_chat_template
@@ -52,6 +54,8 @@ from jkarcher.pipeline.vocab import LM_HEAD_NAME, VOCAB_SUFFIXES, source_info, t
 LAYER_TYPES = "layer_types"  # the config.json field of each layer's kind (attention pattern)
 # Dotted parts of the names of the tensors before the first layer (mergekit's pre-layer weights).
 INPUT_SIDE = frozenset({"embed_tokens", "embed_in", "embeddings", "embedding_norm", "wte", "wpe"})
+# A checkpoint of the slices: its path and the LoRA adapter applied to it (or None).
+Key = tuple[str, str | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +73,8 @@ def plan_slices(config: MergeConfig) -> MergePlan:
     layer ranges checked against each model's layers; any problem is an error before anything
     is written."""
     inputs = _open_inputs(config.slices)
-    by_path = {path: reader for path, (_, reader) in inputs.items()}
-    readers = tuple(by_path.values())
+    by_key = {key: reader for key, (_, reader) in inputs.items()}
+    readers = tuple(by_key.values())
     labels = tuple(f"{field} ({reader.source})" for field, reader in inputs.values())
     check_output_dir(config.output, [r.path for r in readers], config.overwrite)
     template = readers[0]
@@ -79,7 +83,7 @@ def plan_slices(config: MergeConfig) -> MergePlan:
             f"{template.path}: has no config.json; the output's config is copied from the first "
             "slice's base model (or its first model), so that one needs it"
         )
-    _check_layer_ranges(config.slices, by_path)
+    _check_layer_ranges(config.slices, by_key)
     tie = ties_embeddings(template)
     warnings = check_architectures(
         [_stating_layer_count(r.config, None) for r in readers],
@@ -89,10 +93,10 @@ def plan_slices(config: MergeConfig) -> MergePlan:
     )
     vocabulary = None
     if config.tokenizer_source is not None:
-        vocabulary = plan_vocabulary(config, readers, list(by_path), 0)
+        vocabulary = plan_vocabulary(config, readers, [path for path, _ in by_key], 0)
     tasks = []
     for out_name, index, sources, base, position in _output_tensors(
-        config.slices, by_path, template, tie
+        config.slices, by_key, template, tie
     ):
         if vocabulary is not None and out_name.endswith(VOCAB_SUFFIXES):
             task = _vocabulary_task(
@@ -120,7 +124,7 @@ def plan_slices(config: MergeConfig) -> MergePlan:
         shards=shards,
         warnings=tuple(warnings),
         mesh=plan_mesh(config),
-        config_updates=_config_updates(config.slices, by_path, template)
+        config_updates=_config_updates(config.slices, by_key, template)
         | ({} if vocabulary is None else {"vocab_size": vocabulary.rows}),
         chat_template=chosen_chat_template(config.chat_template, [r.path for r in readers]),
         vocabulary=vocabulary,
@@ -136,26 +140,35 @@ def slice_config(config: MergeConfig, index: int) -> MergeConfig:
     )
 
 
-def _open_inputs(slices: tuple[Slice, ...]) -> dict[str, tuple[str, CheckpointReader]]:
-    """Each distinct checkpoint once by its path, with the first field that names it; the
-    template first (the first slice's base model, else its first model)."""
-    fields: dict[str, str] = {}
+def _key(entry: SliceModel | SliceBase) -> Key:
+    """The checkpoint an entry reads: its path and its LoRA adapter (a base has none)."""
+    return entry.path, entry.lora if isinstance(entry, SliceModel) else None
+
+
+def _open_inputs(slices: tuple[Slice, ...]) -> dict[Key, tuple[str, CheckpointReader]]:
+    """Each distinct checkpoint (path and adapter) once, with the first field that names it;
+    the template first (the first slice's base model, else its first model)."""
+    fields: dict[Key, str] = {}
     for i, piece in enumerate(slices):
         if i == 0 and piece.base_model:
-            fields.setdefault(piece.base_model.path, f"slices[{i}].base_model")
+            fields.setdefault(_key(piece.base_model), f"slices[{i}].base_model")
         for j, model in enumerate(piece.models):
-            fields.setdefault(model.path, f"slices[{i}].models[{j}]")
+            fields.setdefault(_key(model), f"slices[{i}].models[{j}]")
         if piece.base_model:
-            fields.setdefault(piece.base_model.path, f"slices[{i}].base_model")
-    return {path: (field, open_input(path, field)) for path, field in fields.items()}
+            fields.setdefault(_key(piece.base_model), f"slices[{i}].base_model")
+    return {
+        (path, lora): (field, open_input(path, field, lora))
+        for (path, lora), field in fields.items()
+    }
 
 
 def _check_layer_ranges(
-    slices: tuple[Slice, ...], checkpoints: Mapping[str, CheckpointReader]
+    slices: tuple[Slice, ...], checkpoints: Mapping[Key, CheckpointReader]
 ) -> None:
     """Every layer range within its model's layers (num_hidden_layers of its config.json)."""
-    for field, path, (start, end) in _ranges(slices):
-        count = layer_count(checkpoints[path].config)
+    for field, entry in _entries(slices):
+        path, (start, end) = entry.path, entry.layer_range
+        count = layer_count(checkpoints[_key(entry)].config)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ConfigError(
                 f"{field}.layer_range: {path} states no {LAYER_COUNT} (a positive integer) in "
@@ -168,13 +181,13 @@ def _check_layer_ranges(
             )
 
 
-def _ranges(slices: tuple[Slice, ...]) -> Iterator[tuple[str, str, tuple[int, int]]]:
-    """(field, model path, layer range) of every model and base of every slice."""
+def _entries(slices: tuple[Slice, ...]) -> Iterator[tuple[str, SliceModel | SliceBase]]:
+    """(field, entry) of every model and base of every slice."""
     for i, piece in enumerate(slices):
         for j, model in enumerate(piece.models):
-            yield f"slices[{i}].models[{j}]", model.path, model.layer_range
+            yield f"slices[{i}].models[{j}]", model
         if piece.base_model:
-            yield f"slices[{i}].base_model", piece.base_model.path, piece.base_model.layer_range
+            yield f"slices[{i}].base_model", piece.base_model
 
 
 def _layer_pattern(name: str) -> str | None:
@@ -190,7 +203,7 @@ def _layer_pattern(name: str) -> str | None:
 
 def _output_tensors(
     slices: tuple[Slice, ...],
-    checkpoints: Mapping[str, CheckpointReader],
+    checkpoints: Mapping[Key, CheckpointReader],
     template: CheckpointReader,
     tie: bool,
 ) -> Iterator[tuple[str, int, list[_Source], _Source | None, float]]:
@@ -215,21 +228,20 @@ def _output_tensors(
 
 
 def _sources(
-    piece: Slice, index: int, checkpoints: Mapping[str, CheckpointReader], pattern: str, k: int
+    piece: Slice, index: int, checkpoints: Mapping[Key, CheckpointReader], pattern: str, k: int
 ) -> tuple[list[_Source], _Source | None]:
     """The slice's models' tensors (and its base's) named `pattern` at layer start + k of each
     (a name without a layer as it is)."""
 
-    def source(path: str, start: int, field: str) -> _Source:
-        checkpoint = checkpoints[path]
-        return _Source(checkpoint, pattern.format(start + k), f"{field} ({checkpoint.source})")
+    def source(entry: SliceModel | SliceBase, field: str) -> _Source:
+        checkpoint = checkpoints[_key(entry)]
+        name = pattern.format(entry.layer_range[0] + k)
+        return _Source(checkpoint, name, f"{field} ({checkpoint.source})")
 
     field = f"slices[{index}]"
-    sources = [
-        source(m.path, m.layer_range[0], f"{field}.models[{j}]") for j, m in enumerate(piece.models)
-    ]
+    sources = [source(m, f"{field}.models[{j}]") for j, m in enumerate(piece.models)]
     base = piece.base_model
-    return sources, base and source(base.path, base.layer_range[0], f"{field}.base_model")
+    return sources, base and source(base, f"{field}.base_model")
 
 
 def _task(
@@ -301,7 +313,7 @@ def _info(source: _Source, out_name: str) -> StoredTensor:
 
 def _config_updates(
     slices: tuple[Slice, ...],
-    checkpoints: Mapping[str, CheckpointReader],
+    checkpoints: Mapping[Key, CheckpointReader],
     template: CheckpointReader,
 ) -> dict[str, Any]:
     """The output's layer count and, where the template states them, its layers' kinds, each
@@ -312,7 +324,7 @@ def _config_updates(
         kinds = []
         for piece in slices:
             model = piece.models[0]
-            stated = checkpoints[model.path].config.get(LAYER_TYPES)
+            stated = checkpoints[_key(model)].config.get(LAYER_TYPES)
             start, end = model.layer_range
             if not isinstance(stated, list) or len(stated) < end:
                 raise CheckpointError(

@@ -3,7 +3,7 @@ decides the order and what fills the rows of tokens the model lacks)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -19,8 +19,10 @@ class VocabularyRows(StoredTensor):
     each further (padding) row is the mean of those rows (as suggested by Hewitt, "Initializing
     new word embeddings for pretrained language models", 2021).
 
-    The tensors it needs are read whole (vocabulary tensors only), and the rows gathered in
-    memory; placed on a mesh (`read_placed`), it is gathered once and split.
+    Its own tensor is read whole; of the other inputs' tensors, only the rows that fill it, in
+    runs of consecutive rows (added tokens mostly sit together at the end of a vocabulary), so a
+    merge of N models reads each embedding about once, not N times. Placed on a mesh
+    (`read_placed`), it is gathered once and split.
     """
 
     def __init__(
@@ -38,16 +40,24 @@ class VocabularyRows(StoredTensor):
         self.dtype, self.shape = np.dtype(np.float32), shape
 
     def read(self) -> np.ndarray:
+        own_tensor = self.tensors[self.index].read().astype(np.float32)
         missing = np.flatnonzero(self.own < 0)
-        needed = {self.index} | {i for t in missing for i, _ in self.fills.get(int(t), ())}
-        arrays = {i: self.tensors[i].read().astype(np.float32) for i in sorted(needed)}
+        wanted: dict[int, set[int]] = {}
+        for token in missing:
+            for i, row in self.fills.get(int(token), ()):
+                wanted.setdefault(i, set()).add(row)
+        filling = {
+            (i, row): values
+            for i, rows in wanted.items()
+            for row, values in _read_rows(self.tensors[i], own_tensor, i == self.index, rows)
+        }
         gathered = np.zeros(self.shape, np.float32)
         have = np.flatnonzero(self.own >= 0)
-        gathered[have] = arrays[self.index][self.own[have]]
+        gathered[have] = own_tensor[self.own[have]]
         for token in missing:
             pairs = self.fills.get(int(token), ())
             if pairs:
-                gathered[token] = sum(arrays[i][row] for i, row in pairs) / np.float32(len(pairs))
+                gathered[token] = sum(filling[pair] for pair in pairs) / np.float32(len(pairs))
         gathered[self.tokens :] = gathered[: self.tokens].mean(axis=0)
         return gathered
 
@@ -82,3 +92,17 @@ class _RowRange(StoredTensor):
     def rows(self, first: int, stop: int) -> StoredTensor:
         self._check_rows(first, stop)
         return _RowRange(self.whole, self.first + first, self.first + stop)
+
+
+def _read_rows(
+    tensor: StoredTensor, own_tensor: np.ndarray, is_own: bool, rows: set[int]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(row, its values in float32) for each of `rows` of `tensor`, each run of consecutive rows
+    read at once (taken from `own_tensor`, already read, where `tensor` is the own one)."""
+    ordered = sorted(rows)
+    breaks = [k + 1 for k in range(len(ordered) - 1) if ordered[k + 1] != ordered[k] + 1]
+    for run in np.split(np.asarray(ordered), breaks):
+        first, stop = int(run[0]), int(run[-1]) + 1
+        block = own_tensor[first:stop] if is_own else tensor.rows(first, stop).read()
+        for k, row in enumerate(range(first, stop)):
+            yield row, block[k].astype(np.float32)
