@@ -198,6 +198,31 @@ def test_an_interrupted_merge_prints_one_line_and_leaves_nothing(tmp_path, signu
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+PROGRAM_LEFT_WITH_A_THREAD = """
+import os, signal, threading, time
+from jkarcher.commands.running import stop_quietly_on_signals
+
+def program():
+    # A thread nobody stops, as a pool's worker started just as a signal comes is left.
+    threading.Thread(target=threading.Event().wait, name="forgotten").start()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+stop_quietly_on_signals(program)
+"""
+
+
+def test_an_interrupted_program_exits_though_a_thread_is_left_running():
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM_LEFT_WITH_A_THREAD],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr == "interrupted by SIGTERM: stopping; no output is written\n"
+
+
 def test_bad_input_exits_before_writing(tmp_path):
     models = make_models(tmp_path / "in", n=2)
     (models[1] / "model.safetensors").rename(models[1] / "pytorch_model.bin")

@@ -157,8 +157,7 @@ def read_stages(command_line: CommandLine) -> list[tuple[MergeConfig, bool]]:
 
 def main() -> None:
     """The `jkarcher-merge` command: parse the command line, then merge."""
-    stop_quietly_on_signals()
-    app.run(_merge, flags_parser=parse_command_line)
+    stop_quietly_on_signals(lambda: app.run(_merge, flags_parser=parse_command_line))
 
 
 def _merge(command_line: CommandLine) -> None:

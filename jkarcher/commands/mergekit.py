@@ -118,7 +118,10 @@ def config_fields(arguments: argparse.Namespace, stages: list[multi.Stage]) -> l
 
 def main(argv: list[str] | None = None) -> None:
     """The `jkarcher-yaml` command."""
-    stop_quietly_on_signals()
+    stop_quietly_on_signals(lambda: _merge(argv))
+
+
+def _merge(argv: list[str] | None) -> None:
     arguments = parser().parse_args(argv)
     logging.set_verbosity(
         {0: logging.WARNING, 1: logging.INFO}.get(arguments.verbosity, logging.DEBUG)

@@ -1,6 +1,6 @@
 """What the command-line programs share: quiet interruption, and running a validated config.
 
-A program calls `stop_quietly_on_signals()` first: Ctrl-C or SIGTERM then prints one line and
+A program runs in `stop_quietly_on_signals(program)`: Ctrl-C or SIGTERM then prints one line and
 unwinds (every staging directory is removed on the way), exiting with 128 + the signal's number.
 `run_config` runs a config as every program does: the built-in example's checkpoints made when it
 names them, Fishers estimated where the config asks, the plan's warnings logged, a progress bar,
@@ -10,9 +10,10 @@ stages of a multi-stage merge in turn.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from absl import logging
@@ -25,20 +26,36 @@ from jkarcher.io.hf import is_hub_id
 from jkarcher.io.output_dir import check_output_dir
 
 
-def stop_quietly_on_signals() -> None:
-    """Ctrl-C and SIGTERM stop the program with one line and no traceback."""
+class Interrupted(SystemExit):
+    """Ctrl-C or SIGTERM: raised where the program is, exit status 128 + the signal's number."""
+
+
+def stop_quietly_on_signals(program: Callable[[], None]) -> None:
+    """Run `program` so that Ctrl-C and SIGTERM stop it with one line and no traceback.
+
+    The signal unwinds the program (every staging directory is removed on the way); then the
+    process ends at once with 128 + the signal's number, rather than waiting at exit for threads
+    that the interruption may have left running (a pool's worker started just as it came, which
+    the pool never learnt of and so never stops).
+    """
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, _stop)
+    try:
+        program()
+    except Interrupted as stop:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code)
 
 
 def _stop(signum, frame):
-    """One line, then unwind with SystemExit(128 + signum); a second signal while stopping is
+    """One line, then unwind with Interrupted(128 + signum); a second signal while stopping is
     ignored."""
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.SIG_IGN)
     name = signal.Signals(signum).name
     print(f"interrupted by {name}: stopping; no output is written", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
+    raise Interrupted(128 + signum)
 
 
 def enable_compile_cache() -> None:
