@@ -229,27 +229,40 @@ def check_weights(
 
 
 def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
-    """[len(arrays)] flags: whether each array holds only finite values.
+    """[len(arrays)] flags: whether each array holds only floating-point values that are finite.
 
-    x * 0 is 0 where x is finite and NaN where it is not, so one variadic sum over the last
-    axis checks every array of one shape in a single read of the data (a leaf checks its
-    inputs and its result together this way, rather than reading the inputs twice).
+    An IEEE float is NaN or infinite exactly when its exponent field is all ones, so with E the
+    mask of that field, x is finite iff (bits(x) & E) < E: the largest masked bit pattern of an
+    array decides. One variadic max over the last axis checks every array of one shape in a
+    single read of the data, integer compares that vectorize (several times faster than a float
+    sum of x * 0), so a leaf checks its inputs and its result together, reading the inputs once.
     """
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, array in enumerate(arrays):
         by_shape.setdefault(jnp.shape(array) or (1,), []).append(index)
     flags = [None] * len(arrays)
     for indices in by_shape.values():
-        zeros = tuple(jnp.atleast_1d(arrays[i]).astype(jnp.float32) * 0 for i in indices)
-        sums = jax.lax.reduce(
-            zeros,
-            (jnp.float32(0),) * len(zeros),
-            lambda x, y: tuple(p + q for p, q in zip(x, y, strict=True)),
-            (zeros[0].ndim - 1,),
+        masks = [_exponent_mask(arrays[i].dtype) for i in indices]
+        exponents = tuple(
+            jax.lax.bitcast_convert_type(jnp.atleast_1d(arrays[i]), mask.dtype) & mask
+            for i, mask in zip(indices, masks, strict=True)
         )
-        for index, total in zip(indices, sums, strict=True):
-            flags[index] = jnp.sum(total) == 0
+        largest = jax.lax.reduce(
+            exponents,
+            tuple(jnp.zeros((), mask.dtype) for mask in masks),
+            lambda x, y: tuple(jnp.maximum(p, q) for p, q in zip(x, y, strict=True)),
+            (exponents[0].ndim - 1,),
+        )
+        for index, top, mask in zip(indices, largest, masks, strict=True):
+            flags[index] = jnp.max(top) < mask
     return jnp.stack(flags)
+
+
+def _exponent_mask(dtype: np.dtype) -> np.unsignedinteger:
+    """The exponent field of a float dtype, as an unsigned integer of its width."""
+    info = jnp.finfo(dtype)
+    bits = np.dtype(f"uint{8 * np.dtype(dtype).itemsize}").type
+    return bits(((1 << info.nexp) - 1) << info.nmant)
 
 
 def first_disagreeing(arrays: Sequence[np.ndarray | jax.Array]) -> int | None:

@@ -286,8 +286,10 @@ def test_all_finite_flags_each_array_whatever_its_shape(bad):
         np.ones((7,), np.float32),
         np.float32(2.0),
         np.full((3, 5), 3e38, np.float32),  # finite, though its sum overflows
+        np.array([-65504.0, 6e-8, -0.0], np.float16),  # the largest, a subnormal, a signed zero
+        np.array([float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), -1e-40], ml_dtypes.bfloat16),
     ]
-    assert np.asarray(all_finite([jnp.asarray(a) for a in arrays])).tolist() == [True] * 5
+    assert np.asarray(all_finite([jnp.asarray(a) for a in arrays])).tolist() == [True] * 7
     for index in range(len(arrays)):
         broken = [np.array(a, copy=True) for a in arrays]
         broken[index].reshape(-1)[-1] = bad
