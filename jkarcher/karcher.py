@@ -13,7 +13,14 @@ from jax import lax
 
 from jkarcher import sphere
 from jkarcher.karcher_fisher import fisher_fixed_point
-from jkarcher.numerics import add_chunk_sums, chunked, compute_dtype, sum_over_models, unchunked
+from jkarcher.numerics import (
+    COMPILER_OPTIONS,
+    add_chunk_sums,
+    chunked,
+    compute_dtype,
+    sum_over_models,
+    unchunked,
+)
 from jkarcher.sharding import with_auto_axes
 
 DEFAULT_MAX_ITER = 100
@@ -104,7 +111,9 @@ def _karcher_mean(stacked, weights, fisher, *, out_dtype, **options):
 
 
 _jitted_karcher_mean = jax.jit(
-    _karcher_mean, static_argnames=("max_iter", "tol", "step", "block", "eps", "out_dtype")
+    _karcher_mean,
+    static_argnames=("max_iter", "tol", "step", "block", "eps", "out_dtype"),
+    compiler_options=COMPILER_OPTIONS,
 )
 
 
@@ -132,12 +141,13 @@ def _gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
     """[R, N, N] inner products <x_i, x_j> per block, from per-chunk sums of every pair i <= j.
 
     A variadic reduction computes many products from one read of the data, where a matmul of the
-    skinny [N, D] matrix is several times slower on CPU. Up to 4 models form one reduction; beyond
-    that, tiles of 3 x 3 models keep each fused loop small enough to vectorize (measured fastest
-    on a 2-core x86 machine for N = 8 and 16).
+    skinny [N, D] matrix is several times slower on CPU. Models go in tiles of up to 4: each pair
+    of tiles (at most 16 products of 8 sources) is one reduction, which vectorizes (with
+    `COMPILER_OPTIONS`) and reads its sources once; of tiles of 2 to 8 models, 4 was fastest on a
+    2-core x86 machine for N = 8 and 16, in bfloat16 and float32.
     """
     n = len(sources)
-    tile = n if n <= 4 else 3
+    tile = 4
     sums = {}
     for first in range(0, n, tile):
         for second in range(first, n, tile):

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.errors import MergeError
-from jkarcher.numerics import all_finite, compute_dtype, first_disagreeing
+from jkarcher.numerics import COMPILER_OPTIONS, all_finite, compute_dtype, first_disagreeing
 from jkarcher.sharding import place_on_mesh, with_auto_axes
 
 
@@ -127,8 +127,9 @@ def path_name(path: tuple) -> str:
 def traced_leaf(
     method: str, static_params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None
 ) -> Callable:
-    """The jitted leaf merge of `leaf_function` for the method's static parameters (cached), the
-    traced ones an argument: (sources, weights, base, key, tensors, traced) -> the same triple.
+    """The leaf merge of `leaf_function` for the method's static parameters (cached), the traced
+    ones an argument: (sources, weights, base, key, tensors, traced) -> the same triple. Not
+    jitted: its callers compile it with `COMPILER_OPTIONS`, or trace it into a user's program.
 
     `traced` maps the names of the method's traced parameters (`Param.traced`) to their values
     as scalars (`traced_arguments`), so tensors that differ only in those values share a
@@ -147,7 +148,15 @@ def traced_leaf(
         finite = all_finite((*checked, merged))
         return merged, finite[:-1], finite[-1]
 
-    return jax.jit(merge_one)
+    return merge_one
+
+
+@functools.cache
+def _compiled_leaf(
+    method: str, static_params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None
+) -> Callable:
+    """`traced_leaf` jitted with `COMPILER_OPTIONS` (cached), for calls on concrete arrays."""
+    return jax.jit(traced_leaf(method, static_params, out_dtype), compiler_options=COMPILER_OPTIONS)
 
 
 def split_params(
@@ -171,7 +180,8 @@ def traced_arguments(traced: Mapping[str, Any]) -> dict[str, Any]:
 def leaf_function(
     method: str, params: Mapping[str, Any], out_dtype: np.dtype | None = None
 ) -> Callable:
-    """The jitted leaf merge for a method and resolved parameters.
+    """The leaf merge for a method and resolved parameters: on arrays, compiled (with
+    `COMPILER_OPTIONS`, once per shape and dtype); on tracers, traced into the caller's program.
 
     It maps (sources: tuple of N arrays, weights [N], base | None, key | None, tensor inputs:
     {name: tuple of N arrays} | None) to (merged array, all-finite flags of the sources, then
@@ -183,7 +193,15 @@ def leaf_function(
     """
     dtype = None if out_dtype is None else np.dtype(out_dtype)
     static, traced = split_params(method, params)
-    return functools.partial(traced_leaf(method, static, dtype), traced=traced_arguments(traced))
+    traced = traced_arguments(traced)
+    inline, compiled = traced_leaf(method, static, dtype), _compiled_leaf(method, static, dtype)
+
+    def run(sources, weights, base, key, tensors=None):
+        arguments = jax.tree.leaves((sources, weights, base, key, tensors, traced))
+        in_a_trace = any(isinstance(argument, jax.core.Tracer) for argument in arguments)
+        return (inline if in_a_trace else compiled)(sources, weights, base, key, tensors, traced)
+
+    return run
 
 
 def _flatten_models(pytrees: list) -> tuple[list[str], list[tuple], Any]:

@@ -20,6 +20,23 @@ from jax.experimental import checkify
 
 from jkarcher.errors import MergeError
 
+# The options of every program jkarcher compiles itself (`jkarcher.merge`'s leaves, the
+# pipeline's, an eager `karcher_mean`). XLA:CPU keeps a float sum in the order it was written
+# unless told that it may reassociate, so a reduction along a chunk runs one scalar add at a time;
+# with reassociation (and fused multiply-adds) LLVM vectorizes it: the Karcher Gram pass of 8 bf16
+# sources of 4864 x 896 drops from 33 to 4.2 ms (of 4 sources, from 4.1 to 1.1 ms). NaNs,
+# infinities, division and library functions keep their IEEE meaning. Partial sums within a chunk
+# then run in vector lanes, which only shortens their chains; the bounds of `accurate_sum` hold.
+# Traced inside a user's `jax.jit`, the leaves compile with the user's options instead, and can
+# differ from these in the rounding of float32 sums.
+COMPILER_OPTIONS = {
+    "xla_cpu_enable_fast_math": True,
+    "xla_cpu_fast_math_honor_nans": True,
+    "xla_cpu_fast_math_honor_infs": True,
+    "xla_cpu_fast_math_honor_division": True,
+    "xla_cpu_fast_math_honor_functions": True,
+}
+
 
 def compute_dtype() -> jnp.dtype:
     """The dtype merges compute in: float64 where JAX's x64 mode is on, else float32.

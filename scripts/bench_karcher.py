@@ -1,13 +1,15 @@
 """Time karcher_mean per tensor against a linear mean and the textbook full-tensor iteration.
 
-All three run in this process on the same sources: Qwen2.5-0.5B-shaped float32 tensors (an MLP
-matrix 4864 x 896 and the embedding 151936 x 896) for N = 2, 4, 8 fine-tune-like experts (each
-a shared base plus its own perturbation). The textbook loop is the Karcher iteration written on
-whole tensors, as docs/design.md states it: every iteration reads every source twice (the cosines,
-then the tangent), where karcher_mean reads them twice in all. Prints milliseconds, ratios,
-iteration counts and the largest difference between karcher_mean and the textbook result.
+All three run in this process on the same sources: Qwen2.5-0.5B-shaped tensors (an MLP matrix
+4864 x 896 and the embedding 151936 x 896), bfloat16 as checkpoints store them (--dtype=float32
+for float32), for N = 2, 4, 8 (or --models) fine-tune-like experts (each a shared base plus its
+own perturbation), each compiled as jkarcher compiles its leaves (`COMPILER_OPTIONS`). The
+textbook loop is the Karcher iteration written on whole tensors, as docs/design.md states it:
+every iteration reads every source twice (the cosines, then the tangent), where karcher_mean
+reads them twice in all. Prints milliseconds, ratios, iteration counts and the largest
+difference between karcher_mean and the textbook result (both in float32).
 
-    python scripts/bench_karcher.py [--sizes=small] [--models=2,4,8] [--repeats=5]
+    python scripts/bench_karcher.py [--sizes=mlp] [--models=4,8,16] [--dtype=float32]
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from absl import app, flags
 
 from jkarcher import karcher_mean
 from jkarcher.karcher import DEFAULT_MAX_ITER, DEFAULT_TOL
-from jkarcher.numerics import sum_over_models, weighted_sum
+from jkarcher.numerics import COMPILER_OPTIONS, sum_over_models, weighted_sum
 from jkarcher.sphere import sin_over_theta, theta_over_sin
 
 SHAPES = {"mlp": (4864, 896), "embed": (151936, 896)}
 
 _SIZES = flags.DEFINE_list("sizes", ["mlp", "embed"], f"tensor shapes to time, of {list(SHAPES)}")
 _MODELS = flags.DEFINE_list("models", ["2", "4", "8"], "numbers of source models")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "the sources' dtype")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per case; the best is reported")
 _SPREAD = flags.DEFINE_float("spread", 0.1, "perturbation norm relative to the base's")
 
@@ -63,17 +66,28 @@ def textbook_karcher(stacked, weights, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TO
     state = (jnp.int32(0), start, jnp.float32(jnp.inf))
     iterations, u, _ = jax.lax.while_loop(keep_going, update, state)
     merged = (jnp.sum(weights * norms) / jnp.sum(weights)) * u
-    return merged.astype(stacked.dtype), iterations
+    return merged, iterations
 
 
-def fine_tune_like(n: int, shape: tuple[int, ...], spread: float, seed: int = 0) -> jax.Array:
+def fine_tune_like(
+    n: int, shape: tuple[int, ...], spread: float, dtype: str, seed: int = 0
+) -> jax.Array:
     """N sources: one random base plus independent perturbations of relative norm `spread`."""
     rng = np.random.default_rng(seed)
     base = rng.standard_normal(shape, dtype=np.float32)
     stacked = np.stack(
         [base + spread * rng.standard_normal(shape, dtype=np.float32) for _ in range(n)]
     )
-    return jnp.asarray(stacked)
+    return tuple(jnp.asarray(source, dtype) for source in stacked)
+
+
+def compiled(fn):
+    """`fn` of stacked sources and weights, compiled as jkarcher compiles its leaves: with
+    `COMPILER_OPTIONS`, the N sources passed as separate arrays and stacked inside, as
+    `jkarcher.merge` passes them. (Slicing a stacked argument is slower on XLA:CPU: 4.8 against
+    2.6 ms for a linear mean of 8 bfloat16 sources of 4864 x 896, and at N = 16 XLA converts the
+    whole bfloat16 stack to float32 first, 112 ms.)"""
+    return jax.jit(lambda xs, w: fn(jnp.stack(xs), w), compiler_options=COMPILER_OPTIONS)
 
 
 def best_time(fn, *args, repeats: int) -> tuple[float, object]:
@@ -89,9 +103,10 @@ def best_time(fn, *args, repeats: int) -> tuple[float, object]:
 
 def main(argv):
     del argv
-    karcher = jax.jit(lambda s, w: karcher_mean(s, w, return_info=True))
-    linear = jax.jit(linear_mean)
-    textbook = jax.jit(textbook_karcher)
+    karcher = compiled(lambda s, w: karcher_mean(s, w, return_info=True))
+    exact = compiled(lambda s, w: karcher_mean(s, w, out_dtype=jnp.float32))
+    linear = compiled(linear_mean)
+    textbook = compiled(textbook_karcher)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {len(jax.devices())} device(s)")
     header = (
         f"{'tensor':>16} {'N':>2} {'linear ms':>10} {'karcher ms':>11} {'textbook ms':>12} "
@@ -101,12 +116,13 @@ def main(argv):
     for size in _SIZES.value:
         shape = SHAPES[size]
         for n in map(int, _MODELS.value):
-            stacked = fine_tune_like(n, shape, _SPREAD.value)
+            sources = fine_tune_like(n, shape, _SPREAD.value, _DTYPE.value)
             weights = jnp.linspace(1.0, 2.0, n)
             repeats = _REPEATS.value if size == "mlp" else max(1, _REPEATS.value // 2)
-            t_linear, _ = best_time(linear, stacked, weights, repeats=repeats)
-            t_karcher, (ours, info) = best_time(karcher, stacked, weights, repeats=repeats)
-            t_textbook, (theirs, _) = best_time(textbook, stacked, weights, repeats=repeats)
+            t_linear, _ = best_time(linear, sources, weights, repeats=repeats)
+            t_karcher, (_, info) = best_time(karcher, sources, weights, repeats=repeats)
+            t_textbook, (theirs, _) = best_time(textbook, sources, weights, repeats=repeats)
+            ours = exact(sources, weights)
             difference = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
             print(
                 f"{'x'.join(map(str, shape)):>16} {n:>2} {t_linear:>10.1f} {t_karcher:>11.1f} "
@@ -114,7 +130,7 @@ def main(argv):
                 f"{t_textbook / t_karcher:>17.1f} {int(info.iterations[0]):>6} "
                 f"{difference:>13.1e}"
             )
-            del stacked, ours, theirs
+            del sources, ours, theirs
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from jkarcher import methods
 from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
+from jkarcher.numerics import COMPILER_OPTIONS
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.sharding import padded_shape, replicated, row_sharding
 
@@ -149,7 +150,7 @@ def placed_leaf(
     `fisher` input, when there are any) and put back as zeros after it, so the leaf merges
     exactly the tensor (its whole-tensor statistics and random draws are those of one device);
     the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
-    on every device.
+    on every device. It compiles with `COMPILER_OPTIONS`, as `jkarcher.merge` does.
     """
     leaf = traced_leaf(method, static_params, np.dtype(out_dtype))
     padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
@@ -167,4 +168,5 @@ def placed_leaf(
         return merged, finite, merged_finite
 
     flags = replicated(mesh)
-    return jax.jit(run, out_shardings=(row_sharding(mesh, len(shape)), flags, flags))
+    shardings = (row_sharding(mesh, len(shape)), flags, flags)
+    return jax.jit(run, out_shardings=shardings, compiler_options=COMPILER_OPTIONS)
