@@ -12,18 +12,9 @@
               `estimate_recipe` / `has_recipe` tell a merge whether a saved estimate is current
 """
 
+import importlib
+
 from jkarcher.config import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, ESTIMATORS
-from jkarcher.fisher.checkpoint import FisherError, FisherRun, checkpoint_fisher
-from jkarcher.fisher.diagonal import (
-    Batch,
-    Params,
-    PredictFn,
-    causal_lm_fisher,
-    causal_lm_predictions,
-    diagonal_fisher,
-    next_token_mask,
-    score_objective,
-)
 from jkarcher.fisher.files import (
     FISHER_NAME,
     estimate_recipe,
@@ -33,6 +24,30 @@ from jkarcher.fisher.files import (
     load_fisher,
     save_fisher,
 )
+
+# The estimators run the Flax model, whose import costs a merge's start about 0.3 s; a merge that
+# only reads saved Fishers never needs them, so they load on first use.
+_ESTIMATOR_MODULES = {
+    "Batch": "diagonal",
+    "Params": "diagonal",
+    "PredictFn": "diagonal",
+    "causal_lm_fisher": "diagonal",
+    "causal_lm_predictions": "diagonal",
+    "diagonal_fisher": "diagonal",
+    "next_token_mask": "diagonal",
+    "score_objective": "diagonal",
+    "FisherError": "checkpoint",
+    "FisherRun": "checkpoint",
+    "checkpoint_fisher": "checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _ESTIMATOR_MODULES:
+        module = importlib.import_module(f"jkarcher.fisher.{_ESTIMATOR_MODULES[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

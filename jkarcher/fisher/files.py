@@ -9,15 +9,14 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jkarcher import models
 from jkarcher.config import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
-from jkarcher.fisher.diagonal import Params
 from jkarcher.io import (
     CheckpointError,
     TensorInfo,
@@ -36,13 +35,15 @@ def fisher_path(checkpoint_dir: str | os.PathLike) -> Path:
 
 
 def save_fisher(
-    fisher: Params, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+    fisher: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write a decoder-shaped Fisher pytree as float32 safetensors under the HF tensor names.
 
     The file is written to a temporary name in the same directory and renamed into place, so
     an interrupted run never leaves a partial `fisher.safetensors`.
     """
+    from jkarcher import models  # the Flax model: only where a pytree meets tensor names
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -109,12 +110,14 @@ def fisher_tensors(
     return infos
 
 
-def load_fisher(checkpoint_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Params:
+def load_fisher(checkpoint_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Any:
     """The Fisher of a checkpoint as a float32 pytree shaped like its `jkarcher.models` params.
 
     Every tensor the checkpoint's config needs must be in the file with its shape, and nothing
     else, so a Fisher of another model fails here, naming the file and the tensor.
     """
+    from jkarcher import models  # the Flax model: only where a pytree meets tensor names
+
     directory = resolve_checkpoint_dir(checkpoint_dir)
     file = Path(path) if path is not None else directory / FISHER_NAME
     infos = fisher_tensors(directory, file)
