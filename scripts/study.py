@@ -1,7 +1,8 @@
 """The paper's study on the zoo: every method, N = 2 .. 11 models, scored on every domain.
 
-    python scripts/study.py            # full zoo (built on first use), writes results/
-    python scripts/study.py --small    # the small zoo, writes results-small/ (minutes)
+    python scripts/study.py              # the fine-tune zoo (built on first use): results/finetune/
+    python scripts/study.py --zoo=far    # the far zoo: results/far/
+    python scripts/study.py --zoo=small  # the small zoo: results/small/ (minutes)
 
 Writes study.csv, study.md (average score by method and N, the per-domain table in the layout of
 the paper's Appendix A with the base and each expert alone as reference rows, and the Table 7
@@ -11,6 +12,7 @@ largest merges. With --readme, replaces README.md's Results section with the gen
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,16 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 from absl import app, flags, logging
 
 from jkarcher import models
-from jkarcher.fisher import causal_lm_fisher
 from jkarcher.zoo import report
-from jkarcher.zoo.build import FULL, SMALL, build_zoo, zoo_members
+from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
+from jkarcher.zoo.distances import checkpoint_distances, distance_table
 from jkarcher.zoo.domains import DOMAINS, text_lines
 from jkarcher.zoo.evaluation import build_eval_set, evaluate
+from jkarcher.zoo.fishers import pool_fishers
+from jkarcher.zoo.recipes import ZOOS
 from jkarcher.zoo.study import (
     FISHER_VARIANTS,
     STUDY_PARAMS,
@@ -36,12 +38,9 @@ from jkarcher.zoo.study import (
     study_rows,
     uses_fisher,
 )
-from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
-from jkarcher.zoo.training import domain_texts, packed_windows
+from jkarcher.zoo.tokenizer import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-FISHER_TEXTS = 2000  # training strings sampled for each model's Fisher
-FISHER_ROWS = 64  # windows of seq_len tokens the Fisher is averaged over
 DIAGNOSED = (
     "karcher",
     "karcher+fisher",
@@ -53,14 +52,14 @@ DIAGNOSED = (
     "multislerp",
 )
 
-_SMALL = flags.DEFINE_bool("small", False, "use the small zoo (CI-sized)")
-_ZOO = flags.DEFINE_string("zoo", None, "zoo directory (default cache/zoo or cache/zoo-small)")
-_OUT = flags.DEFINE_string("out", None, "output directory (default results or results-small)")
+_ZOO = flags.DEFINE_enum("zoo", "finetune", sorted(ZOOS), "which zoo recipe to study")
+_ZOO_DIR = flags.DEFINE_string("zoo_dir", None, "zoo directory (default cache/zoo-<zoo>)")
+_OUT = flags.DEFINE_string("out", None, "output directory (default results/<zoo>)")
 _METHODS = flags.DEFINE_list(
     "methods", None, "study rows to compare (default: every merging method and karcher+fisher)"
 )
 _EXAMPLES = flags.DEFINE_integer("examples", 64, "held-out prompts per task domain")
-_WINDOWS = flags.DEFINE_integer("text_windows", 24, "held-out 64-token windows per domain")
+_WINDOWS = flags.DEFINE_integer("text_windows", 200, "held-out 64-token windows per domain")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the evaluation data and random merges")
 _README = flags.DEFINE_string("readme", None, "README.md whose Results section to rewrite")
 
@@ -69,13 +68,15 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     start = time.perf_counter()
-    recipe = SMALL if _SMALL.value else FULL
-    suffix = "-small" if _SMALL.value else ""
-    zoo = Path(_ZOO.value or ROOT / "cache" / f"zoo{suffix}")
-    out = Path(_OUT.value or ROOT / f"results{suffix}")
+    recipe = ZOOS[_ZOO.value]
+    zoo = Path(_ZOO_DIR.value or ROOT / "cache" / f"zoo-{_ZOO.value}")
+    out = Path(_OUT.value or ROOT / "results" / _ZOO.value)
     out.mkdir(parents=True, exist_ok=True)
 
-    build_zoo(zoo, recipe)
+    try:
+        build_zoo(zoo, recipe)
+    except ZooError as err:
+        sys.exit(f"error: {err}")
     base_dir, expert_dirs = zoo_members(zoo)
     config, base = models.load(base_dir)
     pool = [base] + [models.load(d)[1] for d in expert_dirs]
@@ -105,34 +106,17 @@ def main(argv):
     diagnostics = diagnose_largest_merges(pool, fishers, config, tokenizer, recipe.seq_len, out)
     seconds = time.perf_counter() - start
     base_average = sum(references["base"][d.name]["score"] for d in DOMAINS) / len(DOMAINS)
-    summary = summary_section(runs, base_average, out, diagnostics, seconds)
+    distances = distance_table(checkpoint_distances(base_dir, expert_dirs))
+    summary = summary_section(runs, references, base_average, distances, out, diagnostics, seconds)
     (out / "study.md").write_text(
         summary + "\n\n## Scores by domain\n\n" + report.domain_table(runs, references) + "\n"
     )
     if _README.value:
-        report.update_readme(Path(_README.value), summary.replace("](", f"]({out.name}/"))
+        report.update_readme(
+            Path(_README.value),
+            summary.replace("](", f"]({os.path.relpath(out, Path(_README.value).parent)}/"),
+        )
     print(f"study done in {seconds:.0f} s; results in {out}")
-
-
-def pool_fishers(config, pool, domains, recipe) -> list:
-    """Each pool model's diagonal (true) Fisher on its own training data: the base's on the
-    mixture of domains (domain None), each expert's on its domain."""
-    tokenizer = byte_tokenizer()
-    bos = tokenizer.token_to_id(BOS)
-    all_domains = [d.name for d in DOMAINS]
-    fishers = []
-    for index, (params, name) in enumerate(zip(pool, domains, strict=True)):
-        texts = [
-            text
-            for d in ([name] if name else all_domains)
-            for text in domain_texts(
-                d, "train", FISHER_TEXTS // (1 if name else len(all_domains)), recipe.seed
-            )
-        ]
-        windows = packed_windows(tokenizer, texts, recipe.seq_len, bos, recipe.seed)[:FISHER_ROWS]
-        batches = [(w, np.ones_like(w)) for w in np.split(windows, FISHER_ROWS // 16)]
-        fishers.append(causal_lm_fisher(config, params, batches, key=jax.random.key(index)))
-    return fishers
 
 
 def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out: Path) -> str:
@@ -174,13 +158,28 @@ def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out:
     return (diagnose_out / "diagnostics.md").read_text()
 
 
-def summary_section(runs, base_average: float, out: Path, diagnostics: str, seconds: float) -> str:
+def summary_section(
+    runs, references, base_average: float, distances: str, out: Path, diagnostics: str, seconds
+) -> str:
     """The Markdown summary shared by study.md and README's Results section."""
     pngs = sorted(p.name for p in (out / "diagnostics").glob("*.png"))
     effective_rank = next(
         (p for p in pngs if "effective" in p.lower() or "effrank" in p.lower()), None
     )
     lines = [
+        "### The experts alone against the base",
+        "",
+        "Scores are exact-match accuracy for tasks and next-token accuracy for text, on held-out "
+        "data; an expert keeps a domain when it scores within 0.05 of the base there.",
+        "",
+        report.expert_table(references),
+        "",
+        "How far the experts are from the base and from each other, per tensor family "
+        "(task vector tau_i = expert_i - base; norms averaged over the experts, angles over "
+        "their pairs):",
+        "",
+        distances,
+        "",
         "### Average score by method and number of merged models",
         "",
         "The best of each column is in bold. The pool is the base model followed by the experts "

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jkarcher.zoo.build import SMALL
 from jkarcher.zoo.domains import DOMAINS
+from jkarcher.zoo.recipes import SMALL
 from jkarcher.zoo.study import applicable, study_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +21,8 @@ def test_small_study_writes_every_method_and_n(tmp_path):
         [
             sys.executable,
             str(ROOT / "scripts" / "study.py"),
-            "--small",
-            f"--zoo={tmp_path / 'zoo'}",
+            "--zoo=small",
+            f"--zoo_dir={tmp_path / 'zoo'}",
             f"--out={out}",
             "--examples=32",
             "--text_windows=8",

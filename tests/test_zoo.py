@@ -1,14 +1,16 @@
 """The zoo: domains and splits, the byte tokenizer, packing, method applicability, report."""
 
+import dataclasses
 import json
 import random
+import re
 
 import numpy as np
 import pytest
 
 import jkarcher
 from jkarcher.zoo import report
-from jkarcher.zoo.build import FULL, SMALL, recipe_record
+from jkarcher.zoo.distances import family_distances, tensor_family
 from jkarcher.zoo.domains import (
     DOMAINS,
     domain,
@@ -17,6 +19,7 @@ from jkarcher.zoo.domains import (
     task_examples,
     text_lines,
 )
+from jkarcher.zoo.recipes import FAR, FINETUNE, ZOOS, base_mixture, expert_texts, recipe_record
 from jkarcher.zoo.study import MergeRun, applicable, merge_pool, uses_fisher
 from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
 from jkarcher.zoo.training import packed_windows
@@ -169,8 +172,96 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
 
 
 def test_a_saved_recipe_compares_equal_so_the_zoo_is_reused():
-    for recipe in (FULL, SMALL):
+    for recipe in ZOOS.values():
         assert json.loads(json.dumps({"record": recipe_record(recipe)}))["record"] == (
             recipe_record(recipe)
         )
-    assert recipe_record(FULL) != recipe_record(SMALL)
+    assert len({json.dumps(recipe_record(r)) for r in ZOOS.values()}) == len(ZOOS)
+
+
+def _small(recipe, **changes):
+    return dataclasses.replace(recipe, examples_per_domain=200, **changes)
+
+
+TASK_TEXT = {
+    "addition": r"\d+\+\d+=\d+\n",
+    "multiplication": r"\d+\*\d+=\d+\n",
+    "modulo": r"\d+%\d+=\d+\n",
+    "reversal": r"rev [a-j]+=[a-j]+\n",
+    "sorting": r"sort \d+=\d+\n",
+    "brackets": r"close [(\[{]+=[)\]}]+\n",
+    "counting": r"count [abc] [abc]+=\d+\n",
+    "successor": r"next \d+=\d+\n",
+}
+
+
+def _count(texts, task: str) -> int:
+    return sum(re.fullmatch(TASK_TEXT[task], t) is not None for t in texts)
+
+
+def test_the_finetune_base_sees_a_little_of_each_task_and_all_of_the_text():
+    recipe = _small(FINETUNE, base_examples_per_task=10)
+    texts = base_mixture(recipe, recipe.seed)
+    assert len(texts) == 10 * len(TASKS) + 200 * (len(DOMAINS) - len(TASKS))
+    assert {t.name: _count(texts, t.name) for t in TASKS} == {t.name: 10 for t in TASKS}
+    far = _small(FAR)
+    far_texts = base_mixture(far, far.seed)
+    assert {t.name: _count(far_texts, t.name) for t in TASKS} == {t.name: 200 for t in TASKS}
+
+
+def test_an_expert_mixes_in_its_share_of_general_data():
+    recipe = _small(FINETUNE)
+    expert = next(e for e in recipe.experts if e.domain == "reversal")
+    assert expert.general_share == 0.5
+    texts = expert_texts(recipe, expert)
+    assert len(texts) == 400
+    general = texts[200:]
+    assert _count(texts[:200], "reversal") == 200
+    assert sum(_count(general, t.name) for t in TASKS) < len(general)  # text lines among them
+    assert expert_texts(recipe, expert) == texts
+    other_seed = dataclasses.replace(recipe, expert_seed=1)
+    assert expert_texts(other_seed, expert) != texts
+    assert base_mixture(other_seed, other_seed.seed) == base_mixture(recipe, recipe.seed)
+    far = _small(FAR)
+    alone = expert_texts(far, far.experts[0])
+    assert len(alone) == 200 and _count(alone, far.experts[0].domain) == 200
+
+
+def test_family_distances_against_the_definitions():
+    rng = np.random.default_rng(0)
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    names.append("model.layers.1.mlp.up_proj.weight")
+    assert [tensor_family(n) for n in names] == ["embed_tokens.weight"] + ["mlp.up_proj.weight"] * 2
+    base = {n: rng.normal(size=(3, 4)) for n in names}
+    deltas = [{n: 0.1 * rng.normal(size=(3, 4)) for n in names} for _ in range(3)]
+    experts = [{n: base[n] + d[n] for n in names} for d in deltas]
+    rows = family_distances(base, experts)
+    assert list(rows) == ["embed_tokens.weight", "mlp.up_proj.weight"]
+    mlp = names[1:]
+    flat = lambda tensors: np.concatenate([tensors[n].ravel() for n in mlp])
+    norms = [np.linalg.norm(flat(d)) for d in deltas]
+    assert rows["mlp.up_proj.weight"]["relative_norm"] == pytest.approx(
+        np.mean(norms) / np.linalg.norm(flat(base)), rel=1e-12
+    )
+    cosine = flat(deltas[0]) @ flat(deltas[2]) / (norms[0] * norms[2])
+    one_pair = family_distances(base, [experts[0], experts[2]])["mlp.up_proj.weight"]
+    assert one_pair["task_angle"] == pytest.approx(np.degrees(np.arccos(cosine)), rel=1e-12)
+    same = family_distances(base, [experts[0], experts[0]])["embed_tokens.weight"]
+    assert same["task_angle"] == pytest.approx(0.0, abs=1e-5)
+    assert same["weight_angle"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_expert_table_compares_each_expert_with_the_base():
+    names = [d.name for d in DOMAINS]
+    base = {d: {"score": 0.5, "perplexity": 3.0} for d in names}
+    expert = base | {
+        "addition": {"score": 0.9, "perplexity": 2.0},
+        "multiplication": {"score": 0.44, "perplexity": 3.5},
+        "modulo": {"score": 0.46, "perplexity": 3.1},
+    }
+    table = report.expert_table({"base": base, "expert-addition": expert}).splitlines()
+    assert len(table) == 3
+    average = (0.9 + 0.44 + 0.46 + 0.5 * 7) / 10
+    assert table[2] == (
+        f"| expert-addition | 0.900 / 0.500 | 2.000 / 3.000 | {average:.3f} / 0.500 | 8 of 9 |"
+    )

@@ -1,16 +1,17 @@
-"""Building the zoo: a base model trained on the mixture of domains, then one expert per domain.
+"""Building a zoo (a recipe of `jkarcher.zoo.recipes`): the base model, then one expert per domain.
 
-The experts get deliberately different amounts of fine-tuning (steps and learning rates), so some
-sit far from the base and some near, as the checkpoints of the paper's 14B pool do. Every model is
-saved as a Hugging Face checkpoint with the byte-level `tokenizer.json`; `zoo.json` records the
-recipe, and a directory whose recipe matches is reused instead of rebuilt.
+Every model is saved as a Hugging Face checkpoint with the byte-level `tokenizer.json` and a
+`member.json` holding the part of the recipe that determines it and how its training went. A
+member whose record matches is reused, so a build that stops resumes with the next member, and a
+zoo that shares its base with another (seeds and distance levels differ only in their experts)
+copies that base instead of training it again. A member is written under a `.partial` name and
+renamed when complete; `zoo.json`, the recipe and every member's training, is written last.
+Nothing in a directory that a build did not write is replaced.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -18,167 +19,165 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jkarcher.models import ModelConfig, init_params, save
-from jkarcher.zoo.domains import DOMAINS
+from jkarcher import models
+from jkarcher.errors import JkarcherError
+from jkarcher.zoo.recipes import (
+    ZooRecipe,
+    base_mixture,
+    base_record,
+    expert_batch_seed,
+    expert_record,
+    expert_texts,
+    recipe_record,
+)
 from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
-from jkarcher.zoo.training import domain_texts, packed_windows, random_batches, train
+from jkarcher.zoo.training import packed_windows, random_batches, train
 
 MANIFEST = "zoo.json"
+MEMBER = "member.json"
+PARTIAL = ".partial"
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpertRecipe:
-    domain: str
-    steps: int
-    learning_rate: float
+class ZooError(JkarcherError):
+    """A zoo directory holds files that a zoo build did not write."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ZooRecipe:
-    """Everything that determines a zoo; two zoos with equal recipes are identical."""
+def build_zoo(
+    directory: str | Path, recipe: ZooRecipe, log=print, base_from: str | Path | None = None
+) -> Path:
+    """Train (or reuse) the zoo in `directory`: base/, one expert-<domain>/ each, zoo.json.
 
-    hidden_size: int
-    layers: int
-    seq_len: int
-    batch_size: int
-    base_steps: int
-    base_learning_rate: float
-    examples_per_domain: int
-    experts: tuple[ExpertRecipe, ...]
-    seed: int = 0
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig.qwen2(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=3 * self.hidden_size,
-            num_hidden_layers=self.layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            max_position_embeddings=4 * self.seq_len,
-        )
-
-
-def _experts(scale: float, domains: tuple[str, ...] = tuple(d.name for d in DOMAINS)):
-    """One expert per domain, steps from 0.5x to 3x `scale` and learning rates 3e-4 to 3e-3."""
-    plan = [
-        (1.0, 1e-3),
-        (3.0, 2e-3),
-        (0.5, 3e-4),
-        (2.0, 1e-3),
-        (1.0, 3e-3),
-        (0.5, 1e-3),
-        (2.0, 3e-4),
-        (3.0, 1e-3),
-        (1.0, 2e-3),
-        (2.0, 2e-3),
-    ]
-    return tuple(
-        ExpertRecipe(name, max(10, int(scale * steps)), lr)
-        for name, (steps, lr) in zip(domains, plan, strict=False)
-    )
-
-
-FULL = ZooRecipe(
-    hidden_size=128,
-    layers=2,
-    seq_len=64,
-    batch_size=32,
-    base_steps=1200,
-    base_learning_rate=3e-3,
-    examples_per_domain=20_000,
-    experts=_experts(250),
-)
-# Four experts, for CI: the same pipeline end to end in about two minutes.
-SMALL = ZooRecipe(
-    hidden_size=64,
-    layers=2,
-    seq_len=64,
-    batch_size=16,
-    base_steps=150,
-    base_learning_rate=3e-3,
-    examples_per_domain=2_000,
-    experts=_experts(40, ("successor", "counting", "brackets", "prose")),
-)
-
-
-def recipe_record(recipe: ZooRecipe) -> dict:
-    """The recipe as JSON data (as zoo.json holds it), with the Python version whose stdlib the
-    text came from."""
-    record = {"recipe": dataclasses.asdict(recipe), "python": platform.python_version()}
-    return json.loads(json.dumps(record))
-
-
-def build_zoo(directory: str | Path, recipe: ZooRecipe, log=print) -> Path:
-    """Train (or reuse) the zoo in `directory`: base/, one expert-<domain>/ each, zoo.json."""
+    `base_from` is another zoo's directory whose base is copied when its record matches.
+    """
     directory = Path(directory)
-    manifest = directory / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text())["record"] == recipe_record(recipe):
-        log(f"zoo in {directory} is up to date")
-        return directory
-    building = directory.with_name(directory.name + ".partial")
-    if building.exists():
-        shutil.rmtree(building)
+    _check_ours(directory)
+    manifest_path = directory / MANIFEST
+    if _manifest(directory).get("record") != recipe_record(recipe):
+        # Until the build ends, zoo.json marks the directory as a zoo's but describes no zoo.
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(manifest_path, json.dumps({"building": recipe_record(recipe)}) + "\n")
     tokenizer = byte_tokenizer()
     config = recipe.model_config(tokenizer.get_vocab_size())
     bos = tokenizer.token_to_id(BOS)
 
-    def batches(domains: list[str], seed: int):
-        texts = [
-            text
-            for name in domains
-            for text in domain_texts(name, "train", recipe.examples_per_domain, recipe.seed)
-        ]
-        windows = packed_windows(tokenizer, texts, recipe.seq_len, bos, seed)
-        return random_batches(windows, recipe.batch_size, seed)
+    def trained(member: Path, record: dict, start, texts: list[str], seed: int, steps, lr):
+        if _record(member) != record:
+            began = time.perf_counter()
+            windows = packed_windows(tokenizer, texts, recipe.seq_len, bos, seed)
+            batches = random_batches(windows, recipe.batch_size, seed)
+            params, loss = train(
+                config, start, batches, steps=steps, learning_rate=lr, desc=member.name
+            )
+            training = {"seconds": time.perf_counter() - began, "final_loss": loss}
+            _save_member(member, config, params, tokenizer, record, training)
+        return models.load(member)[1], json.loads((member / MEMBER).read_text())["training"]
 
-    timings = {}
-    start = time.perf_counter()
-    params = init_params(config, jax.random.key(recipe.seed))
-    base, base_loss = train(
-        config,
-        params,
-        batches([d.name for d in DOMAINS], recipe.seed),
-        steps=recipe.base_steps,
-        learning_rate=recipe.base_learning_rate,
-        desc="base",
+    base_dir = directory / "base"
+    if base_from is not None and _record(base_dir) != base_record(recipe):
+        source = Path(base_from) / "base"
+        if _record(source) == base_record(recipe):
+            _copy_member(source, base_dir)
+    initial = models.init_params(config, jax.random.key(recipe.seed))
+    texts = base_mixture(recipe, recipe.seed)
+    base, training = trained(
+        base_dir,
+        base_record(recipe),
+        initial,
+        texts,
+        recipe.seed,
+        recipe.base_steps,
+        recipe.base_learning_rate,
     )
-    _save(building / "base", config, base, tokenizer)
-    timings["base"] = {"seconds": time.perf_counter() - start, "final_loss": base_loss}
-    log(f"base: {recipe.base_steps} steps, loss {base_loss:.3f}")
+    trainings = {"base": training}
+    log(f"base: {recipe.base_steps} steps, loss {training['final_loss']:.3f}")
     for index, expert in enumerate(recipe.experts):
-        start = time.perf_counter()
-        params, loss = train(
-            config,
+        params, training = trained(
+            directory / f"expert-{expert.domain}",
+            expert_record(recipe, index),
             base,
-            batches([expert.domain], recipe.seed + 1 + index),
-            steps=expert.steps,
-            learning_rate=expert.learning_rate,
-            desc=expert.domain,
+            expert_texts(recipe, expert),
+            expert_batch_seed(recipe, index),
+            expert.steps,
+            expert.learning_rate,
         )
-        _save(building / f"expert-{expert.domain}", config, params, tokenizer)
-        timings[expert.domain] = {
-            "seconds": time.perf_counter() - start,
-            "final_loss": loss,
-            "distance_from_base": _relative_distance(params, base),
-        }
+        distance = _relative_distance(params, base)
+        trainings[expert.domain] = training | {"distance_from_base": distance}
         log(
             f"expert {expert.domain}: {expert.steps} steps at lr {expert.learning_rate}, "
-            f"loss {loss:.3f}, {timings[expert.domain]['distance_from_base']:.3f} from base"
+            f"loss {training['final_loss']:.3f}, {distance:.3f} from base"
         )
-    record = {"record": recipe_record(recipe), "training": timings}
-    (building / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    building.rename(directory)
+    manifest = {"record": recipe_record(recipe), "training": trainings}
+    _write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return directory
 
 
-def _save(directory: Path, config: ModelConfig, params, tokenizer) -> None:
-    save(directory, config, params)
-    tokenizer.save(str(directory / "tokenizer.json"))
+def _check_ours(directory: Path) -> None:
+    """Refuse a directory with entries a build did not write (a zoo.json at its top, or a
+    member.json in each entry, marks what a build wrote)."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ZooError(f"{directory}: not a directory; choose another zoo directory")
+    if (directory / MANIFEST).is_file():
+        return
+    foreign = [
+        entry.name
+        for entry in sorted(directory.iterdir())
+        if not entry.name.endswith(PARTIAL) and not (entry / MEMBER).is_file()
+    ]
+    if foreign:
+        raise ZooError(
+            f"{directory}: holds {', '.join(foreign)}, not written by a zoo build; "
+            "choose another zoo directory"
+        )
+
+
+def _manifest(directory: Path) -> dict:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _record(member: Path) -> dict | None:
+    try:
+        return json.loads((member / MEMBER).read_text())["record"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save_member(member: Path, config, params, tokenizer, record: dict, training: dict) -> None:
+    building = member.with_name(member.name + PARTIAL)
+    if building.exists():
+        shutil.rmtree(building)
+    models.save(building, config, params)
+    tokenizer.save(str(building / "tokenizer.json"))
+    (building / MEMBER).write_text(
+        json.dumps({"record": record, "training": training}, indent=2) + "\n"
+    )
+    _replace(building, member)
+
+
+def _copy_member(source: Path, member: Path) -> None:
+    building = member.with_name(member.name + PARTIAL)
+    if building.exists():
+        shutil.rmtree(building)
+    shutil.copytree(source, building)
+    _replace(building, member)
+
+
+def _replace(building: Path, member: Path) -> None:
+    """Move a complete member into place; the member it replaces was written by a build (the
+    directory passed `_check_ours`)."""
+    if member.exists():
+        shutil.rmtree(member)
+    building.rename(member)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + PARTIAL)
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def _relative_distance(params, base) -> float:
@@ -194,6 +193,9 @@ def _relative_distance(params, base) -> float:
 def zoo_members(directory: str | Path) -> tuple[Path, list[Path]]:
     """(base checkpoint, expert checkpoints in the recipe's fixed order) of a built zoo."""
     directory = Path(directory)
-    record = json.loads((directory / MANIFEST).read_text())["record"]["recipe"]
+    manifest = _manifest(directory)
+    if "record" not in manifest:
+        raise ZooError(f"{directory}: no complete zoo there; build it with scripts/make_zoo.py")
+    record = manifest["record"]["recipe"]
     experts = [directory / f"expert-{e['domain']}" for e in record["experts"]]
     return directory / "base", experts

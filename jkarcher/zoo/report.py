@@ -107,6 +107,31 @@ def domain_table(runs: Sequence[MergeRun], references: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def expert_table(references: dict[str, dict]) -> str:
+    """Each expert alone against the base: its own domain's score (and perplexity), its average
+    over every domain, and how many of the other domains it keeps within 0.05 of the base."""
+    base = references["base"]
+    base_average = sum(base[d]["score"] for d in DOMAIN_NAMES) / len(DOMAIN_NAMES)
+    lines = [
+        "| expert | own domain: expert / base | perplexity: expert / base | "
+        "average: expert / base | other domains kept |",
+        "|---|---|---|---|---|",
+    ]
+    for name, results in references.items():
+        if name == "base":
+            continue
+        own = name.removeprefix("expert-")
+        others = [d for d in DOMAIN_NAMES if d != own]
+        kept = sum(results[d]["score"] >= base[d]["score"] - 0.05 for d in others)
+        average = sum(results[d]["score"] for d in DOMAIN_NAMES) / len(DOMAIN_NAMES)
+        lines.append(
+            f"| {name} | {results[own]['score']:.3f} / {base[own]['score']:.3f} | "
+            f"{results[own]['perplexity']:.3f} / {base[own]['perplexity']:.3f} | "
+            f"{average:.3f} / {base_average:.3f} | {kept} of {len(others)} |"
+        )
+    return "\n".join(lines)
+
+
 def _by_method(runs: Sequence[MergeRun]) -> dict[str, dict[int, MergeRun]]:
     """{method: {N: run}}, methods in alphabetical order."""
     table: dict[str, dict[int, MergeRun]] = {}

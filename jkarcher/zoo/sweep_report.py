@@ -1,0 +1,219 @@
+"""Writing the distance sweep's results: sweep.csv, sweep.md and its two plots.
+
+A cell is one (level, seed) of `jkarcher.zoo.sweep`, as scripts/sweep.py saves it: the experts'
+distances, the base's and each expert's scores alone, and each method's scores. Every number and
+sentence written here comes from the cells passed in.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from jkarcher.zoo.domains import DOMAINS
+from jkarcher.zoo.sweep import Level, mean_and_std, paired_comparison
+
+FOCUS = "karcher"
+REFERENCE = "linear"
+DOMAIN_NAMES = [d.name for d in DOMAINS]
+
+Cells = Mapping[tuple[str, int], Mapping]  # (level name, seed) -> cell
+
+
+def _average(scores: Mapping[str, float]) -> float:
+    return sum(scores[d] for d in DOMAIN_NAMES) / len(DOMAIN_NAMES)
+
+
+def cell_averages(cells: Cells, row: str) -> dict[tuple[str, int], float]:
+    """Row's average score in each cell that has it."""
+    return {key: _average(c["runs"][row]["scores"]) for key, c in cells.items() if row in c["runs"]}
+
+
+def level_names(cells: Cells, levels: Mapping[str, Level]) -> list[str]:
+    """The levels the cells hold, in the sweep's order."""
+    return [name for name in levels if any(key[0] == name for key in cells)]
+
+
+def _at_level(values: Mapping[tuple[str, int], float], level: str) -> list[float]:
+    return [v for (name, _), v in sorted(values.items()) if name == level]
+
+
+def level_distances(cells: Cells, level: str) -> dict[str, float]:
+    """The mean over a level's seeds of each whole-model distance."""
+    chosen = [c["distances"] for (name, _), c in cells.items() if name == level]
+    return {k: sum(d[k] for d in chosen) / len(chosen) for k in chosen[0]}
+
+
+def _own_domain_gain(cell: Mapping) -> float:
+    """The mean over a cell's experts of (expert - base) on the expert's own domain."""
+    base = cell["references"]["base"]
+    experts = {k: v for k, v in cell["references"].items() if k != "base"}
+    gains = [
+        v[k.removeprefix("expert-")] - base[k.removeprefix("expert-")] for k, v in experts.items()
+    ]
+    return sum(gains) / len(gains)
+
+
+def level_table(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str]) -> str:
+    """Markdown: one column per level; its recipe and distances, then each row's mean +- std."""
+    names = level_names(cells, levels)
+    header = "| | " + " | ".join(names) + " |"
+    lines = [header, "|---|" + "---|" * len(names)]
+
+    def line(label: str, values: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    line("fine-tuning steps", [str(levels[n].steps) for n in names])
+    line("learning rate", [f"{levels[n].learning_rate:g}" for n in names])
+    line("general data share", [f"{levels[n].general_share:g}" for n in names])
+    distances = [level_distances(cells, n) for n in names]
+    line("angle between experts' weights", [f"{d['weight_angle']:.2f}°" for d in distances])
+    line("angle between task vectors", [f"{d['task_angle']:.1f}°" for d in distances])
+    line("task vector norm / base norm", [f"{d['relative_norm']:.3f}" for d in distances])
+    gains = {key: _own_domain_gain(c) for key, c in cells.items()}
+    line("expert - base on its own domain", [_mean_std(_at_level(gains, n)) for n in names])
+    bases = {key: _average(c["references"]["base"]) for key, c in cells.items()}
+    line("base alone", [_mean_std(_at_level(bases, n)) for n in names])
+    for row in rows:
+        values = cell_averages(cells, row)
+        if values:
+            line(
+                f"**{row}**" if row == FOCUS else row,
+                [_mean_std(_at_level(values, n)) for n in names],
+            )
+    return "\n".join(lines)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    mean, std = mean_and_std(values)
+    return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def paired_table(cells: Cells, rows: Sequence[str], focus: str = FOCUS) -> str:
+    """Markdown: `focus` against each other row, paired over the cells both have."""
+    mine = cell_averages(cells, focus)
+    lines = [
+        f"| {focus} against | cells | wins | ties | losses | mean difference ± s.e. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        theirs = cell_averages(cells, row)
+        if row == focus or not set(mine) & set(theirs):
+            continue
+        p = paired_comparison(mine, theirs)
+        cells_compared = p.wins + p.ties + p.losses
+        lines.append(
+            f"| {row} | {cells_compared} | {p.wins} | {p.ties} | {p.losses} | "
+            f"{p.mean_difference:+.4f} ± {p.standard_error:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def gap_findings(cells: Cells, levels: Mapping[str, Level], focus: str = FOCUS) -> list[str]:
+    """Sentences: `focus` minus the linear average at each level, paired over its seeds."""
+    mine, linear = cell_averages(cells, focus), cell_averages(cells, REFERENCE)
+    parts = []
+    for name in level_names(cells, levels):
+        at = {k: v for k, v in mine.items() if k[0] == name}
+        p = paired_comparison(at, {k: v for k, v in linear.items() if k[0] == name})
+        angle = level_distances(cells, name)["weight_angle"]
+        parts.append(f"{p.mean_difference:+.4f} ± {p.standard_error:.4f} at {name} ({angle:.2f}°)")
+    return [f"{focus} minus {REFERENCE}, mean ± s.e. over seeds: " + "; ".join(parts) + "."]
+
+
+def write_csv(cells: Cells, rows: Sequence[str], path: Path) -> None:
+    """One row per (level, seed, model): every domain's score and the average; the models are
+    the base and experts alone and every method's merge."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["level", "seed", "model", *DOMAIN_NAMES, "average", "weight_angle"])
+        for (level, seed), cell in sorted(cells.items()):
+            models = dict(cell["references"])
+            models |= {r: cell["runs"][r]["scores"] for r in rows if r in cell["runs"]}
+            for model, scores in models.items():
+                values = [f"{scores[d]:.4f}" for d in DOMAIN_NAMES] + [f"{_average(scores):.4f}"]
+                angle = f"{cell['distances']['weight_angle']:.4f}"
+                writer.writerow([level, seed, model, *values, angle])
+
+
+def plot(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: Path) -> None:
+    """average_vs_distance.png (each row's mean +- std against the level's angle) and
+    gap_to_linear.png (each row minus linear, mean +- s.e. over seeds)."""
+    names = level_names(cells, levels)
+    angles = [level_distances(cells, n)["weight_angle"] for n in names]
+    linear = cell_averages(cells, REFERENCE)
+    for filename, title, gap in (
+        ("average_vs_distance.png", "Average score of the merge of 4 experts", False),
+        ("gap_to_linear.png", f"Average score minus the {REFERENCE} merge's (mean ± s.e.)", True),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 5.5), dpi=130)
+        for row in rows:
+            values = cell_averages(cells, row)
+            if not values or (gap and row == REFERENCE):
+                continue
+            means, bars = [], []
+            for n in names:
+                at = {k: v for k, v in values.items() if k[0] == n}
+                if gap:
+                    p = paired_comparison(at, {k: v for k, v in linear.items() if k[0] == n})
+                    means.append(p.mean_difference)
+                    bars.append(p.standard_error)
+                else:
+                    mean, std = mean_and_std(list(at.values()))
+                    means.append(mean)
+                    bars.append(std)
+            ax.errorbar(
+                angles,
+                means,
+                yerr=bars,
+                marker="o",
+                capsize=3,
+                linewidth=3.0 if row == FOCUS else 1.2,
+                label=row,
+                zorder=3 if row == FOCUS else 2,
+            )
+        if gap:
+            ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("mean pairwise angle between the experts' weights (degrees)")
+        ax.set_ylabel("difference of average scores" if gap else "average score over all domains")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        fig.savefig(out / filename)
+        plt.close(fig)
+
+
+def write(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: Path) -> None:
+    """sweep.csv, sweep.md and the plots, in `out`."""
+    write_csv(cells, rows, out / "sweep.csv")
+    plot(cells, levels, rows, out)
+    seeds = sorted({seed for _, seed in cells})
+    text = [
+        "### Distance sweep: four experts, from near the base to far",
+        "",
+        f"Each column is a level; each value is the mean ± std over {len(seeds)} seeds (the "
+        "experts' data sample and batch order). The merges combine the base and the four "
+        "experts (methods that need a base merge the experts onto it), with equal weights.",
+        "",
+        level_table(cells, levels, rows),
+        "",
+        *[f"- {s}" for s in gap_findings(cells, levels)],
+        "",
+        "![average against distance](average_vs_distance.png)",
+        "![gap to linear against distance](gap_to_linear.png)",
+        "",
+        f"### {FOCUS} against each method, paired over every (level, seed) cell",
+        "",
+        paired_table(cells, rows),
+        "",
+    ]
+    (out / "sweep.md").write_text("\n".join(text))

@@ -1,0 +1,137 @@
+"""The distance sweep: four experts fine-tuned from near the base to far from it, every method.
+
+    python scripts/sweep.py                                     # 5 levels x 3 seeds: results/sweep/
+    python scripts/sweep.py --seeds=1 --levels=1-nearest,4-far  # part of it
+
+Each cell (level, seed) trains its experts from the fine-tune zoo's base (the zoo is built first,
+or reused; --zoo=small starts from the CI zoo's) into cache/sweep-<zoo>/<level>-seed<k>/, merges
+the base and the experts with every method (methods that need a base merge the experts onto it),
+scores each merge on every domain and saves cells/<level>-seed<k>.json; a cell whose file holds
+every method asked for is not run again, so the sweep can stop and resume. Writes sweep.md (per
+level: the distances and each method's mean +- std over seeds; karcher against each method,
+paired over the cells), sweep.csv and two plots. The levels and domains are in
+jkarcher/zoo/sweep.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from jkarcher import models
+from jkarcher.zoo import sweep_report
+from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
+from jkarcher.zoo.distances import checkpoint_distances
+from jkarcher.zoo.domains import DOMAINS
+from jkarcher.zoo.evaluation import build_eval_set, evaluate
+from jkarcher.zoo.fishers import pool_fishers
+from jkarcher.zoo.recipes import ZOOS, recipe_record
+from jkarcher.zoo.study import applicable, merge_pool, study_rows, uses_fisher
+from jkarcher.zoo.sweep import LEVELS, level_recipe
+from jkarcher.zoo.tokenizer import byte_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+_ZOO = flags.DEFINE_enum(
+    "zoo", "finetune", ["finetune", "small"], "whose base the experts start from"
+)
+_STEP_SCALE = flags.DEFINE_float("step_scale", 1.0, "multiplies every level's fine-tuning steps")
+_LEVELS = flags.DEFINE_list("levels", [lv.name for lv in LEVELS], "levels to run")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "expert seeds per level (0 .. seeds-1)")
+_METHODS = flags.DEFINE_list("methods", None, "study rows (default: every merging method)")
+_CACHE = flags.DEFINE_string("cache", str(ROOT / "cache"), "where the zoos are built")
+_OUT = flags.DEFINE_string("out", str(ROOT / "results" / "sweep"), "output directory")
+_EXAMPLES = flags.DEFINE_integer("examples", 64, "held-out prompts per task domain")
+_WINDOWS = flags.DEFINE_integer("text_windows", 200, "held-out 64-token windows per domain")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    start = time.perf_counter()
+    levels = {lv.name: lv for lv in LEVELS}
+    unknown = [name for name in _LEVELS.value if name not in levels]
+    if unknown:
+        sys.exit(f"error: --levels: unknown {', '.join(unknown)}; known: {', '.join(levels)}")
+    out = Path(_OUT.value)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    cache = Path(_CACHE.value)
+    base_recipe = ZOOS[_ZOO.value]
+    try:
+        base_zoo = build_zoo(cache / f"zoo-{_ZOO.value}", base_recipe)
+    except ZooError as err:
+        sys.exit(f"error: {err}")
+    tokenizer = byte_tokenizer()
+    evals = build_eval_set(
+        tokenizer,
+        examples=_EXAMPLES.value,
+        text_windows=_WINDOWS.value,
+        seq_len=base_recipe.seq_len,
+        seed=0,
+    )
+    rows = _METHODS.value or study_rows()
+    cells = {}
+    for name in _LEVELS.value:
+        for seed in range(_SEEDS.value):
+            recipe = level_recipe(levels[name], seed, base_recipe, step_scale=_STEP_SCALE.value)
+            key = f"{name}-seed{seed}"
+            try:
+                zoo = build_zoo(
+                    cache / f"sweep-{_ZOO.value}" / key, recipe, log=print, base_from=base_zoo
+                )
+            except ZooError as err:
+                sys.exit(f"error: {err}")
+            cells[(name, seed)] = run_cell(zoo, recipe, rows, tokenizer, evals, out, key, seed)
+    sweep_report.write(cells, levels, rows, out)
+    print(f"sweep done in {time.perf_counter() - start:.0f} s; results in {out}")
+
+
+def run_cell(zoo, recipe, rows, tokenizer, evals, out: Path, key: str, seed: int) -> dict:
+    """Every row's merge of one cell, scored: read from cells/<key>.json where it holds them."""
+    path = out / "cells" / f"{key}.json"
+    settings = {"recipe": recipe_record(recipe), "examples": _EXAMPLES.value}
+    settings["text_windows"] = _WINDOWS.value
+    cell = json.loads(path.read_text()) if path.is_file() else {}
+    if cell.get("settings") != settings:
+        cell = {"settings": settings, "runs": {}}
+    base_dir, expert_dirs = zoo_members(zoo)
+    config, base = models.load(base_dir)
+    pool = [base] + [models.load(d)[1] for d in expert_dirs]
+
+    def score(params) -> dict:
+        results = evaluate(config, params, tokenizer, evals)
+        return {d.name: results[d.name]["score"] for d in DOMAINS}
+
+    if "references" not in cell:
+        whole = checkpoint_distances(base_dir, expert_dirs, family=lambda name: "model")
+        cell["distances"] = whole["model"]
+        cell["references"] = {"base": score(base)}
+        for directory, params in zip(expert_dirs, pool[1:], strict=True):
+            cell["references"][directory.name] = score(params)
+        _save(path, cell)
+    missing = [r for r in rows if r not in cell["runs"] and applicable(r, len(pool))]
+    fishers = []
+    if any(uses_fisher(r) for r in missing):
+        domains = [None, *(e.domain for e in recipe.experts)]
+        fishers = pool_fishers(config, pool, domains, recipe)
+    for row in missing:
+        began = time.perf_counter()
+        scores = score(merge_pool(pool, row, len(pool), seed, fishers))
+        cell["runs"][row] = {"scores": scores, "seconds": time.perf_counter() - began}
+        average = sum(scores.values()) / len(scores)
+        print(f"{key} {row:17s} average {average:.3f}")
+        _save(path, cell)
+    return cell
+
+
+def _save(path: Path, cell: dict) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(cell, indent=1) + "\n")
+    temporary.replace(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
