@@ -141,20 +141,17 @@ def _gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
     """[R, N, N] inner products <x_i, x_j> per block, from per-chunk sums of every pair i <= j.
 
     A variadic reduction computes many products from one read of the data, where a matmul of the
-    skinny [N, D] matrix is several times slower on CPU. Models go in tiles of up to 4: each pair
-    of tiles (at most 16 products of 8 sources) is one reduction, which vectorizes (with
-    `COMPILER_OPTIONS`) and reads its sources once; of tiles of 2 to 8 models, 4 was fastest on a
-    2-core x86 machine for N = 8 and 16, in bfloat16 and float32.
+    skinny [N, D] matrix is several times slower on CPU. Models go in tiles of up to 4
+    (`model_tiles`): each pair of tiles (at most 16 products of 8 sources) is one reduction, which
+    vectorizes (with `COMPILER_OPTIONS`) and reads its sources once; of tiles of 2 to 8 models, 4
+    was fastest on a 2-core x86 machine for N = 8 and 16, in bfloat16 and float32.
     """
     n = len(sources)
-    tile = 4
     sums = {}
-    for first in range(0, n, tile):
-        for second in range(first, n, tile):
-            block_pairs = itertools.product(
-                range(first, min(first + tile, n)), range(second, min(second + tile, n))
-            )
-            pairs = [(i, j) for i, j in block_pairs if i <= j]
+    tiles = model_tiles(n)
+    for index, first in enumerate(tiles):
+        for second in tiles[index:]:
+            pairs = [(i, j) for i, j in itertools.product(first, second) if i <= j]
             products = tuple(sources[i].astype(dtype) * sources[j].astype(dtype) for i, j in pairs)
             zeros = tuple(jnp.zeros((), dtype) for _ in products)
             add = lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True))
@@ -164,6 +161,18 @@ def _gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
     upper = jnp.stack([add_chunk_sums(sums[pair]) for pair in in_order], axis=-1)
     gram = jnp.zeros((*upper.shape[:-1], n, n), upper.dtype).at[..., upper_i, upper_j].set(upper)
     return gram.at[..., upper_j, upper_i].set(upper)
+
+
+def model_tiles(n: int, most: int = 4) -> list[range]:
+    """Models 0..n-1 in ceil(n / most) tiles of consecutive models, their sizes differing by at
+    most one (5 models: 2 + 3, not 4 + 1).
+
+    A tile of one model beside larger ones makes XLA keep that source's float32 copy in memory
+    (its convert feeds several reductions): a [151936, 2048] embedding's 1.2 GB more per leaf.
+    """
+    count = -(-n // most)
+    bounds = [round(k * n / count) for k in range(count + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def _coefficients(gram, weights, *, max_iter, tol, step, eps):

@@ -74,8 +74,8 @@ def main(argv):
     )
     rows = _METHODS.value or study_rows()
     cells = {}
-    for name in _LEVELS.value:
-        for seed in range(_SEEDS.value):
+    for seed in range(_SEEDS.value):  # seed by seed: a sweep stopped early still spans every level
+        for name in _LEVELS.value:
             recipe = level_recipe(levels[name], seed, base_recipe, step_scale=_STEP_SCALE.value)
             key = f"{name}-seed{seed}"
             try:
