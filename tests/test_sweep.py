@@ -38,6 +38,7 @@ def test_paired_comparison_counts_and_its_standard_error():
     assert (p.wins, p.ties, p.losses) == (1, 1, 1)
     assert p.mean_difference == pytest.approx(0.0, abs=1e-12)
     assert p.standard_error == pytest.approx(0.1 / math.sqrt(3), rel=1e-9)
+    assert math.isnan(paired_comparison({1: 0.5}, {1: 0.4}).standard_error)
     assert mean_and_std([2.0]) == (2.0, 0.0)
     assert mean_and_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
 

@@ -75,7 +75,7 @@ class Paired:
     ties: int
     losses: int  # d_c < -TIE
     mean_difference: float  # mean of d_c
-    standard_error: float  # std(d_c) / sqrt(cells)
+    standard_error: float  # std(d_c) / sqrt(cells); nan for one cell
 
 
 def paired_comparison(a: Mapping[object, float], b: Mapping[object, float]) -> Paired:
@@ -88,5 +88,5 @@ def paired_comparison(a: Mapping[object, float], b: Mapping[object, float]) -> P
         ties=sum(abs(d) <= TIE for d in differences),
         losses=sum(d < -TIE for d in differences),
         mean_difference=mean,
-        standard_error=std / math.sqrt(len(differences)),
+        standard_error=std / math.sqrt(len(differences)) if len(differences) > 1 else math.nan,
     )

@@ -8,6 +8,7 @@ sentence written here comes from the cells passed in.
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -111,10 +112,16 @@ def paired_table(cells: Cells, rows: Sequence[str], focus: str = FOCUS) -> str:
         p = paired_comparison(mine, theirs)
         cells_compared = p.wins + p.ties + p.losses
         lines.append(
-            f"| {row} | {cells_compared} | {p.wins} | {p.ties} | {p.losses} | "
-            f"{p.mean_difference:+.4f} ± {p.standard_error:.4f} |"
+            f"| {row} | {cells_compared} | {p.wins} | {p.ties} | {p.losses} | {_difference(p)} |"
         )
     return "\n".join(lines)
+
+
+def _difference(p) -> str:
+    """The mean difference, with its standard error where there are two cells or more."""
+    if math.isnan(p.standard_error):
+        return f"{p.mean_difference:+.4f}"
+    return f"{p.mean_difference:+.4f} ± {p.standard_error:.4f}"
 
 
 def gap_findings(cells: Cells, levels: Mapping[str, Level], focus: str = FOCUS) -> list[str]:
@@ -125,8 +132,12 @@ def gap_findings(cells: Cells, levels: Mapping[str, Level], focus: str = FOCUS) 
         at = {k: v for k, v in mine.items() if k[0] == name}
         p = paired_comparison(at, {k: v for k, v in linear.items() if k[0] == name})
         angle = level_distances(cells, name)["weight_angle"]
-        parts.append(f"{p.mean_difference:+.4f} ± {p.standard_error:.4f} at {name} ({angle:.2f}°)")
-    return [f"{focus} minus {REFERENCE}, mean ± s.e. over seeds: " + "; ".join(parts) + "."]
+        parts.append(f"{_difference(p)} at {name} ({angle:.2f}°)")
+    return [
+        f"{focus} minus {REFERENCE} (mean ± s.e. over seeds, where there are two or more): "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def write_csv(cells: Cells, rows: Sequence[str], path: Path) -> None:
@@ -155,7 +166,7 @@ def plot(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: Pa
         ("gap_to_linear.png", f"Average score minus the {REFERENCE} merge's (mean ± s.e.)", True),
     ):
         fig, ax = plt.subplots(figsize=(9, 5.5), dpi=130)
-        for row in rows:
+        for index, row in enumerate(rows):
             values = cell_averages(cells, row)
             if not values or (gap and row == REFERENCE):
                 continue
@@ -165,7 +176,7 @@ def plot(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: Pa
                 if gap:
                     p = paired_comparison(at, {k: v for k, v in linear.items() if k[0] == n})
                     means.append(p.mean_difference)
-                    bars.append(p.standard_error)
+                    bars.append(0.0 if math.isnan(p.standard_error) else p.standard_error)
                 else:
                     mean, std = mean_and_std(list(at.values()))
                     means.append(mean)
@@ -174,7 +185,8 @@ def plot(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: Pa
                 angles,
                 means,
                 yerr=bars,
-                marker="o",
+                marker="osD^v<>pPXh*"[index % 11],
+                linestyle="-" if index < 10 else "--",  # the colour cycle repeats after ten
                 capsize=3,
                 linewidth=3.0 if row == FOCUS else 1.2,
                 label=row,
@@ -200,9 +212,10 @@ def write(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: P
     text = [
         "### Distance sweep: four experts, from near the base to far",
         "",
-        f"Each column is a level; each value is the mean ± std over {len(seeds)} seeds (the "
-        "experts' data sample and batch order). The merges combine the base and the four "
-        "experts (methods that need a base merge the experts onto it), with equal weights.",
+        f"Each column is a level; each value is the mean ± std over {len(seeds)} "
+        f"seed{'s' if len(seeds) > 1 else ''} (the experts' data sample and batch order). "
+        "The merges combine the base and the four experts (methods that need a base merge the "
+        "experts onto it), with equal weights.",
         "",
         level_table(cells, levels, rows),
         "",
