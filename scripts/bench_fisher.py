@@ -1,6 +1,6 @@
 """What Fisher preconditioning costs: estimating each checkpoint's Fisher, and merging with it.
 
-    python scripts/bench_fisher.py [--zoo=cache/zoo] [--models=4] [--num_batches=4]
+    python scripts/bench_fisher.py [--zoo=cache/zoo-finetune] [--models=4] [--num_batches=4]
 
 On the expert zoo (`scripts/make_zoo.py`; the base and the first experts), this times in one
 process:
@@ -34,7 +34,9 @@ from jkarcher.zoo.domains import DOMAINS
 from jkarcher.zoo.training import domain_texts
 
 ROOT = Path(__file__).resolve().parents[1]
-_ZOO = flags.DEFINE_string("zoo", str(ROOT / "cache" / "zoo"), "zoo directory (make_zoo.py)")
+_ZOO = flags.DEFINE_string(
+    "zoo", str(ROOT / "cache" / "zoo-finetune"), "zoo directory (make_zoo.py)"
+)
 _MODELS = flags.DEFINE_integer("models", 4, "checkpoints to merge: the base and the first experts")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "Fisher batches of 16 x 64 tokens")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs of each leaf; the best is reported")
