@@ -60,13 +60,15 @@ def build_zoo(
     config = recipe.model_config(tokenizer.get_vocab_size())
     bos = tokenizer.token_to_id(BOS)
 
-    def trained(member: Path, record: dict, start, texts: list[str], seed: int, steps, lr):
+    def trained(member: Path, record: dict, start, texts, seed: int, steps: int, lr: float):
+        """The member's parameters and training record; `start()` (the parameters it starts
+        from) and `texts()` (what it trains on) are called only when it must be trained."""
         if _record(member) != record:
             began = time.perf_counter()
-            windows = packed_windows(tokenizer, texts, recipe.seq_len, bos, seed)
+            windows = packed_windows(tokenizer, texts(), recipe.seq_len, bos, seed)
             batches = random_batches(windows, recipe.batch_size, seed)
             params, loss = train(
-                config, start, batches, steps=steps, learning_rate=lr, desc=member.name
+                config, start(), batches, steps=steps, learning_rate=lr, desc=member.name
             )
             training = {"seconds": time.perf_counter() - began, "final_loss": loss}
             _save_member(member, config, params, tokenizer, record, training)
@@ -77,13 +79,11 @@ def build_zoo(
         source = Path(base_from) / "base"
         if _record(source) == base_record(recipe):
             _copy_member(source, base_dir)
-    initial = models.init_params(config, jax.random.key(recipe.seed))
-    texts = base_mixture(recipe, recipe.seed)
     base, training = trained(
         base_dir,
         base_record(recipe),
-        initial,
-        texts,
+        lambda: models.init_params(config, jax.random.key(recipe.seed)),
+        lambda: base_mixture(recipe, recipe.seed),
         recipe.seed,
         recipe.base_steps,
         recipe.base_learning_rate,
@@ -94,8 +94,8 @@ def build_zoo(
         params, training = trained(
             directory / f"expert-{expert.domain}",
             expert_record(recipe, index),
-            base,
-            expert_texts(recipe, expert),
+            lambda: base,
+            lambda: expert_texts(recipe, expert),  # noqa: B023 (called within this iteration)
             expert_batch_seed(recipe, index),
             expert.steps,
             expert.learning_rate,

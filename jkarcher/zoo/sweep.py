@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 from jkarcher.zoo.recipes import FINETUNE, ExpertRecipe, ZooRecipe
@@ -61,10 +62,7 @@ def level_recipe(
 
 def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
     """The mean and the sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

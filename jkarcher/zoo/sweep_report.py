@@ -41,8 +41,13 @@ def level_names(cells: Cells, levels: Mapping[str, Level]) -> list[str]:
     return [name for name in levels if any(key[0] == name for key in cells)]
 
 
+def _in_level(values: Mapping[tuple[str, int], float], level: str) -> dict[tuple[str, int], float]:
+    """The values of one level's cells, by (level, seed)."""
+    return {key: v for key, v in sorted(values.items()) if key[0] == level}
+
+
 def _at_level(values: Mapping[tuple[str, int], float], level: str) -> list[float]:
-    return [v for (name, _), v in sorted(values.items()) if name == level]
+    return list(_in_level(values, level).values())
 
 
 def level_distances(cells: Cells, level: str) -> dict[str, float]:
@@ -129,8 +134,7 @@ def gap_findings(cells: Cells, levels: Mapping[str, Level], focus: str = FOCUS) 
     mine, linear = cell_averages(cells, focus), cell_averages(cells, REFERENCE)
     parts = []
     for name in level_names(cells, levels):
-        at = {k: v for k, v in mine.items() if k[0] == name}
-        p = paired_comparison(at, {k: v for k, v in linear.items() if k[0] == name})
+        p = paired_comparison(_in_level(mine, name), _in_level(linear, name))
         angle = level_distances(cells, name)["weight_angle"]
         parts.append(f"{_difference(p)} at {name} ({angle:.2f}°)")
     return [
@@ -172,13 +176,12 @@ def plot(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: Pa
                 continue
             means, bars = [], []
             for n in names:
-                at = {k: v for k, v in values.items() if k[0] == n}
                 if gap:
-                    p = paired_comparison(at, {k: v for k, v in linear.items() if k[0] == n})
+                    p = paired_comparison(_in_level(values, n), _in_level(linear, n))
                     means.append(p.mean_difference)
                     bars.append(0.0 if math.isnan(p.standard_error) else p.standard_error)
                 else:
-                    mean, std = mean_and_std(list(at.values()))
+                    mean, std = mean_and_std(_at_level(values, n))
                     means.append(mean)
                     bars.append(std)
             ax.errorbar(
