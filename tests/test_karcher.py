@@ -248,7 +248,7 @@ def test_model_tiles_cover_the_models_in_near_equal_tiles():
         tiles = model_tiles(n)
         assert [i for tile in tiles for i in tile] == list(range(n))
         sizes = [len(tile) for tile in tiles]
-        assert max(sizes) <= 4 and max(sizes) - min(sizes) <= 1 and len(tiles) == -(-n // 4)
+        assert max(sizes) <= 8 and max(sizes) - min(sizes) <= 1 and len(tiles) == -(-n // 8)
 
 
 @pytest.mark.parametrize("n", [5, 9, 13])
