@@ -102,6 +102,9 @@ def test_base_requirements_follow_mergekit():
         "ram",
         "ramplus_tl",
         "nearswap",
+        "tsv",
+        "iso_c",
+        "iso_cts",
     }
     assert optional == {"nuslerp", "multislerp", "karcher"}
 

@@ -15,6 +15,7 @@ from jkarcher.methods import (  # noqa: F401  (registration side effects)
     ram,
     sce,
     slerp,
+    subspace,
     task_arithmetic,
 )
 from jkarcher.methods.registry import (
