@@ -21,7 +21,8 @@ returns base + lambda M for an update M built from singular vectors:
 
 Tensors that are not matrices (norms, biases) merge as the mean task vector, M = mean_i Delta_i,
 as both papers do. The per-model weights take no part. Decompositions run in the compute dtype
-(float32) with `jnp.linalg.svd`.
+(float32) with `jnp.linalg.svd`, or for TSV-M's per-task triplets optionally with
+`jkarcher.linalg.randomized_svd`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.registry import BASE_REQUIRED, MergeMethod, Param, number, register
+from jkarcher.linalg import randomized_svd
+from jkarcher.methods.registry import (
+    BASE_REQUIRED,
+    MergeMethod,
+    Param,
+    boolean,
+    number,
+    register,
+)
 from jkarcher.methods.task_arithmetic import task_vectors
 from jkarcher.numerics import sum_over_models
 
@@ -47,11 +56,17 @@ def _svd(matrix: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return u, s, vt.T
 
 
-def tsv_update(deltas: list[jax.Array]) -> jax.Array:
+def tsv_update(deltas: list[jax.Array], randomized: bool = False) -> jax.Array:
     """TSV-M's update of one matrix: the top floor(r / N) singular triplets of each task matrix,
-    with U and V orthogonalized, M = U_perp S_c V_perp^T (Gargiulo et al. 2025, Sec. 4)."""
+    with U and V orthogonalized, M = U_perp S_c V_perp^T (Gargiulo et al. 2025, Sec. 4). With
+    `randomized`, each task's triplets come from `jkarcher.linalg.randomized_svd` (a fixed
+    sketch per task, so the merge is deterministic) instead of a dense SVD."""
     keep = max(1, min(deltas[0].shape) // len(deltas))
-    parts = [_svd(delta) for delta in deltas]
+    if randomized:
+        keys = jax.random.split(jax.random.key(0), len(deltas))
+        parts = [randomized_svd(delta, keep, k) for delta, k in zip(deltas, keys, strict=True)]
+    else:
+        parts = [_svd(delta) for delta in deltas]
     u = jnp.concatenate([u[:, :keep] for u, _, _ in parts], axis=1)
     s = jnp.concatenate([s[:keep] for _, s, _ in parts])
     v = jnp.concatenate([v[:, :keep] for _, _, v in parts], axis=1)
@@ -122,7 +137,14 @@ for _name, _update, _extra, _summary, _citation in (
     (
         "tsv",
         tsv_update,
-        (),
+        (
+            Param(
+                "randomized",
+                False,
+                "each task's top singular vectors by randomized subspace iteration",
+                check=boolean,
+            ),
+        ),
         "each task's top singular vectors, decorrelated, added to the base (TSV-M)",
         "https://arxiv.org/abs/2412.00081",
     ),
