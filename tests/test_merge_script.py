@@ -232,18 +232,56 @@ def test_bad_input_exits_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _leaves_line(result) -> str:
+    return next(line for line in result.stdout.splitlines() if "leaves (" in line)
+
+
 def test_compiled_leaves_are_kept_for_the_next_run(tmp_path, monkeypatch):
-    """The second merge of the same shapes compiles nothing new: every leaf is in the cache."""
-    config = _tiny_config_file(tmp_path, make_models(tmp_path / "in", n=2))
+    """The second merge of the same shapes compiles nothing new: every leaf is loaded from the
+    cache, and the output is bit for bit that of a merge that compiles every leaf. A damaged
+    entry is compiled again, never run."""
+    models = make_models(tmp_path / "in", n=3, dtype=BF16)
+    config = _tiny_config_file(tmp_path, models)
     cache = tmp_path / "compile-cache"
     monkeypatch.setenv("JKARCHER_COMPILE_CACHE", str(cache))
-    first = _merge_script("--config", config)
+    method = "--config.method=karcher"
+    first = _merge_script("--config", config, method)
     assert first.returncode == 0, first.stderr
+    assert "(0 from the compile cache)" in _leaves_line(first)
     kept = sorted(p.name for p in cache.rglob("*") if p.is_file())
-    assert kept
-    second = _merge_script("--config", config, "--config.overwrite=True")
+    assert kept and not any(name.startswith(".partial") for name in kept)
+    compiled_every_leaf = read_all(tmp_path / "out")
+
+    second = _merge_script("--config", config, method, "--config.overwrite=True")
     assert second.returncode == 0, second.stderr
+    leaves = _leaves_line(second)
+    assert f"{len(kept)} leaves ({len(kept)} from the compile cache)" in leaves
     assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == kept
+    loaded = read_all(tmp_path / "out")
+    assert loaded.keys() == compiled_every_leaf.keys()
+    for name, tensor in loaded.items():
+        assert tensor.dtype == compiled_every_leaf[name].dtype
+        assert tensor.tobytes() == compiled_every_leaf[name].tobytes(), name
+
+    damaged = next(p for p in cache.rglob("*") if p.is_file())
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    third = _merge_script("--config", config, method, "--config.overwrite=True")
+    assert third.returncode == 0, third.stderr
+    assert f"({len(kept) - 1} from the compile cache)" in _leaves_line(third)
+    assert all(read_all(tmp_path / "out")[n].tobytes() == t.tobytes() for n, t in loaded.items())
+
+
+def test_a_leaf_key_names_what_the_leaf_is_compiled_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "_leaf_directory", None)
+    assert compile_cache.key("karcher", ("signature",)) is None
+    monkeypatch.setattr(compile_cache, "_leaf_directory", tmp_path)
+    key = compile_cache.key("karcher", ("signature",))
+    assert key == compile_cache.key("karcher", ("signature",))
+    assert key != compile_cache.key("linear", ("signature",))
+    assert key != compile_cache.key("karcher", ("other signature",))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert key != compile_cache.key("karcher", ("signature",))
+    assert compile_cache.load(key) is None
 
 
 def test_the_compile_cache_directory_comes_from_the_environment(tmp_path):

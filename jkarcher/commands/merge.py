@@ -162,8 +162,8 @@ def main() -> None:
 
 def _merge(command_line: CommandLine) -> None:
     try:
-        enable_compile_cache()
         distributed.initialize(distributed_settings(_CONFIG.value))
+        enable_compile_cache()
         stages = read_stages(command_line)
     except (JkarcherError, OSError) as err:
         sys.exit(f"error: {err}")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jkarcher import methods
+from jkarcher import compile_cache, methods
 from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
 from jkarcher.numerics import COMPILER_OPTIONS
@@ -63,6 +63,7 @@ class LeafCompiler:
         self._weights: dict[tuple[float, ...], jax.Array] = {}
         self._traced: dict[tuple, dict[str, Any]] = {}
         self._compile_seconds = 0.0
+        self._loaded = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self._compiled: dict[tuple, concurrent.futures.Future] = {}
         for task in tasks:
@@ -116,13 +117,19 @@ class LeafCompiler:
         return len(self._compiled)
 
     @property
+    def loaded(self) -> int:
+        """How many of them were loaded from the compile cache so far, not compiled."""
+        return self._loaded
+
+    @property
     def compile_seconds(self) -> float:
-        """The seconds spent compiling so far, in the background thread."""
+        """The seconds spent compiling (or loading) so far, in the background thread."""
         return self._compile_seconds
 
     def _compile(self, task: TensorTask) -> jax.stages.Compiled:
-        """The task's leaf, traced, lowered and compiled for its shapes: calling this compiled
-        leaf runs it, where calling the jitted function would trace and lower it again."""
+        """The task's leaf, traced, lowered and compiled for its shapes, or loaded from the
+        compile cache (`jkarcher.compile_cache`): calling this compiled leaf runs it, where
+        calling the jitted function would trace and lower it again."""
         start = time.perf_counter()
         shape = padded_shape(task.sources[0].shape, self._mesh)
         sharding = row_sharding(self._mesh, len(shape))
@@ -132,8 +139,16 @@ class LeafCompiler:
         sources = (shaped,) * len(task.sources)
         fishers = (jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),) * len(task.fishers)
         traced = self.traced_params(task)
-        function = self._function(task)
-        compiled = function.lower(sources, self.weights(task), base, key, fishers, traced).compile()
+        mesh = (self._mesh.shape_tuple, [device.id for device in self._mesh.devices.flat])
+        stored_as = compile_cache.key(self._method, leaf_signature(self._method, task), mesh)
+        compiled = compile_cache.load(stored_as)
+        if compiled is not None:
+            self._loaded += 1
+        else:
+            function = self._function(task)
+            lowered = function.lower(sources, self.weights(task), base, key, fishers, traced)
+            compiled = lowered.compile()
+            compile_cache.store(stored_as, compiled)
         self._compile_seconds += time.perf_counter() - start
         return compiled
 

@@ -48,9 +48,11 @@ class MergeSummary:
     bytes_read: int
     bytes_written: int
     seconds: float
-    # Distinct leaf functions compiled, and the seconds spent compiling them (in a background
-    # thread, overlapped with reading and merging).
+    # Distinct leaf functions, how many of them were loaded from the compile cache rather than
+    # compiled, and the seconds spent on them (in a background thread, overlapped with reading
+    # and merging).
     compilations: int
+    loaded: int
     compile_seconds: float
     # Where the main thread's time went, in seconds: waiting for the read-ahead thread, merging
     # (a tensor's leaf, with any wait for its compilation), handing results to the writer, and
@@ -64,8 +66,8 @@ class MergeSummary:
             f"merged {self.tensors} tensors: {self.bytes_read / 1e9:.2f} GB read, "
             f"{self.bytes_written / 1e9:.2f} GB written in {self.seconds:.1f} s "
             f"({rate:.2f} GB/s read) -> {self.output}\n"
-            f"  time: {split}; {self.compilations} leaves compiled in "
-            f"{self.compile_seconds:.1f} s in the background"
+            f"  time: {split}; {self.compilations} leaves ({self.loaded} from the compile "
+            f"cache) ready in {self.compile_seconds:.1f} s in the background"
         )
 
 
@@ -119,6 +121,7 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
         bytes_written=plan.bytes_to_write,
         seconds=seconds,
         compilations=leaves.compilations,
+        loaded=leaves.loaded,
         compile_seconds=leaves.compile_seconds,
         phases=phases,
     )
