@@ -129,7 +129,7 @@ def _solve(stacked, weights, fisher, *, block, **options) -> tuple[jax.Array, Ka
         return unchunked(merged, shape), KarcherInfo(*info)
     dtype = compute_dtype()
     solve = functools.partial(_coefficients, **options)
-    grams = _gram_matrices(sources, dtype)
+    grams = gram_matrices(sources, dtype)
     gammas, *info = jax.vmap(solve, in_axes=(0, None))(grams, weights.astype(dtype))
     merged = sum_over_models(
         gammas[:, j, None, None] * x.astype(dtype) for j, x in enumerate(sources)
@@ -137,7 +137,7 @@ def _solve(stacked, weights, fisher, *, block, **options) -> tuple[jax.Array, Ka
     return unchunked(merged, shape), KarcherInfo(*info)
 
 
-def _gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
+def gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
     """[R, N, N] inner products <x_i, x_j> per block, from per-chunk sums of every pair i <= j.
 
     A variadic reduction computes many products from one read of the data, where a matmul of the

@@ -7,7 +7,10 @@ own perturbation), each compiled as jkarcher compiles its leaves (`COMPILER_OPTI
 textbook loop is the Karcher iteration written on whole tensors, as docs/design.md states it:
 every iteration reads every source twice (the cosines, then the tangent), where karcher_mean
 reads them twice in all. Prints milliseconds, ratios, iteration counts and the largest
-difference between karcher_mean and the textbook result (both in float32).
+difference between karcher_mean and the textbook result (both in float32), and the time of
+karcher_mean's first pass alone (the Gram matrix of the sources): karcher_mean costs that pass
+plus an output pass that reads the sources as a linear mean does, so karcher / linear is at least
+1 + gram / linear.
 
     python scripts/bench_karcher.py [--sizes=mlp] [--models=4,8,16] [--dtype=float32]
 """
@@ -22,8 +25,14 @@ import numpy as np
 from absl import app, flags
 
 from jkarcher import karcher_mean
-from jkarcher.karcher import DEFAULT_MAX_ITER, DEFAULT_TOL
-from jkarcher.numerics import COMPILER_OPTIONS, sum_over_models, weighted_sum
+from jkarcher.karcher import DEFAULT_MAX_ITER, DEFAULT_TOL, gram_matrices
+from jkarcher.numerics import (
+    COMPILER_OPTIONS,
+    chunked,
+    compute_dtype,
+    sum_over_models,
+    weighted_sum,
+)
 from jkarcher.sphere import sin_over_theta, theta_over_sin
 
 SHAPES = {"mlp": (4864, 896), "embed": (151936, 896)}
@@ -107,10 +116,12 @@ def main(argv):
     exact = compiled(lambda s, w: karcher_mean(s, w, out_dtype=jnp.float32))
     linear = compiled(linear_mean)
     textbook = compiled(textbook_karcher)
+    gram = compiled(lambda s, w: gram_matrices([chunked(x, 1) for x in s], compute_dtype()))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {len(jax.devices())} device(s)")
     header = (
         f"{'tensor':>16} {'N':>2} {'linear ms':>10} {'karcher ms':>11} {'textbook ms':>12} "
-        f"{'karcher/linear':>15} {'textbook/karcher':>17} {'iters':>6} {'max rel diff':>13}"
+        f"{'karcher/linear':>15} {'textbook/karcher':>17} {'iters':>6} {'max rel diff':>13} "
+        f"{'gram ms':>8} {'gram/linear':>12}"
     )
     print(header)
     for size in _SIZES.value:
@@ -122,13 +133,14 @@ def main(argv):
             t_linear, _ = best_time(linear, sources, weights, repeats=repeats)
             t_karcher, (_, info) = best_time(karcher, sources, weights, repeats=repeats)
             t_textbook, (theirs, _) = best_time(textbook, sources, weights, repeats=repeats)
+            t_gram, _ = best_time(gram, sources, weights, repeats=repeats)
             ours = exact(sources, weights)
             difference = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
             print(
                 f"{'x'.join(map(str, shape)):>16} {n:>2} {t_linear:>10.1f} {t_karcher:>11.1f} "
                 f"{t_textbook:>12.1f} {t_karcher / t_linear:>15.2f} "
                 f"{t_textbook / t_karcher:>17.1f} {int(info.iterations[0]):>6} "
-                f"{difference:>13.1e}"
+                f"{difference:>13.1e} {t_gram:>8.1f} {t_gram / t_linear:>12.2f}"
             )
             del sources, ours, theirs
 

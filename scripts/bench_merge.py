@@ -11,13 +11,17 @@ a fresh process on the same files (read once beforehand, so every leg finds them
   import            `import jkarcher.pipeline` in a fresh process;
   jkarcher karcher  `scripts/merge.py`, Karcher mean with its default tolerance, first with its
                     compile cache (`jkarcher.compile_cache`) empty, then warm;
-  jkarcher linear   `scripts/merge.py`, weighted average, the same two ways;
+  jkarcher linear   `scripts/merge.py`, weighted average, the same two ways (the warm runs of
+                    both alternate, --repeats times);
   mergekit linear   `mergekit-yaml` on CPU, when mergekit is installed;
   mergekit karcher  `mergekit-yaml` on CPU (with --mergekit_karcher: it takes minutes);
   write floor       writing the bytes of one merged output once (in this process);
   gradient-slerp    mergekit's examples/gradient-slerp.yml (a `t` that varies by layer and
                     filter) on two tiny 40-layer models, by jkarcher (`--mergekit-yaml`) and by
                     `mergekit-yaml`;
+
+The quick legs (read floor, import, jkarcher's warm merges) run --repeats times and count by their
+median: on a 2-core machine one run of a few seconds varies by a second from run to run.
 
 With --zoo=big the zoo is the big one of `bench_zoos.py` (Qwen2.5-3B shapes, beyond memory),
 and each leg starts with the page cache dropped (when run as root): a `cat` of every input file,
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +57,9 @@ _ZOO_DIR = flags.DEFINE_string("zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-0.5
 _WORK_DIR = flags.DEFINE_string("work_dir", str(ROOT / ".bench" / "runs"), "Configs and outputs.")
 _EXPERTS = flags.DEFINE_integer("experts", 4, "Number of experts in the zoo.")
 _MERGEKIT_KARCHER = flags.DEFINE_bool("mergekit_karcher", False, "Also time mergekit's karcher.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "runs of the quick legs (read floor, import, jkarcher's warm merges): the median"
+)
 _ZOO = flags.DEFINE_enum(
     "zoo", "small", ["small", "big"], "small: the 0.5B legs below; big: the cold 3B legs."
 )
@@ -247,10 +255,13 @@ def main(argv: list[str]) -> None:
         return
     models = make_zoo(Path(_ZOO_DIR.value), _EXPERTS.value)
     warm_page_cache(models)  # for every leg
-    floor, total = read_everything(models)
+    floors = [read_everything(models) for _ in range(_REPEATS.value)]
+    floor, total = statistics.median(seconds for seconds, _ in floors), floors[0][1]
     print(f"zoo: {len(models)} experts, {total / 1e9:.2f} GB; read floor {floor:.2f} s", flush=True)
     import_command = [sys.executable, "-c", "import jkarcher.pipeline"]
-    import_seconds, _ = timed_process(import_command, work / "import.log")
+    import_seconds = statistics.median(
+        timed_process(import_command, work / "import.log")[0] for _ in range(_REPEATS.value)
+    )
     output_bytes = sum(p.stat().st_size for p in models[0].glob("*.safetensors"))
     written = write_floor(work, output_bytes)
     print(
@@ -258,19 +269,21 @@ def main(argv: list[str]) -> None:
     )
 
     mergekit = shutil.which("mergekit-yaml")
-    # jkarcher runs twice per method: first with its compile cache empty, then with it warm.
+    # jkarcher runs each method first with its compile cache empty, then --repeats times with it
+    # warm, karcher and linear in turn, so that both see the same state of the machine.
     cache = work / "compile-cache"
     os.environ["JKARCHER_COMPILE_CACHE"] = str(cache)
-    legs = [("jkarcher", m, c) for m in ("karcher", "linear") for c in ("cold", "warm")]
+    legs = [("jkarcher", m, "cold") for m in ("karcher", "linear")]
+    legs += [("jkarcher", m, "warm") for _ in range(_REPEATS.value) for m in ("karcher", "linear")]
     if mergekit:
         legs.append(("mergekit", "linear", ""))
         if _MERGEKIT_KARCHER.value:
             legs.append(("mergekit", "karcher", ""))
     else:
         print("mergekit-yaml not found: mergekit legs skipped")
-    results = {}
+    samples = {}
     for tool, method, compile_cache in legs:
-        if compile_cache == "cold":
+        if compile_cache == "cold" and method == "karcher":
             shutil.rmtree(cache, ignore_errors=True)
         output = work / f"out-{tool}-{method}"
         shutil.rmtree(output, ignore_errors=True)
@@ -281,10 +294,15 @@ def main(argv: list[str]) -> None:
         seconds, rss = timed_process(command, log)
         shutil.rmtree(output, ignore_errors=True)
         label = f"{method}, {compile_cache} compile cache" if compile_cache else method
-        results[tool, label] = (seconds, rss)
+        samples.setdefault((tool, label), []).append((seconds, rss))
         print(f"{tool:9s} {label:28s} {seconds:6.1f} s   peak RSS {rss:5.2f} GB", flush=True)
-        if tool == "jkarcher" and method == "karcher":
+        if tool == "jkarcher":
             print(f"  {time_split(log)}", flush=True)
+    # Each leg's median wall time and its largest peak RSS.
+    results = {
+        leg: (statistics.median(s for s, _ in runs), max(r for _, r in runs))
+        for leg, runs in samples.items()
+    }
 
     yaml = make_gradient_slerp(Path(_ZOO_DIR.value).with_name("gradient-slerp-40"), work)
     commands = {"jkarcher": [sys.executable, str(ROOT / "scripts" / "merge.py"), "--mergekit-yaml"]}
@@ -321,7 +339,10 @@ def print_ratios(
     ours, ours_rss = results["jkarcher", "karcher, warm compile cache"]
     ours_cold = results["jkarcher", "karcher, cold compile cache"][0]
     ours_linear = results["jkarcher", "linear, warm compile cache"][0]
-    print("(jkarcher figures with the compile cache warm, unless they say cold)")
+    print(
+        f"(jkarcher figures with the compile cache warm, unless they say cold; the read floor, "
+        f"the import and the warm merges are medians of {_REPEATS.value} runs)"
+    )
     print(f"jkarcher karcher / read floor, wall: {ours / floor:.1f}x")
     floor_and_import = floor + import_seconds
     print(
