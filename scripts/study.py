@@ -1,17 +1,25 @@
-"""The paper's study on the zoo: every method, N = 2 .. 11 models, scored on every domain.
+"""The paper's study on the zoo: every method, N = 2 .. 11 models, scored on every domain, over
+seeds.
 
     python scripts/study.py              # the fine-tune zoo (built on first use): results/finetune/
     python scripts/study.py --zoo=far    # the far zoo: results/far/
     python scripts/study.py --zoo=small  # the small zoo: results/small/ (minutes)
 
-Writes study.csv, study.md (average score by method and N, the per-domain table in the layout of
-the paper's Appendix A with the base and each expert alone as reference rows, and the Table 7
-diagnostics of the largest merges), average_vs_n.png, and diagnose.py's per-metric PNGs for the
-largest merges. With --readme, replaces README.md's Results section with the generated summary.
+Seed 0 is the zoo itself; seed k (--seeds, default 3) retrains the zoo's experts from the same
+base with other training data and batch order (the recipe's expert_seed k), next to the zoo
+(<zoo_dir>-seed<k>), and draws the random merges with key k. Each seed's merges are cached in
+cells/seed<k>.json as they finish, so a study stops and resumes (`jkarcher.zoo.study_cells`).
+Writes study.csv (the mean over seeds of every merge and reference model), study.md (average
+score by method and N as mean +- standard deviation over seeds; karcher against every method
+paired over the (seed, N) cells; the per-domain table in the layout of the paper's Appendix A
+with the base and each expert alone as reference rows; the Table 7 diagnostics of seed 0's
+largest merges), average_vs_n.png (with bands of +- one standard deviation), and diagnose.py's
+per-metric PNGs. With --readme, replaces README.md's Results section with the generated summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -23,16 +31,17 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from jkarcher import models
-from jkarcher.zoo import report
+from jkarcher.zoo import report, study_cells
 from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
 from jkarcher.zoo.distances import checkpoint_distances, distance_table
 from jkarcher.zoo.domains import DOMAINS, text_lines
 from jkarcher.zoo.evaluation import build_eval_set, evaluate
 from jkarcher.zoo.fishers import pool_fishers
-from jkarcher.zoo.recipes import ZOOS
+from jkarcher.zoo.recipes import ZOOS, recipe_record
 from jkarcher.zoo.study import (
     FISHER_VARIANTS,
     STUDY_PARAMS,
+    applicable,
     merge_pool,
     run_study,
     study_rows,
@@ -60,7 +69,10 @@ _METHODS = flags.DEFINE_list(
 )
 _EXAMPLES = flags.DEFINE_integer("examples", 64, "held-out prompts per task domain")
 _WINDOWS = flags.DEFINE_integer("text_windows", 200, "held-out 64-token windows per domain")
-_SEED = flags.DEFINE_integer("seed", 0, "seed of the evaluation data and random merges")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the evaluation data")
+_SEEDS = flags.DEFINE_integer(
+    "seeds", 3, "expert seeds 0 .. seeds-1 (seed 0: the zoo itself)", lower_bound=1
+)
 _README = flags.DEFINE_string("readme", None, "README.md whose Results section to rewrite")
 
 
@@ -72,14 +84,6 @@ def main(argv):
     zoo = Path(_ZOO_DIR.value or ROOT / "cache" / f"zoo-{_ZOO.value}")
     out = Path(_OUT.value or ROOT / "results" / _ZOO.value)
     out.mkdir(parents=True, exist_ok=True)
-
-    try:
-        build_zoo(zoo, recipe)
-    except ZooError as err:
-        sys.exit(f"error: {err}")
-    base_dir, expert_dirs = zoo_members(zoo)
-    config, base = models.load(base_dir)
-    pool = [base] + [models.load(d)[1] for d in expert_dirs]
     tokenizer = byte_tokenizer()
     evals = build_eval_set(
         tokenizer,
@@ -88,26 +92,34 @@ def main(argv):
         seq_len=recipe.seq_len,
         seed=_SEED.value,
     )
-
-    def score(params):
-        return evaluate(config, params, tokenizer, evals)
-
-    references = {"base": score(base)}
-    for path, params in zip(expert_dirs, pool[1:], strict=True):
-        references[path.name] = score(params)
     rows = _METHODS.value or study_rows()
-    fishers = []
-    if any(uses_fisher(row) for row in rows):
-        fishers = pool_fishers(config, pool, [None, *(e.domain for e in recipe.experts)], recipe)
-    runs = run_study(pool, score, rows, fishers=fishers, seed=_SEED.value)
+    per_seed_runs, per_seed_references = [], []
+    for seed in range(_SEEDS.value):
+        seed_recipe = dataclasses.replace(recipe, expert_seed=seed)
+        directory = zoo if seed == 0 else zoo.with_name(f"{zoo.name}-seed{seed}")
+        try:
+            build_zoo(directory, seed_recipe, base_from=None if seed == 0 else zoo)
+        except ZooError as err:
+            sys.exit(f"error: {err}")
+        runs, references, pool = run_seed(directory, seed_recipe, rows, tokenizer, evals, out, seed)
+        per_seed_runs.append(runs)
+        per_seed_references.append(references)
+        if seed == 0:
+            largest = pool  # seed 0's pool, fishers and config, for the diagnostics
+    runs, spread = study_cells.mean_runs(per_seed_runs)
+    references = study_cells.mean_references(per_seed_references)
 
     report.write_csv(runs, references, out / "study.csv")
-    report.plot_average_vs_n(runs, out / "average_vs_n.png")
-    diagnostics = diagnose_largest_merges(pool, fishers, config, tokenizer, recipe.seq_len, out)
-    seconds = time.perf_counter() - start
+    report.plot_average_vs_n(runs, out / "average_vs_n.png", spread=spread)
+    diagnostics = diagnose_largest_merges(*largest, tokenizer, recipe.seq_len, out)
+    seconds = sum(r.seconds for seed_runs in per_seed_runs for r in seed_runs)
     base_average = sum(references["base"][d.name]["score"] for d in DOMAINS) / len(DOMAINS)
+    base_dir, expert_dirs = zoo_members(zoo)
     distances = distance_table(checkpoint_distances(base_dir, expert_dirs))
-    summary = summary_section(runs, references, base_average, distances, out, diagnostics, seconds)
+    paired = study_cells.paired_table(per_seed_runs)
+    summary = summary_section(
+        runs, spread, paired, references, base_average, distances, out, diagnostics, seconds
+    )
     (out / "study.md").write_text(
         summary + "\n\n## Scores by domain\n\n" + report.domain_table(runs, references) + "\n"
     )
@@ -116,7 +128,49 @@ def main(argv):
             Path(_README.value),
             summary.replace("](", f"]({os.path.relpath(out, Path(_README.value).parent)}/"),
         )
-    print(f"study done in {seconds:.0f} s; results in {out}")
+    print(f"study done in {time.perf_counter() - start:.0f} s; results in {out}")
+
+
+def run_seed(zoo: Path, recipe, rows, tokenizer, evals, out: Path, seed: int):
+    """One seed's references and merges, from its cell where it holds them, else run and saved
+    to it one by one: (runs, references, (pool, fishers, config))."""
+    base_dir, expert_dirs = zoo_members(zoo)
+    config, base = models.load(base_dir)
+    pool = [base] + [models.load(d)[1] for d in expert_dirs]
+
+    def score(params):
+        return evaluate(config, params, tokenizer, evals)
+
+    path = study_cells.cell_path(out, seed)
+    settings = {
+        "recipe": recipe_record(recipe),
+        "examples": _EXAMPLES.value,
+        "text_windows": _WINDOWS.value,
+        "eval_seed": _SEED.value,
+    }
+    cell = study_cells.load_cell(path, settings)
+    if "references" not in cell:
+        cell["references"] = {"base": score(base)}
+        for directory, params in zip(expert_dirs, pool[1:], strict=True):
+            cell["references"][directory.name] = score(params)
+        study_cells.save_cell(path, cell)
+    done = study_cells.cached_runs(cell)
+    missing = [
+        row
+        for n_models in range(2, len(pool) + 1)
+        for row in rows
+        if applicable(row, n_models) and (row, n_models) not in done
+    ]
+    fishers = []
+    if any(uses_fisher(row) for row in (rows if seed == 0 else missing)):
+        fishers = pool_fishers(config, pool, [None, *(e.domain for e in recipe.experts)], recipe)
+
+    def save(run):
+        study_cells.add_run(cell, run)
+        study_cells.save_cell(path, cell)
+
+    runs = run_study(pool, score, rows, fishers=fishers, seed=seed, done=done, on_run=save)
+    return runs, cell["references"], (pool, fishers, config)
 
 
 def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out: Path) -> str:
@@ -159,9 +213,20 @@ def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out:
 
 
 def summary_section(
-    runs, references, base_average: float, distances: str, out: Path, diagnostics: str, seconds
+    runs,
+    spread,
+    paired: str,
+    references,
+    base_average: float,
+    distances: str,
+    out: Path,
+    diagnostics: str,
+    seconds: float,
 ) -> str:
-    """The Markdown summary shared by study.md and README's Results section."""
+    """The Markdown summary shared by study.md and README's Results section: `runs` and
+    `references` are means over the seeds, `spread` the standard deviation of each average,
+    `paired` karcher against every method over the (seed, N) cells."""
+    seeds = _SEEDS.value
     pngs = sorted(p.name for p in (out / "diagnostics").glob("*.png"))
     effective_rank = next(
         (p for p in pngs if "effective" in p.lower() or "effrank" in p.lower()), None
@@ -182,13 +247,21 @@ def summary_section(
         "",
         "### Average score by method and number of merged models",
         "",
-        "The best of each column is in bold. The pool is the base model followed by the experts "
-        "in the zoo's fixed order; methods that need a base merge models 2..N onto model 1. "
-        "Weights are equal; parameters are mergekit's defaults except "
+        f"Each cell is the mean over {seeds} seed{'s' if seeds > 1 else ''} (the experts "
+        "retrained from the same base on other samples and batch orders)"
+        + (" +- the sample standard deviation" if seeds > 1 else "")
+        + "; the best mean of each column is in bold. The pool is the base model followed by "
+        "the experts in the zoo's fixed order; methods that need a base merge models 2..N onto "
+        "model 1. Weights are equal; parameters are mergekit's defaults except "
         + ", ".join(f"{m} {p}" for m, p in sorted(STUDY_PARAMS.items()))
-        + ".",
+        + ". The expert table and the distances are the means over the seeds and seed 0's.",
         "",
-        report.average_table(runs),
+        report.average_table(runs, spread if seeds > 1 else None),
+        "",
+        "karcher against every method, paired over the cells both ran (a tie: averages within "
+        "0.0005):",
+        "",
+        paired,
         "",
         *[f"- {s}" for s in report.findings(runs)],
         *[f"- {s}" for s in report.variant_findings(runs, FISHER_VARIANTS)],
@@ -197,14 +270,17 @@ def summary_section(
         "![average score against N](average_vs_n.png)",
         "",
         f"### Collapse diagnostics of the N={max(r.n_models for r in runs)} merges "
-        "(the paper's Table 7)",
+        "(the paper's Table 7; seed 0)",
         "",
         diagnostics.strip(),
         "",
     ]
     if effective_rank:
         lines += [f"![effective rank per layer](diagnostics/{effective_rank})", ""]
-    lines.append(f"The study took {seconds / 60:.1f} minutes on this machine.")
+    lines.append(
+        f"The merges and their scoring took {seconds / 60:.1f} minutes on this machine over the "
+        f"{seeds} seed{'s' if seeds > 1 else ''} (training a seed's experts adds about as much)."
+    )
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The small zoo and the study, end to end: outputs complete and sane (not who wins)."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,8 @@ from jkarcher.zoo.study import applicable, study_rows
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_small_study_writes_every_method_and_n(tmp_path):
-    out = tmp_path / "results"
-    subprocess.run(
+def _small_study(tmp_path, out):
+    return subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "study.py"),
@@ -26,10 +25,26 @@ def test_small_study_writes_every_method_and_n(tmp_path):
             f"--out={out}",
             "--examples=32",
             "--text_windows=8",
+            "--seeds=2",
         ],
         check=True,
         cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
+
+
+@pytest.mark.slow
+def test_small_study_writes_every_method_and_n(tmp_path):
+    """Two seeds of the small zoo: every (method, N) merged for each, the tables of their means
+    with standard deviations and karcher paired with every method; a second run merges nothing,
+    every result coming from the seeds' cells."""
+    out = tmp_path / "results"
+    _small_study(tmp_path, out)
+    assert (tmp_path / "zoo-seed1").is_dir()
+    cells = [json.loads((out / "cells" / f"seed{k}.json").read_text()) for k in (0, 1)]
+    assert cells[0]["runs"].keys() == cells[1]["runs"].keys()
+    assert cells[0]["settings"]["recipe"] != cells[1]["settings"]["recipe"]
     with open(out / "study.csv") as f:
         rows = list(csv.DictReader(f))
     domains = [d.name for d in DOMAINS]
@@ -48,7 +63,12 @@ def test_small_study_writes_every_method_and_n(tmp_path):
     merged = {(row["model"], int(row["n_models"])) for row in rows if row["n_models"] != "1"}
     expected = {(m, n) for m in study_rows() for n in range(2, pool + 1) if applicable(m, n)}
     assert merged == expected
+    assert len(cells[0]["runs"]) == len(expected)
     summary = (out / "study.md").read_text()
     assert "| method | N=2 |" in summary and "| Model | Layer | Mean Variance |" in summary
+    assert " +- " in summary and "| karcher against | cells (seed, N) |" in summary
+    again = _small_study(tmp_path, out)
+    assert " average " not in again.stdout
+    assert (out / "study.md").read_text() == summary
     for picture in ["average_vs_n.png", "diagnostics/effective_rank.png"]:
         assert (out / picture).stat().st_size > 10_000

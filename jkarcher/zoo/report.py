@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -65,8 +66,11 @@ def _fmt(values) -> list[str]:
     return [f"{v:.4f}" for v in values]
 
 
-def average_table(runs: Sequence[MergeRun]) -> str:
-    """Markdown: methods x N of the average score, the best of each column in bold."""
+def average_table(
+    runs: Sequence[MergeRun], spread: Mapping[tuple[str, int], float] | None = None
+) -> str:
+    """Markdown: methods x N of the average score (with ` +- spread[method, N]` where given),
+    the best of each column in bold."""
     ns = sorted({r.n_models for r in runs})
     by_method = _by_method(runs)
     best = {n: max(r.average for r in runs if r.n_models == n) for n in ns}
@@ -77,10 +81,9 @@ def average_table(runs: Sequence[MergeRun]) -> str:
             run = cells.get(n)
             if run is None:
                 row.append("")
-            elif run.average == best[n]:
-                row.append(f"**{run.average:.3f}**")
             else:
-                row.append(f"{run.average:.3f}")
+                text = f"**{run.average:.3f}**" if run.average == best[n] else f"{run.average:.3f}"
+                row.append(text if spread is None else f"{text} +- {spread[method, n]:.3f}")
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -215,21 +218,33 @@ def _spread_by_method(runs: Sequence[MergeRun], ns: list[int]) -> dict[str, floa
     }
 
 
-def plot_average_vs_n(runs: Sequence[MergeRun], path: Path, focus: str = "karcher") -> None:
-    """Average score against N, one line per method; `focus` drawn thicker."""
+def plot_average_vs_n(
+    runs: Sequence[MergeRun],
+    path: Path,
+    focus: str = "karcher",
+    spread: Mapping[tuple[str, int], float] | None = None,
+) -> None:
+    """Average score against N, one line per method, `focus` drawn thicker; with `spread`, a
+    band of +- spread[method, N] around each line."""
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=130)
     markers = "osD^v<>pPXh*"
     for index, (method, cells) in enumerate(_by_method(runs).items()):
         ns = sorted(cells)
-        ax.plot(
+        averages = np.array([cells[n].average for n in ns])
+        (line,) = ax.plot(
             ns,
-            [cells[n].average for n in ns],
+            averages,
             marker=markers[index % len(markers)],
             linewidth=3.0 if method == focus else 1.3,
             markersize=5,
             label=method,
             zorder=3 if method == focus else 2,
         )
+        if spread is not None:
+            deviation = np.array([spread[method, n] for n in ns])
+            ax.fill_between(
+                ns, averages - deviation, averages + deviation, color=line.get_color(), alpha=0.12
+            )
     ax.set_xlabel("N, models merged (the base first, then the experts in the zoo's order)")
     ax.set_ylabel("average score over all domains")
     ax.set_title("Average score of the merge as more experts are merged")

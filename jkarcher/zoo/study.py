@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -104,13 +104,22 @@ def run_study(
     *,
     fishers: Sequence = (),
     seed: int = 0,
+    done: Mapping[tuple[str, int], MergeRun] | None = None,
+    on_run: Callable[[MergeRun], None] | None = None,
     log=print,
 ) -> list[MergeRun]:
-    """Every applicable (row, N) merge of the pool, scored by `score(params)`."""
+    """Every applicable (row, N) merge of the pool, scored by `score(params)`.
+
+    Runs in `done` (by (row, N)) are taken as they are; `on_run(run)` follows every new one.
+    """
+    done = done or {}
     runs = []
     for n_models in range(2, len(pool) + 1):
         for method in rows:
             if not applicable(method, n_models):
+                continue
+            if (method, n_models) in done:
+                runs.append(done[method, n_models])
                 continue
             start = time.perf_counter()
             merged = merge_pool(pool, method, n_models, seed, fishers)
@@ -124,5 +133,7 @@ def run_study(
             )
             log(f"N={n_models:2d} {method:17s} average {run.average:.3f} ({run.seconds:.1f}s)")
             runs.append(run)
+            if on_run is not None:
+                on_run(run)
         jax.clear_caches()  # the next N compiles new shapes; free this N's executables
     return runs
