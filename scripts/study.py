@@ -96,14 +96,24 @@ def main(argv):
     per_seed_runs, per_seed_references = [], []
     for seed in range(_SEEDS.value):
         seed_recipe = dataclasses.replace(recipe, expert_seed=seed)
+        path = study_cells.cell_path(out, seed)
+        cell = study_cells.load_cell(path, cell_settings(seed_recipe))
+        pool_size = 1 + len(recipe.experts)
+        wanted = [(r, n) for n in range(2, pool_size + 1) for r in rows if applicable(r, n)]
+        done = study_cells.cached_runs(cell)
+        if seed > 0 and "references" in cell and all(run in done for run in wanted):
+            # A finished seed needs no zoo: seed 0's alone is read again, for the diagnostics.
+            per_seed_runs.append([done[run] for run in wanted])
+            per_seed_references.append(cell["references"])
+            continue
         directory = zoo if seed == 0 else zoo.with_name(f"{zoo.name}-seed{seed}")
         try:
             build_zoo(directory, seed_recipe, base_from=None if seed == 0 else zoo)
         except ZooError as err:
             sys.exit(f"error: {err}")
-        runs, references, pool = run_seed(directory, seed_recipe, rows, tokenizer, evals, out, seed)
+        runs, pool = run_seed(directory, seed_recipe, rows, tokenizer, evals, (path, cell), seed)
         per_seed_runs.append(runs)
-        per_seed_references.append(references)
+        per_seed_references.append(cell["references"])
         if seed == 0:
             largest = pool  # seed 0's pool, fishers and config, for the diagnostics
     runs, spread = study_cells.mean_runs(per_seed_runs)
@@ -131,9 +141,19 @@ def main(argv):
     print(f"study done in {time.perf_counter() - start:.0f} s; results in {out}")
 
 
-def run_seed(zoo: Path, recipe, rows, tokenizer, evals, out: Path, seed: int):
-    """One seed's references and merges, from its cell where it holds them, else run and saved
-    to it one by one: (runs, references, (pool, fishers, config))."""
+def cell_settings(recipe) -> dict:
+    """What a seed's results depend on besides the code: a cell made otherwise is redone."""
+    return {
+        "recipe": recipe_record(recipe),
+        "examples": _EXAMPLES.value,
+        "text_windows": _WINDOWS.value,
+        "eval_seed": _SEED.value,
+    }
+
+
+def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict], seed: int):
+    """One seed's references and merges: those in its cell `saved` (path, contents) as they are,
+    the others run and added to it one by one: (runs, (pool, fishers, config))."""
     base_dir, expert_dirs = zoo_members(zoo)
     config, base = models.load(base_dir)
     pool = [base] + [models.load(d)[1] for d in expert_dirs]
@@ -141,14 +161,7 @@ def run_seed(zoo: Path, recipe, rows, tokenizer, evals, out: Path, seed: int):
     def score(params):
         return evaluate(config, params, tokenizer, evals)
 
-    path = study_cells.cell_path(out, seed)
-    settings = {
-        "recipe": recipe_record(recipe),
-        "examples": _EXAMPLES.value,
-        "text_windows": _WINDOWS.value,
-        "eval_seed": _SEED.value,
-    }
-    cell = study_cells.load_cell(path, settings)
+    path, cell = saved
     if "references" not in cell:
         cell["references"] = {"base": score(base)}
         for directory, params in zip(expert_dirs, pool[1:], strict=True):
@@ -170,7 +183,7 @@ def run_seed(zoo: Path, recipe, rows, tokenizer, evals, out: Path, seed: int):
         study_cells.save_cell(path, cell)
 
     runs = run_study(pool, score, rows, fishers=fishers, seed=seed, done=done, on_run=save)
-    return runs, cell["references"], (pool, fishers, config)
+    return runs, (pool, fishers, config)
 
 
 def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out: Path) -> str:

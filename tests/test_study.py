@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def _small_study(tmp_path, out):
 def test_small_study_writes_every_method_and_n(tmp_path):
     """Two seeds of the small zoo: every (method, N) merged for each, the tables of their means
     with standard deviations and karcher paired with every method; a second run merges nothing,
-    every result coming from the seeds' cells."""
+    every result coming from the seeds' cells (seed 1's zoo gone)."""
     out = tmp_path / "results"
     _small_study(tmp_path, out)
     assert (tmp_path / "zoo-seed1").is_dir()
@@ -67,6 +68,7 @@ def test_small_study_writes_every_method_and_n(tmp_path):
     summary = (out / "study.md").read_text()
     assert "| method | N=2 |" in summary and "| Model | Layer | Mean Variance |" in summary
     assert " +- " in summary and "| karcher against | cells (seed, N) |" in summary
+    shutil.rmtree(tmp_path / "zoo-seed1")  # a finished seed needs no zoo
     again = _small_study(tmp_path, out)
     assert " average " not in again.stdout
     assert (out / "study.md").read_text() == summary
