@@ -111,9 +111,11 @@ def main(argv):
             build_zoo(directory, seed_recipe, base_from=None if seed == 0 else zoo)
         except ZooError as err:
             sys.exit(f"error: {err}")
-        runs, pool = run_seed(directory, seed_recipe, rows, tokenizer, evals, (path, cell), seed)
+        runs, references, pool = run_seed(
+            directory, seed_recipe, rows, tokenizer, evals, (path, cell), seed
+        )
         per_seed_runs.append(runs)
-        per_seed_references.append(cell["references"])
+        per_seed_references.append(references)
         if seed == 0:
             largest = pool  # seed 0's pool, fishers and config, for the diagnostics
     runs, spread = study_cells.mean_runs(per_seed_runs)
@@ -152,8 +154,9 @@ def cell_settings(recipe) -> dict:
 
 
 def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict], seed: int):
-    """One seed's references and merges: those in its cell `saved` (path, contents) as they are,
-    the others run and added to it one by one: (runs, (pool, fishers, config))."""
+    """One seed's references and merges: those in its cell `saved` (path, contents) as they are
+    where the cell came from this pool, the others run and added to it one by one: (runs,
+    references, (pool, fishers, config))."""
     base_dir, expert_dirs = zoo_members(zoo)
     config, base = models.load(base_dir)
     pool = [base] + [models.load(d)[1] for d in expert_dirs]
@@ -162,6 +165,7 @@ def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict]
         return evaluate(config, params, tokenizer, evals)
 
     path, cell = saved
+    cell = study_cells.for_pool(cell, study_cells.pool_digest([base_dir, *expert_dirs]))
     if "references" not in cell:
         cell["references"] = {"base": score(base)}
         for directory, params in zip(expert_dirs, pool[1:], strict=True):
@@ -183,7 +187,7 @@ def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict]
         study_cells.save_cell(path, cell)
 
     runs = run_study(pool, score, rows, fishers=fishers, seed=seed, done=done, on_run=save)
-    return runs, (pool, fishers, config)
+    return runs, cell["references"], (pool, fishers, config)
 
 
 def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out: Path) -> str:

@@ -66,3 +66,22 @@ def test_karcher_is_paired_with_every_method_over_seed_and_n():
     assert table[0].startswith("| karcher against | cells (seed, N) |")
     # linear shares (0, 2) and (1, 2): +0.1 and -0.1; (0, 3) and (1, 3) each lack one of them.
     assert table[2] == "| linear | 2 | 1 / 0 / 1 | +0.0000 +- 0.1000 |"
+
+
+def test_a_cell_from_another_build_of_the_pool_starts_again(tmp_path):
+    members = [tmp_path / "base", tmp_path / "expert-a"]
+    for index, member in enumerate(members):
+        member.mkdir()
+        (member / "model.safetensors").write_bytes(bytes([index]) * 64)
+    first = study_cells.pool_digest(members)
+    cell = study_cells.for_pool({"settings": {"recipe": 1}, "runs": {}}, first)
+    study_cells.add_run(cell, run("karcher", 2, 0.25))
+    assert study_cells.for_pool(cell, first)["runs"]  # the same pool keeps its runs
+    (members[1] / "model.safetensors").write_bytes(bytes([7]) * 64)  # trained again, other bits
+    second = study_cells.pool_digest(members)
+    assert second != first
+    assert study_cells.for_pool(cell, second) == {
+        "settings": {"recipe": 1},
+        "runs": {},
+        "pool": second,
+    }

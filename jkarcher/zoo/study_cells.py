@@ -2,14 +2,16 @@
 
 A seed draws the experts' training data and batch order afresh from the same base (the zoo
 recipe's `expert_seed`), and the key of the random merges. Seed k's results live in
-`cells/seed<k>.json`: the settings they were made with, each reference model's scores and each
-(method, N) merge's scores, written after every merge, so that a study stops and resumes where it
-was. Across seeds, tables report the mean and the sample standard deviation of each average, and
-karcher is compared with every other method paired over the (seed, N) cells both ran.
+`cells/seed<k>.json`: the settings they were made with, a digest of the pool's weights, each
+reference model's scores and each (method, N) merge's scores, written after every merge, so that
+a study stops and resumes where it was. Across seeds, tables report the mean and the sample
+standard deviation of each average, and karcher is compared with every other method paired over
+the (seed, N) cells both ran.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections.abc import Sequence
@@ -28,6 +30,26 @@ def load_cell(path: Path, settings: dict) -> dict:
     cell = json.loads(path.read_text()) if path.is_file() else {}
     if cell.get("settings") != settings:
         cell = {"settings": settings, "runs": {}}
+    return cell
+
+
+def pool_digest(member_dirs: Sequence[Path]) -> str:
+    """A SHA-256 of the pool's weight files, in pool order: training a zoo again need not give
+    the same bits (another CPU rounds float32 sums its own way), and a cell holds the results of
+    one pool only."""
+    digest = hashlib.sha256()
+    for member in member_dirs:
+        for weights in sorted(member.glob("*.safetensors")):
+            digest.update(weights.read_bytes())
+    return digest.hexdigest()
+
+
+def for_pool(cell: dict, digest: str) -> dict:
+    """`cell` if its results came from the pool of `digest` (or it has none yet), else an empty
+    cell with its settings; either way marked with `digest`."""
+    if cell.get("pool") not in (None, digest):
+        cell = {"settings": cell["settings"], "runs": {}}
+    cell["pool"] = digest
     return cell
 
 
