@@ -17,12 +17,11 @@ plus an output pass that reads the sources as a linear mean does, so karcher / l
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from bench_timing import best_time
 
 from jkarcher import karcher_mean
 from jkarcher.karcher import DEFAULT_MAX_ITER, DEFAULT_TOL, gram_matrices
@@ -97,17 +96,6 @@ def compiled(fn):
     2.6 ms for a linear mean of 8 bfloat16 sources of 4864 x 896, and at N = 16 XLA converts the
     whole bfloat16 stack to float32 first, 112 ms.)"""
     return jax.jit(lambda xs, w: fn(jnp.stack(xs), w), compiler_options=COMPILER_OPTIONS)
-
-
-def best_time(fn, *args, repeats: int) -> tuple[float, object]:
-    """Best wall time in milliseconds over `repeats` runs after one warm-up, and the result."""
-    result = jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3, result
 
 
 def main(argv):

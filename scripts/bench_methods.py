@@ -11,12 +11,11 @@ Prints the best of --repeats runs in milliseconds and the ratio to linear, measu
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from bench_timing import best_time
 
 import jkarcher
 from jkarcher import methods
@@ -28,17 +27,6 @@ REQUIRED = {"t": 0.5}
 _METHODS = flags.DEFINE_list("methods", None, "methods to time (default: every registered one)")
 _MODELS = flags.DEFINE_integer("models", 4, "number of source models")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per method; the best is reported")
-
-
-def best_ms(fn, *args, repeats: int) -> float:
-    """The best wall time of `fn(*args)` in milliseconds, over `repeats` runs after a warm-up."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def main(argv):
@@ -71,7 +59,7 @@ def main(argv):
         def merge(xs, b, spec=spec, params=params, key=key):
             return jkarcher.merge(xs, method=spec.name, base=b, key=key, **params)
 
-        ms = best_ms(merge, sources, base if with_base else None, repeats=_REPEATS.value)
+        ms, _ = best_time(merge, sources, base if with_base else None, repeats=_REPEATS.value)
         linear_ms = linear_ms or ms
         print(f"{name:>18} {n:>2} {ms:>9.1f} {ms / linear_ms:>9.2f}", flush=True)
 

@@ -11,12 +11,11 @@ values against the dense ones relative to the largest, all measured in this run.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from bench_timing import best_time
 
 from jkarcher.linalg import randomized_svd
 
@@ -38,17 +37,6 @@ def task_matrix(shape: tuple[int, int], seed: int = 0) -> jax.Array:
     return jnp.asarray((u * spectrum) @ v.T + noise)
 
 
-def best_ms(fn, *args, repeats: int) -> tuple[float, object]:
-    """The best wall time of `fn(*args)` in milliseconds after a warm-up, and its result."""
-    result = jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3, result
-
-
 def main(argv):
     del argv
     dense = jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False, compute_uv=True))
@@ -57,10 +45,10 @@ def main(argv):
     print(f"{header} {'s err':>9}")
     for size in _SIZES.value:
         matrix = task_matrix(SHAPES[size])
-        dense_ms, (_, exact, _) = best_ms(dense, matrix, repeats=_REPEATS.value)
+        dense_ms, (_, exact, _) = best_time(dense, matrix, repeats=_REPEATS.value)
         for k in map(int, _RANKS.value):
             fast = jax.jit(lambda a, k=k: randomized_svd(a, k, jax.random.key(0)))
-            fast_ms, (_, s, _) = best_ms(fast, matrix, repeats=_REPEATS.value)
+            fast_ms, (_, s, _) = best_time(fast, matrix, repeats=_REPEATS.value)
             error = float(jnp.max(jnp.abs(s - exact[:k])) / exact[0])
             shape = "x".join(map(str, SHAPES[size]))
             print(
