@@ -198,6 +198,41 @@ def test_an_interrupted_merge_prints_one_line_and_leaves_nothing(tmp_path, signu
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+PROGRAM_SIGNALLED_IN_A_GC_CALLBACK = """
+import gc, os, signal, time
+from jkarcher.commands.running import stop_quietly_on_signals
+
+def program():
+    fired = []
+
+    def callback(phase, info):
+        if not fired:
+            fired.append(phase)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs inside this callback
+            sum(range(10000))
+
+    gc.callbacks.append(callback)
+    gc.collect()
+    time.sleep(10)
+    print("finished")
+
+stop_quietly_on_signals(program)
+"""
+
+
+def test_a_signal_inside_a_garbage_collector_callback_still_stops_the_program():
+    """An exception raised in a gc callback is ignored by Python: the signal must still stop."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM_SIGNALLED_IN_A_GC_CALLBACK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "finished" not in result.stdout
+    assert result.stderr.count("interrupted by SIGTERM") == 1, result.stderr
+
+
 PROGRAM_LEFT_WITH_A_THREAD = """
 import os, signal, threading, time
 from jkarcher.commands.running import stop_quietly_on_signals

@@ -10,9 +10,11 @@ stages of a multi-stage merge in turn.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,12 +52,26 @@ def stop_quietly_on_signals(program: Callable[[], None]) -> None:
 
 def _stop(signum, frame):
     """One line, then unwind with Interrupted(128 + signum); a second signal while stopping is
-    ignored."""
+    ignored. Python ignores an exception raised in a garbage collector's callback (JAX has one)
+    or a finalizer, so a signal that lands there is sent again once that code has returned."""
+    if _swallows_exceptions(frame):
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        return
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.SIG_IGN)
     name = signal.Signals(signum).name
     print(f"interrupted by {name}: stopping; no output is written", file=sys.stderr, flush=True)
     raise Interrupted(128 + signum)
+
+
+def _swallows_exceptions(frame) -> bool:
+    """Whether `frame` runs inside a garbage collector's callback or a `__del__`."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def enable_compile_cache() -> None:
