@@ -220,14 +220,15 @@ stop_quietly_on_signals(program)
 """
 
 
+def _run_program(source: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=50
+    )
+
+
 def test_a_signal_inside_a_garbage_collector_callback_still_stops_the_program():
     """An exception raised in a gc callback is ignored by Python: the signal must still stop."""
-    result = subprocess.run(
-        [sys.executable, "-c", PROGRAM_SIGNALLED_IN_A_GC_CALLBACK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _run_program(PROGRAM_SIGNALLED_IN_A_GC_CALLBACK)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert "finished" not in result.stdout
     assert result.stderr.count("interrupted by SIGTERM") == 1, result.stderr
@@ -248,12 +249,7 @@ stop_quietly_on_signals(program)
 
 
 def test_an_interrupted_program_exits_though_a_thread_is_left_running():
-    result = subprocess.run(
-        [sys.executable, "-c", PROGRAM_LEFT_WITH_A_THREAD],
-        capture_output=True,
-        text=True,
-        timeout=50,
-    )
+    result = _run_program(PROGRAM_LEFT_WITH_A_THREAD)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert result.stderr == "interrupted by SIGTERM: stopping; no output is written\n"
 
