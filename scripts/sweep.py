@@ -15,7 +15,6 @@ jkarcher/zoo/sweep.py.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from jkarcher import models
-from jkarcher.zoo import sweep_report
+from jkarcher.zoo import study_cells, sweep_report
 from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
 from jkarcher.zoo.distances import checkpoint_distances
 from jkarcher.zoo.domains import DOMAINS
@@ -94,9 +93,7 @@ def run_cell(zoo, recipe, rows, tokenizer, evals, out: Path, key: str, seed: int
     path = out / "cells" / f"{key}.json"
     settings = {"recipe": recipe_record(recipe), "examples": _EXAMPLES.value}
     settings["text_windows"] = _WINDOWS.value
-    cell = json.loads(path.read_text()) if path.is_file() else {}
-    if cell.get("settings") != settings:
-        cell = {"settings": settings, "runs": {}}
+    cell = study_cells.load_cell(path, settings)
     base_dir, expert_dirs = zoo_members(zoo)
     config, base = models.load(base_dir)
     pool = [base] + [models.load(d)[1] for d in expert_dirs]
@@ -111,7 +108,7 @@ def run_cell(zoo, recipe, rows, tokenizer, evals, out: Path, key: str, seed: int
         cell["references"] = {"base": score(base)}
         for directory, params in zip(expert_dirs, pool[1:], strict=True):
             cell["references"][directory.name] = score(params)
-        _save(path, cell)
+        study_cells.save_cell(path, cell)
     missing = [r for r in rows if r not in cell["runs"] and applicable(r, len(pool))]
     fishers = []
     if any(uses_fisher(r) for r in missing):
@@ -123,14 +120,8 @@ def run_cell(zoo, recipe, rows, tokenizer, evals, out: Path, key: str, seed: int
         cell["runs"][row] = {"scores": scores, "seconds": time.perf_counter() - began}
         average = sum(scores.values()) / len(scores)
         print(f"{key} {row:17s} average {average:.3f}")
-        _save(path, cell)
+        study_cells.save_cell(path, cell)
     return cell
-
-
-def _save(path: Path, cell: dict) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(cell, indent=1) + "\n")
-    temporary.replace(path)
 
 
 if __name__ == "__main__":

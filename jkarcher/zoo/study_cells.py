@@ -1,4 +1,5 @@
-"""The study over seeds: each seed's merges cached in a cell file, and what the seeds say together.
+"""The study over seeds: each seed's merges cached in a cell file (as the distance sweep's cells
+are, with the same `load_cell` and `save_cell`), and what the seeds say together.
 
 A seed draws the experts' training data and batch order afresh from the same base (the zoo
 recipe's `expert_seed`), and the key of the random merges. Seed k's results live in
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jkarcher.zoo.study import MergeRun
-from jkarcher.zoo.sweep import paired_comparison
+from jkarcher.zoo.sweep import mean_and_std, paired_comparison
 
 
 def cell_path(out: Path, seed: int) -> Path:
@@ -113,8 +114,7 @@ def mean_runs(
                 statistics.fmean(r.seconds for r in runs),
             )
         )
-        averages = [r.average for r in runs]
-        spread[method, n_models] = statistics.stdev(averages) if len(runs) > 1 else 0.0
+        spread[method, n_models] = mean_and_std([r.average for r in runs])[1]
     return means, spread
 
 
