@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import jkarcher
 from jkarcher.linalg import randomized_svd
 from jkarcher.methods.subspace import tsv_update
 
@@ -100,3 +101,33 @@ def test_tsv_randomized_equals_dense_on_low_rank_tasks():
     randomized = np.asarray(tsv_update(as_jax, randomized=True), np.float64)
     scale = max(np.linalg.norm(d, ord=2) for d in deltas)
     assert np.max(np.abs(randomized - dense)) < 200 * EPS32 * scale
+
+
+def test_tsv_randomized_on_bfloat16_sources_matches_the_float64_reference():
+    """TSV-M with `randomized` through `jkarcher.merge` on bf16 sources: tasks of rank
+    floor(r / N) plus the rounding of bf16 storage, E_i. Against the float64 reference on the same
+    (rounded) tasks, the randomized triplets differ by the perturbation of a rank-k subspace,
+    a few ||E_i||_2 (Wedin), and the output by half a bf16 ulp of its rounding."""
+    from test_subspace import reference_tsv
+
+    rng = np.random.default_rng(7)
+    m, n, tasks = 96, 64, 4
+    keep = min(m, n) // tasks
+    base = rng.standard_normal((m, n))
+    exact = [with_spectrum(m, n, rng.uniform(2.0, 4.0, keep), seed=20 + i) for i in range(tasks)]
+    bf16 = jnp.bfloat16
+    stored_base = np.asarray(jnp.asarray(base, bf16), np.float64)
+    stored = [np.asarray(jnp.asarray(base + d, bf16), np.float64) for d in exact]
+    deltas = [x - stored_base for x in stored]
+    rounding = max(np.linalg.norm(d - e, ord=2) for d, e in zip(deltas, exact, strict=True))
+    expected = stored_base + reference_tsv(deltas)
+    merged = jkarcher.merge(
+        [{"w": jnp.asarray(x, bf16)} for x in stored],
+        base={"w": jnp.asarray(stored_base, bf16)},
+        method="tsv",
+        randomized=True,
+    )["w"]
+    assert merged.dtype == bf16
+    error = np.abs(np.asarray(merged, np.float64) - expected)
+    half_ulp = 2.0**-8 * np.abs(expected)  # bf16 keeps 8 significant bits
+    assert np.all(error <= half_ulp + 4 * rounding)
