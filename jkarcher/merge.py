@@ -52,7 +52,10 @@ def merge(
         (`jkarcher.sharding.place_on_mesh`). Leaves already sharded keep their sharding.
       **params: the method's parameters (see `jkarcher.methods.get(method).params`), and its
         tensor inputs (`.tensor_inputs`, e.g. `fisher=[fisher_0, ..., fisher_N-1]`: N pytrees
-        shaped like the models).
+        with the models' structure, each leaf shaped as `.tensor_input_shape(name, shape)` says
+        for the model leaf's shape, like it unless the method says otherwise; a leaf may be
+        None in all N where the method can do without it, e.g. regmean's `gram` of a tensor
+        that is not a linear layer's weight).
 
     Returns:
       A pytree of the same structure whose leaves have the sources' dtypes and shardings (with
@@ -83,8 +86,8 @@ def merge(
     merged = []
     for index, (name, sources) in enumerate(zip(names, sources_per_leaf, strict=True)):
         base_leaf = None if base_leaves is None else base_leaves[index]
-        extras = {input_name: leaves[index] for input_name, leaves in extra_leaves.items()}
-        _check_leaf(name, sources, base_leaf, extras)
+        extras = _leaf_tensor_inputs(name, extra_leaves, index, spec)
+        _check_leaf(name, sources, base_leaf, extras, spec)
         if not jnp.issubdtype(sources[0].dtype, jnp.floating):
             merged.append(_merge_non_float(name, sources))
             continue
@@ -229,22 +232,57 @@ def _flatten_tensor_input(
     if len(trees) != n_models:
         raise MergeError(f"{input_name} has {len(trees)} pytrees for {n_models} models")
     per_model = [
-        _leaves_like(tree, names, treedef, f"{input_name} of model {index}", "the models")
+        _leaves_like(
+            tree, names, treedef, f"{input_name} of model {index}", "the models", none_leaves=True
+        )
         for index, tree in enumerate(trees)
     ]
     return list(zip(*per_model, strict=True))
 
 
-def _leaves_like(tree: Any, names: list[str], treedef, what: str, reference: str) -> list:
-    """The leaves of `tree`, which must have the structure `treedef` with leaves `names`."""
-    flat, tree_def = jax.tree_util.tree_flatten_with_path(tree)
+def _leaf_tensor_inputs(
+    name: str, extra_leaves: Mapping[str, list], index: int, spec: methods.MergeMethod
+) -> dict:
+    """The tensor inputs of leaf `index`: {input name: its N arrays}, leaving out the inputs that
+    are None for all N models where the method can do without them; else None is an error."""
+    can_do_without = spec.inputs_per_leaf_optional or not spec.tensor_inputs_required
+    extras = {}
+    for input_name, leaves in extra_leaves.items():
+        arrays = leaves[index]
+        missing = [i for i, array in enumerate(arrays) if array is None]
+        if missing and not can_do_without:
+            raise MergeError(
+                f"leaf {name!r}: {input_name} of model {missing[0]} is None, and method "
+                f"{spec.name!r} needs it for every leaf"
+            )
+        if missing and len(missing) < len(arrays):
+            given = next(i for i, array in enumerate(arrays) if array is not None)
+            raise MergeError(
+                f"leaf {name!r}: {input_name} of model {missing[0]} is None, and that of model "
+                f"{given} is not (give it for all models or for none)"
+            )
+        if not missing:
+            extras[input_name] = arrays
+    return extras
+
+
+def _leaves_like(
+    tree: Any, names: list[str], treedef, what: str, reference: str, none_leaves: bool = False
+) -> list:
+    """The leaves of `tree`, which must have the structure `treedef` with leaves `names`;
+    with `none_leaves`, None counts as a leaf (an input a leaf does without) and is kept."""
+    is_leaf = (lambda leaf: leaf is None) if none_leaves else None
+    flat, tree_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     tree_names = [path_name(path) for path, _ in flat]
     if tree_def != treedef or tree_names != names:
         raise MergeError(
             f"{what} has a different structure from {reference}: "
             + _structure_difference(names, tree_names)
         )
-    return [_as_array(leaf, name, what) for (_, leaf), name in zip(flat, names, strict=True)]
+    return [
+        None if leaf is None else _as_array(leaf, name, what)
+        for (_, leaf), name in zip(flat, names, strict=True)
+    ]
 
 
 def _as_array(leaf: Any, name: str, what: str) -> Any:
@@ -268,7 +306,9 @@ def _structure_difference(names: list[str], other: list[str]) -> str:
     return "its containers differ (leaf order or node types)"
 
 
-def _check_leaf(name: str, sources: tuple, base: Any, extras: Mapping[str, tuple]) -> None:
+def _check_leaf(
+    name: str, sources: tuple, base: Any, extras: Mapping[str, tuple], spec: methods.MergeMethod
+) -> None:
     shape, dtype = np.shape(sources[0]), jnp.result_type(sources[0])
     for index, source in enumerate(sources[1:], start=1):
         if np.shape(source) != shape:
@@ -283,11 +323,17 @@ def _check_leaf(name: str, sources: tuple, base: Any, extras: Mapping[str, tuple
     if base is not None and np.shape(base) != shape:
         raise MergeError(f"leaf {name!r}: the base has shape {np.shape(base)}, models {shape}")
     for input_name, arrays in extras.items():
+        expected = spec.tensor_input_shape(input_name, shape)
+        if expected is None:
+            raise MergeError(
+                f"leaf {name!r} of shape {shape} takes no {input_name} for method "
+                f"{spec.name!r}: give None there"
+            )
         for index, array in enumerate(arrays):
-            if np.shape(array) != shape:
+            if np.shape(array) != expected:
                 raise MergeError(
                     f"leaf {name!r}: {input_name} of model {index} has shape {np.shape(array)}, "
-                    f"the models {shape}"
+                    f"it must be {expected} for the models' {shape}"
                 )
 
 

@@ -3,7 +3,8 @@
 One Qwen2.5-0.5B MLP matrix (4864 x 896, bfloat16 as checkpoints store it), N = 4 fine-tune-like
 experts of a shared base (and the base, for methods that use one), each method called through
 `jkarcher.merge`, which compiles its leaf as it compiles every leaf, with its default parameters
-(t = 0.5 where it needs one; a key for the random ones; made-up Fishers for Fisher merging).
+(t = 0.5 where it needs one; a key for the random ones; made-up Fishers for Fisher merging and
+input Grams for RegMean).
 Prints the best of --repeats runs in milliseconds and the ratio to linear, measured in this run.
 
     python scripts/bench_methods.py [--methods=tsv,iso_c,iso_cts] [--models=4] [--repeats=5]
@@ -29,6 +30,15 @@ _MODELS = flags.DEFINE_integer("models", 4, "number of source models")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per method; the best is reported")
 
 
+def made_up_input(name: str, rng: np.random.Generator) -> jax.Array:
+    """A positive diagonal Fisher shaped like the leaf, or an input Gram X^T X / T [in, in] of
+    T = 2 in random inputs."""
+    if name == "gram":
+        inputs = rng.standard_normal((2 * SHAPE[1], SHAPE[1]), dtype=np.float32)
+        return jnp.asarray(inputs.T @ inputs / len(inputs))
+    return jnp.asarray(rng.uniform(0.1, 1.0, SHAPE), jnp.float32)
+
+
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
@@ -49,8 +59,8 @@ def main(argv):
         sources = [as_bf16(x) for x in experts[:n]]
         params = {p.name: REQUIRED[p.name] for p in spec.params if p.name in REQUIRED}
         key = jax.random.key(0) if spec.random else None
-        params |= {  # made-up positive diagonal Fishers, for methods that need them
-            input_name: [jnp.asarray(rng.uniform(0.1, 1.0, SHAPE), jnp.float32) for _ in sources]
+        params |= {
+            input_name: [made_up_input(input_name, rng) for _ in sources]
             for input_name in spec.tensor_inputs
             if spec.tensor_inputs_required
         }

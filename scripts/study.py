@@ -33,19 +33,19 @@ from absl import app, flags, logging
 from jkarcher import models
 from jkarcher.zoo import report, study_cells
 from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
+from jkarcher.zoo.calibration import pool_statistics
 from jkarcher.zoo.distances import checkpoint_distances, distance_table
 from jkarcher.zoo.domains import DOMAINS, text_lines
 from jkarcher.zoo.evaluation import build_eval_set, evaluate
-from jkarcher.zoo.fishers import pool_fishers
 from jkarcher.zoo.recipes import ZOOS, recipe_record
 from jkarcher.zoo.study import (
     FISHER_VARIANTS,
     STUDY_PARAMS,
     applicable,
+    calibration_inputs,
     merge_pool,
     run_study,
     study_rows,
-    uses_fisher,
 )
 from jkarcher.zoo.tokenizer import byte_tokenizer
 
@@ -117,7 +117,7 @@ def main(argv):
         per_seed_runs.append(runs)
         per_seed_references.append(references)
         if seed == 0:
-            largest = pool  # seed 0's pool, fishers and config, for the diagnostics
+            largest = pool  # seed 0's pool, statistics and config, for the diagnostics
     runs, spread = study_cells.mean_runs(per_seed_runs)
     references = study_cells.mean_references(per_seed_references)
 
@@ -156,7 +156,7 @@ def cell_settings(recipe) -> dict:
 def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict], seed: int):
     """One seed's references and merges: those in its cell `saved` (path, contents) as they are
     where the cell came from this pool, the others run and added to it one by one: (runs,
-    references, (pool, fishers, config))."""
+    references, (pool, statistics, config))."""
     base_dir, expert_dirs = zoo_members(zoo)
     config, base = models.load(base_dir)
     pool = [base] + [models.load(d)[1] for d in expert_dirs]
@@ -178,19 +178,20 @@ def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict]
         for row in rows
         if applicable(row, n_models) and (row, n_models) not in done
     ]
-    fishers = []
-    if any(uses_fisher(row) for row in (rows if seed == 0 else missing)):
-        fishers = pool_fishers(config, pool, [None, *(e.domain for e in recipe.experts)], recipe)
+    # Seed 0's statistics serve the diagnostics too, which merge with every row they show.
+    needed = {name for row in (rows if seed == 0 else missing) for name in calibration_inputs(row)}
+    domains = [None, *(e.domain for e in recipe.experts)]
+    statistics = pool_statistics(config, pool, domains, recipe, needed)
 
     def save(run):
         study_cells.add_run(cell, run)
         study_cells.save_cell(path, cell)
 
-    runs = run_study(pool, score, rows, fishers=fishers, seed=seed, done=done, on_run=save)
-    return runs, cell["references"], (pool, fishers, config)
+    runs = run_study(pool, score, rows, statistics=statistics, seed=seed, done=done, on_run=save)
+    return runs, cell["references"], (pool, statistics, config)
 
 
-def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out: Path) -> str:
+def diagnose_largest_merges(pool, statistics, config, tokenizer, seq_len: int, out: Path) -> str:
     """Save the base and the N = pool-size merges, and run scripts/diagnose.py on them.
 
     Returns diagnose's Markdown table (the paper's Table 7 layout).
@@ -198,9 +199,11 @@ def diagnose_largest_merges(pool, fishers, config, tokenizer, seq_len: int, out:
     n_models = len(pool)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints, names = [], []
-        chosen = [m for m in DIAGNOSED if fishers or not uses_fisher(m)]
+        chosen = [m for m in DIAGNOSED if set(calibration_inputs(m)) <= set(statistics)]
         for method in ("base", *chosen):
-            params = pool[0] if method == "base" else merge_pool(pool, method, n_models, 0, fishers)
+            params = (
+                pool[0] if method == "base" else merge_pool(pool, method, n_models, 0, statistics)
+            )
             directory = Path(tmp) / method
             models.save(directory, config, params)
             tokenizer.save(str(directory / "tokenizer.json"))

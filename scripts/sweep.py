@@ -24,12 +24,12 @@ from absl import app, flags, logging
 from jkarcher import models
 from jkarcher.zoo import study_cells, sweep_report
 from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
+from jkarcher.zoo.calibration import pool_statistics
 from jkarcher.zoo.distances import checkpoint_distances
 from jkarcher.zoo.domains import DOMAINS
 from jkarcher.zoo.evaluation import build_eval_set, evaluate
-from jkarcher.zoo.fishers import pool_fishers
 from jkarcher.zoo.recipes import ZOOS, recipe_record
-from jkarcher.zoo.study import applicable, merge_pool, study_rows, uses_fisher
+from jkarcher.zoo.study import applicable, calibration_inputs, merge_pool, study_rows
 from jkarcher.zoo.sweep import LEVELS, level_recipe
 from jkarcher.zoo.tokenizer import byte_tokenizer
 
@@ -110,13 +110,12 @@ def run_cell(zoo, recipe, rows, tokenizer, evals, out: Path, key: str, seed: int
             cell["references"][directory.name] = score(params)
         study_cells.save_cell(path, cell)
     missing = [r for r in rows if r not in cell["runs"] and applicable(r, len(pool))]
-    fishers = []
-    if any(uses_fisher(r) for r in missing):
-        domains = [None, *(e.domain for e in recipe.experts)]
-        fishers = pool_fishers(config, pool, domains, recipe)
+    needed = {name for row in missing for name in calibration_inputs(row)}
+    domains = [None, *(e.domain for e in recipe.experts)]
+    statistics = pool_statistics(config, pool, domains, recipe, needed)
     for row in missing:
         began = time.perf_counter()
-        scores = score(merge_pool(pool, row, len(pool), seed, fishers))
+        scores = score(merge_pool(pool, row, len(pool), seed, statistics))
         cell["runs"][row] = {"scores": scores, "seconds": time.perf_counter() - began}
         average = sum(scores.values()) / len(scores)
         print(f"{key} {row:17s} average {average:.3f}")

@@ -279,7 +279,10 @@ def test_every_leaf_returns_the_compute_dtype(x64):
             stacked = jnp.ones((n, 6, 10), jnp.bfloat16)
             base = stacked[0] if spec.base == methods.BASE_REQUIRED else None
             params = spec.resolve(REQUIRED_PARAMS.get(name, {}), n, base is not None)
-            inputs = {input_name: stacked for input_name in spec.tensor_inputs}
+            inputs = {
+                input_name: jnp.ones((n, *spec.tensor_input_shape(input_name, (6, 10))))
+                for input_name in spec.tensor_inputs
+            }
             leaf = functools.partial(spec.leaf, key=jax.random.key(0), **params, **inputs)
             merged = jax.eval_shape(leaf, stacked, jnp.ones(n), base)
             assert merged.dtype == compute_dtype() and merged.shape == (6, 10), name

@@ -20,7 +20,7 @@ from jkarcher.zoo.domains import (
     text_lines,
 )
 from jkarcher.zoo.recipes import FAR, FINETUNE, ZOOS, base_mixture, expert_texts, recipe_record
-from jkarcher.zoo.study import MergeRun, applicable, merge_pool, uses_fisher
+from jkarcher.zoo.study import MergeRun, applicable, calibration_inputs, merge_pool
 from jkarcher.zoo.tokenizer import BOS, byte_tokenizer
 from jkarcher.zoo.training import packed_windows
 
@@ -100,15 +100,21 @@ def test_applicability_follows_the_registry():
     assert applicable("karcher+fisher", 2) and applicable("fisher_merging", 5)
 
 
-def test_only_fisher_rows_merge_with_fishers():
-    assert uses_fisher("karcher+fisher") and uses_fisher("fisher_merging")
-    assert not uses_fisher("karcher") and not uses_fisher("linear")
+def test_only_rows_with_calibration_inputs_merge_with_them():
+    assert calibration_inputs("karcher+fisher") == calibration_inputs("fisher_merging")
+    assert calibration_inputs("fisher_merging") == ("fisher",)
+    assert calibration_inputs("regmean") == ("gram",)
+    assert not calibration_inputs("karcher") and not calibration_inputs("linear")
     rng = np.random.default_rng(0)
     pool = [{"w": rng.normal(size=(4, 8)).astype(np.float32)} for _ in range(3)]
     fishers = [{"w": np.exp(rng.normal(size=(4, 8))).astype(np.float32)} for _ in range(3)]
-    plain = merge_pool(pool, "karcher", 3, 0, fishers)["w"]
+    grams = [{"w": np.diag(np.exp(rng.normal(size=8))).astype(np.float32)} for _ in range(3)]
+    statistics = {"fisher": fishers, "gram": grams}
+    plain = merge_pool(pool, "karcher", 3, 0, statistics)["w"]
     np.testing.assert_array_equal(plain, jkarcher.merge(pool)["w"])
-    preconditioned = merge_pool(pool, "karcher+fisher", 3, 0, fishers)["w"]
+    regmean = merge_pool(pool, "regmean", 3, 0, statistics)["w"]
+    np.testing.assert_array_equal(regmean, jkarcher.merge(pool, method="regmean", gram=grams)["w"])
+    preconditioned = merge_pool(pool, "karcher+fisher", 3, 0, statistics)["w"]
     np.testing.assert_array_equal(preconditioned, jkarcher.merge(pool, fisher=fishers)["w"])
     assert np.abs(np.asarray(plain) - np.asarray(preconditioned)).max() > 1e-3
 

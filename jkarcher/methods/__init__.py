@@ -13,6 +13,7 @@ from jkarcher.methods import (  # noqa: F401  (registration side effects)
     nearswap,
     passthrough,
     ram,
+    regmean,
     sce,
     slerp,
     subspace,

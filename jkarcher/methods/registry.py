@@ -87,6 +87,16 @@ class MergeMethod:
     tensor_inputs: tuple[str, ...] = ()
     # Whether the leaf needs every tensor input (else they are optional).
     tensor_inputs_required: bool = False
+    # Whether a leaf may do without the tensor inputs that the merge needs (its inputs None for
+    # all N models), as regmean merges tensors that are no linear layer's weight without Grams;
+    # optional inputs may always be None.
+    inputs_per_leaf_optional: bool = False
+    # The shape of a tensor input's leaf for a model leaf of a given shape, for the inputs not
+    # shaped like the models (e.g. regmean's Gram [in, in] of a weight [out, in]); such a function
+    # returns None for leaves that take no such input, which are then given none.
+    tensor_input_shapes: Mapping[str, Callable[[tuple[int, ...]], tuple[int, ...] | None]] = (
+        dataclasses.field(default_factory=dict)
+    )
     # Whether the weights may be negative, as mergekit lets them be (task negation: a negative
     # weight subtracts a model's task vector); else they must be >= 0, for the reason given.
     signed_weights: bool = False
@@ -103,6 +113,11 @@ class MergeMethod:
         raise MethodError(
             f"method {self.name!r} has no parameter {name!r} (its parameters: {known})"
         )
+
+    def tensor_input_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The shape tensor input `name` has for a model leaf of `shape` (None: it has none)."""
+        shape_of = self.tensor_input_shapes.get(name)
+        return tuple(shape) if shape_of is None else shape_of(tuple(shape))
 
     def inputs_problem(self, n_models: int, has_base: bool) -> tuple[str, str] | None:
         """What is wrong with merging `n_models` models, with or without a base, as (the input

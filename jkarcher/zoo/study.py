@@ -6,8 +6,8 @@ merged with every registered method that applies to N models: methods that take 
 N; methods that need a base merge models 2..N onto model 1, the base (mergekit's convention, where
 the base's own task vector is zero). Weights are equal (the paper's default). Each merge is scored
 on every domain. The Fisher rows (Fisher-preconditioned Karcher, Fisher merging) use each pool
-model's diagonal Fisher, estimated on that model's own training data (the base's on the mixture),
-which is disjoint from the held-out evaluation data.
+model's diagonal Fisher, and RegMean its linear layers' input Grams, estimated on that model's own
+training data (the base's on the mixture), which is disjoint from the held-out evaluation data.
 """
 
 from __future__ import annotations
@@ -59,13 +59,14 @@ def study_rows() -> list[str]:
     return sorted([m for m in methods.names() if m not in NOT_MERGES] + list(FISHER_VARIANTS))
 
 
-def uses_fisher(row: str) -> bool:
-    """Whether a study row merges with the models' diagonal Fishers: a Fisher variant, or a
-    method that needs them (a method that only may take them, as karcher, runs without)."""
+def calibration_inputs(row: str) -> tuple[str, ...]:
+    """The per-model statistics a study row merges with ("fisher", "gram"): the Fisher of a
+    Fisher variant, or the tensor inputs a method needs (a method that only may take them, as
+    karcher, runs without)."""
     if row in FISHER_VARIANTS:
-        return True
+        return ("fisher",)
     spec = methods.get(row)
-    return "fisher" in spec.tensor_inputs and spec.tensor_inputs_required
+    return spec.tensor_inputs if spec.tensor_inputs_required else ()
 
 
 def applicable(row: str, n_models: int) -> bool:
@@ -77,15 +78,22 @@ def applicable(row: str, n_models: int) -> bool:
     return merged >= spec.min_models and (spec.max_models is None or merged <= spec.max_models)
 
 
-def merge_pool(pool: Sequence, row: str, n_models: int, seed: int, fishers: Sequence = ()):
+def merge_pool(
+    pool: Sequence,
+    row: str,
+    n_models: int,
+    seed: int,
+    statistics: Mapping[str, Sequence] | None = None,
+):
     """Merge the first `n_models` parameter pytrees of the pool as study row `row` says.
 
-    `fishers[i]` is pool model i's diagonal Fisher, used by the rows that `uses_fisher`.
+    `statistics[name][i]` is pool model i's Fisher ("fisher") or input Grams ("gram"), given to
+    the rows whose `calibration_inputs` name them.
     """
     method = FISHER_VARIANTS.get(row, row)
     spec = methods.get(method)
     chosen = slice(1, n_models) if spec.base == methods.BASE_REQUIRED else slice(0, n_models)
-    extra = {"fisher": list(fishers[chosen])} if uses_fisher(row) else {}
+    extra = {name: list((statistics or {})[name][chosen]) for name in calibration_inputs(row)}
     return jkarcher.merge(
         pool[chosen],
         None,
@@ -102,7 +110,7 @@ def run_study(
     score: Callable[[object], dict[str, dict[str, float]]],
     rows: Sequence[str],
     *,
-    fishers: Sequence = (),
+    statistics: Mapping[str, Sequence] | None = None,
     seed: int = 0,
     done: Mapping[tuple[str, int], MergeRun] | None = None,
     on_run: Callable[[MergeRun], None] | None = None,
@@ -122,7 +130,7 @@ def run_study(
                 runs.append(done[method, n_models])
                 continue
             start = time.perf_counter()
-            merged = merge_pool(pool, method, n_models, seed, fishers)
+            merged = merge_pool(pool, method, n_models, seed, statistics)
             results = score(merged)
             run = MergeRun(
                 method,
