@@ -160,9 +160,17 @@ def _method(value: Any) -> methods.MergeMethod:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"method: must be a method name, got {value!r}")
     try:
-        return methods.get(value)
+        spec = methods.get(value)
     except methods.MethodError as err:
         raise ConfigError(f"method: {err}") from None
+    unreadable = [name for name in spec.tensor_inputs if name != schema.FISHER_INPUT]
+    if spec.tensor_inputs_required and unreadable:
+        raise ConfigError(
+            f"method: {value!r} needs each model's {unreadable[0]} tensors, which checkpoint "
+            f"merges do not read yet: call jkarcher.merge(..., method={value!r}, "
+            f"{unreadable[0]}=[...]) on the models' parameters"
+        )
+    return spec
 
 
 def _models(value: Any, spec: methods.MergeMethod) -> tuple[ModelEntry, ...]:
