@@ -77,7 +77,7 @@ def bench_estimates(checkpoints: list[Path], work: Path) -> list[Path]:
         run, first = timed(estimate)
         _, second = timed(estimate)
         print(
-            f"estimate {checkpoint.name:22s} {run.predictions:6d} tokens: first {first:6.2f} s, "
+            f"estimate {checkpoint.name:22s} {run.tokens:6d} tokens: first {first:6.2f} s, "
             f"again {second:6.2f} s"
         )
         files.append(output)

@@ -109,6 +109,22 @@ def write_fisher(model: Path, seed: int, path: Path | None = None) -> dict[str, 
     return fisher
 
 
+def write_grams(model: Path, seed: int) -> dict[str, np.ndarray | None]:
+    """Made-up input Grams of a checkpoint's linear weights (X^T X / T of T = 2 in random inputs
+    with scales of their own per coordinate) saved as grams.safetensors beside the model;
+    returns them by tensor name, None for the tensors without one."""
+    rng = np.random.default_rng(seed)
+    checkpoint = Checkpoint(model)
+    grams = {}
+    for name in checkpoint.names():
+        if name.endswith(("_proj.weight", "lm_head.weight")):
+            inputs = checkpoint.info(name).shape[1]
+            x = rng.standard_normal((2 * inputs, inputs)) * rng.uniform(0.3, 3.0, inputs)
+            grams[name] = (x.T @ x / len(x)).astype(np.float32)
+    safetensors.numpy.save_file(grams, Path(model) / "grams.safetensors")
+    return {name: grams.get(name) for name in checkpoint.names()}
+
+
 def merge_checkpoints(models: list[Path], output: Path, **fields):
     """Plan and run the merge that `merge_config(models, output, **fields)` describes; returns
     (plan, summary)."""

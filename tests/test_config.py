@@ -66,7 +66,7 @@ def test_method_params_go_through_the_registry():
     [
         ({"colour": "blue"}, "unknown field 'colour'"),
         ({"method": "nope"}, "method: unknown merge method 'nope'"),
-        ({"method": "regmean"}, "method: 'regmean' needs each model's gram tensors, which"),
+        ({"method": "regmean"}, "params.gram: method 'regmean' needs each model's input Grams"),
         ({"params": {"nope": 1}}, "params: method 'karcher' has no parameter 'nope'"),
         ({"params": {"max_iter": 0}}, "params: method 'karcher', parameter 'max_iter'=0"),
         ({"models": []}, "models: must be a non-empty list"),

@@ -228,7 +228,7 @@ def test_decoder_empirical_fisher_of_one_prediction_per_sequence_is_exact(qwen):
         )
 
 
-# Files: scripts/fisher.py, save_fisher, load_fisher, fisher_tensors.
+# Files: scripts/fisher.py, save_statistics, load_fisher, fisher_tensors.
 
 
 def run_script(*args):
@@ -263,7 +263,7 @@ def test_script_writes_fisher_safetensors_beside_the_checkpoint(qwen):
     assert metadata["estimator"] == "empirical" and metadata["seed"] == "7"
     assert sorted(Checkpoint(directory).names()) == sorted(models.params_to_hf(params))
     batches = lm_batches(directory, text, max_batches=3)
-    assert metadata["predictions"] == str(
+    assert metadata["tokens"] == str(
         sum(int(fisher.next_token_mask(mask).sum()) for _, mask in batches)
     )
     expected = fisher.causal_lm_fisher(
@@ -295,7 +295,7 @@ def test_script_output_flag_and_a_too_short_text(qwen, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     result = run_script(f"--checkpoint={directory}", f"--text={empty}", f"--output={output}")
-    assert result.returncode != 0 and "gives no token to predict" in result.stderr
+    assert result.returncode != 0 and "gives no token to estimate on" in result.stderr
 
 
 def test_load_fisher_refuses_a_missing_file_and_another_models_fisher(qwen, tmp_path):
@@ -306,10 +306,10 @@ def test_load_fisher_refuses_a_missing_file_and_another_models_fisher(qwen, tmp_
     other_params = jax.tree.map(
         lambda s: jnp.ones(s.shape, jnp.float32), models.param_shapes(other)
     )
-    path = fisher.save_fisher(other_params, tmp_path / "other.safetensors")
+    path = models.save_statistics(other_params, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match=r"other.safetensors: tensor 'model.layers.0.mlp"):
         fisher.load_fisher(directory, path)
     del other_params["model"]["norm"]
-    path = fisher.save_fisher(other_params, tmp_path / "partial.safetensors")
+    path = models.save_statistics(other_params, tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match=r"not the Fisher of .* lacks \['model.norm"):
         fisher.load_fisher(directory, path)

@@ -3,18 +3,23 @@ outside the model in float64."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers_models import VOCAB_SIZE, random_params, tiny_config
+from helpers_models import VOCAB_SIZE, random_params, save_tiny_checkpoint, tiny_config, tiny_text
 
 import jkarcher
-from jkarcher import models
+from jkarcher import grams, models
 from jkarcher.grams import causal_lm_grams
 from jkarcher.merge import path_name
 
 EPS32 = float(np.finfo(np.float32).eps)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch(seed=0, batch=3, length=10, padding=3):
@@ -114,3 +119,32 @@ def test_batches_without_a_real_token_are_refused(model):
     tokens, mask = _batch()
     with pytest.raises(ValueError, match="no real token"):
         causal_lm_grams(config, params, [(tokens, np.zeros_like(mask))])
+
+
+def test_the_script_writes_the_grams_that_the_estimator_gives(tmp_path):
+    config = tiny_config("qwen2")
+    directory = save_tiny_checkpoint(tmp_path / "qwen", config, seed=0, bos=False)
+    text = tmp_path / "calibration.txt"
+    text.write_text(tiny_text(200))
+    script = [sys.executable, str(ROOT / "scripts" / "grams.py"), f"--checkpoint={directory}"]
+    settings = ["--seq_len=16", "--batch_size=4", "--num_batches=2"]
+    result = subprocess.run(
+        [*script, f"--text={text}", *settings], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "input Grams over" in result.stdout
+    batches = models.text_batches(
+        directory, text.read_text(), seq_len=16, batch_size=4, max_batches=2
+    )
+    expected = causal_lm_grams(config, models.load(directory)[1], batches)
+    loaded = grams.load_grams(directory)
+    pairs = zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), strict=True)
+    for a, b in pairs:
+        np.testing.assert_array_equal(a, b)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = subprocess.run([*script, f"--text={empty}"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().endswith(
+        "empty.txt: too short, it gives no token to estimate on"
+    )
+    assert "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ from helpers_checkpoints import (
     tiny_config,
     tiny_weights,
     write_fisher,
+    write_grams,
     write_tiny,
 )
 
@@ -121,8 +122,10 @@ def test_every_registered_method_equals_merge(tmp_path, method):
         fields["base_model"] = str(base)
     inputs = {}
     if spec.tensor_inputs_required:
-        inputs["fisher"] = [write_fisher(m, seed) for seed, m in enumerate(models)]
-        fields["params"] = {"fisher": "beside"}
+        (name,) = spec.tensor_inputs
+        write = write_fisher if name == "fisher" else write_grams
+        inputs[name] = [write(m, seed) for seed, m in enumerate(models)]
+        fields["params"] = {name: "beside"}
     merge_checkpoints(models, tmp_path / "out", **fields)
     key = jax.random.key(5) if spec.random else None
     want = _expected(models, base=base if use_base else None, method=method, key=key, **inputs)

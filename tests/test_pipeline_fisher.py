@@ -22,9 +22,9 @@ from helpers_checkpoints import (
 import jkarcher
 from jkarcher import pipeline
 from jkarcher.config import ConfigError, validate
-from jkarcher.fisher import FisherError
 from jkarcher.io import CheckpointError
 from jkarcher.merge import MergeError
+from jkarcher.models.calibration import CalibrationError
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBED = "model.embed_tokens.weight"
@@ -83,12 +83,12 @@ def test_fisher_field_is_checked_against_the_method(tmp_path):
         method="fisher_merging",
     )
     check(
-        r"params.fisher: method 'linear' takes no Fisher; the methods that do are "
+        r"params.fisher: method 'linear' takes no diagonal Fisher; the methods that do are "
         r"fisher_merging, karcher",
         method="linear",
         params={"fisher": "beside"},
     )
-    check(r"params.fisher: 1 Fisher files for 2 models", params={"fisher": [models[0]]})
+    check(r"params.fisher: 1 paths for 2 models", params={"fisher": [models[0]]})
     check(r"params.fisher: unknown field 'steps'", params={"fisher": {"text": "t", "steps": 3}})
     check(r"params.fisher.text: required", params={"fisher": {"seq_len": 8}})
     check(
@@ -173,15 +173,15 @@ def test_a_text_the_models_tokenizer_overruns_fails_before_estimating(tmp_path):
     estimate = {"fisher": {"text": str(text)}}
     config = validate(merge_config(models, tmp_path / "out", params=estimate))
     with pytest.raises(
-        FisherError,
+        CalibrationError,
         match=r"calibration.txt: .*model0/tokenizer.json gives token "
         r"id \d+ on this text, but the model's vocab_size \(config.json\) is 64",
     ):
-        pipeline.prepare_fishers(config)
+        pipeline.prepare_statistics(config)
     assert not (models[0] / "fisher.safetensors").exists()
     missing = validate(merge_config(models, tmp_path / "out", params={"fisher": {"text": "nope"}}))
     with pytest.raises(ConfigError, match=r"params.fisher.text: nope is not a file"):
-        pipeline.prepare_fishers(missing)
+        pipeline.prepare_statistics(missing)
 
 
 def test_fishers_follow_vocabulary_trimming_and_tied_embeddings(tmp_path):
@@ -194,9 +194,9 @@ def test_fishers_follow_vocabulary_trimming_and_tied_embeddings(tmp_path):
         )
     )
     head = next(t for t in plan.tasks if t.name == HEAD)
-    assert [f.name for f in head.fishers] == [HEAD, EMBED]  # model 1 ties: its embedding's
-    assert [f.shape for f in head.fishers] == [s.shape for s in head.sources] == [(64, 16)] * 2
-    assert all(f.file.name == "fisher.safetensors" for t in plan.tasks for f in t.fishers)
+    assert [f.name for f in head.statistics] == [HEAD, EMBED]  # model 1 ties: its embedding's
+    assert [f.shape for f in head.statistics] == [s.shape for s in head.sources] == [(64, 16)] * 2
+    assert all(f.file.name == "fisher.safetensors" for t in plan.tasks for f in t.statistics)
 
 
 @pytest.mark.slow
@@ -206,16 +206,16 @@ def test_fishers_estimated_on_a_text_are_made_once_and_merged(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     estimate = {"text": str(text), "seq_len": 16, "batch_size": 2, "num_batches": 2}
     config = validate(merge_config(models, tmp_path / "out", params={"fisher": estimate}))
-    runs = pipeline.prepare_fishers(config)
+    runs = pipeline.prepare_statistics(config)
     assert [r.path for r in runs] == [m / "fisher.safetensors" for m in models]
-    assert all(r.batches == 2 and r.predictions > 0 for r in runs)
+    assert all(r.batches == 2 and r.tokens > 0 for r in runs)
     stamps = [r.path.stat().st_mtime_ns for r in runs]
-    assert pipeline.prepare_fishers(config) == []  # current: made by this text and settings
+    assert pipeline.prepare_statistics(config) == []  # current: made by this text and settings
     assert [r.path.stat().st_mtime_ns for r in runs] == stamps
     reseeded = validate(
         merge_config(models, tmp_path / "out", params={"fisher": estimate | {"seed": 1}})
     )
-    assert len(pipeline.prepare_fishers(reseeded)) == 2
+    assert len(pipeline.prepare_statistics(reseeded)) == 2
 
     config_file = tmp_path / "fisher_config.py"
     config_file.write_text(

@@ -26,10 +26,10 @@ Several processes (hosts) run one merge when each is started with the same confi
 unless the cluster's environment gives them; see `jkarcher/config/schema.py`): each reads and
 writes only the rows its own devices hold, and the output appears once all of them have finished.
 
-Methods that take each model's diagonal Fisher read it as `params.fisher` says; given a text
-(`{"text": FILE, ...}`), the Fishers not yet estimated on it are estimated first and saved beside
-the models. The built-in example's checkpoints (`jkarcher.demo`) that a config names are written
-when the run first needs them.
+Methods that take each model's diagonal Fisher read it as `params.fisher` says, and RegMean each
+model's input Grams as `params.gram` says; given a text (`{"text": FILE, ...}`), those not yet
+estimated on it are estimated first and saved beside the models. The built-in example's
+checkpoints (`jkarcher.demo`) that a config names are written when the run first needs them.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def run_config(config: MergeConfig, quiet: bool = False) -> None:
     line and status 1."""
     try:
         demo.make_missing_demo_models([config.base_model, *(m.path for m in config.all_models)])
-        for estimate in pipeline.prepare_fishers(config, progress=distributed.is_leader()):
+        for estimate in pipeline.prepare_statistics(config, progress=distributed.is_leader()):
             print(estimate)
         plan = pipeline.plan_merge(config)
         for warning in plan.warnings:

@@ -24,6 +24,7 @@ from jkarcher.config.fields import (
     parse_size,
 )
 from jkarcher.config.schema import (
+    BESIDE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_SEQ_LEN,
     DEFAULT_SHARD_SIZE,
@@ -31,15 +32,17 @@ from jkarcher.config.schema import (
     DISTRIBUTED_FIELDS,
     ESTIMATORS,
     FIELDS,
-    FISHER_BESIDE,
     FISHER_ESTIMATE_FIELDS,
     FISHER_INPUT,
+    GRAM_ESTIMATE_FIELDS,
+    GRAM_INPUT,
     MODEL_FIELDS,
     DistributedSettings,
     FisherEstimate,
-    FisherSettings,
+    GramEstimate,
     MergeConfig,
     ModelEntry,
+    StatisticSettings,
     base_config,
 )
 from jkarcher.config.settings import (
@@ -53,6 +56,7 @@ from jkarcher.config.settings import (
 from jkarcher.config.validate import distributed_settings, validate
 
 __all__ = [
+    "BESIDE",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_SEQ_LEN",
     "DEFAULT_SHARD_SIZE",
@@ -60,9 +64,10 @@ __all__ = [
     "DISTRIBUTED_FIELDS",
     "ESTIMATORS",
     "FIELDS",
-    "FISHER_BESIDE",
     "FISHER_ESTIMATE_FIELDS",
     "FISHER_INPUT",
+    "GRAM_ESTIMATE_FIELDS",
+    "GRAM_INPUT",
     "MODEL_FIELDS",
     "OUTPUT_DTYPES",
     "OUTPUT_FORMATS",
@@ -70,11 +75,12 @@ __all__ = [
     "DistributedSettings",
     "Filtered",
     "FisherEstimate",
-    "FisherSettings",
     "Gradient",
+    "GramEstimate",
     "MergeConfig",
     "ModelEntry",
     "Rule",
+    "StatisticSettings",
     "base_config",
     "distributed_settings",
     "layer_position",

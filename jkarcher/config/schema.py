@@ -32,10 +32,11 @@ from jkarcher.config.settings import has_gradient, plain
 DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_WEIGHT = 1.0
 FISHER_INPUT = "fisher"  # the tensor input `params.fisher` feeds
-FISHER_BESIDE = "beside"  # `params.fisher`: fisher.safetensors in each model's directory
+GRAM_INPUT = "gram"  # the tensor input `params.gram` feeds (RegMean's input Grams)
+BESIDE = "beside"  # `params.fisher` / `params.gram`: the statistics file in each model's directory
 ESTIMATORS = ("true", "empirical")  # of a diagonal Fisher (`jkarcher.fisher`)
-DEFAULT_SEQ_LEN = 256  # tokens per window of a Fisher estimate's text
-DEFAULT_BATCH_SIZE = 8  # windows per batch of a Fisher estimate
+DEFAULT_SEQ_LEN = 256  # tokens per window of a Fisher's or Grams' calibration text
+DEFAULT_BATCH_SIZE = 8  # windows per batch of a Fisher's or Grams' estimate
 
 _WRITTEN = "written"  # field metadata: makes the value a config file holds before it sets one
 _UNDER_PARAMS = "under_params"  # field metadata: a config file writes it as `params.NAME`
@@ -146,24 +147,40 @@ class FisherEstimate:
 
 
 @dataclasses.dataclass(frozen=True)
-class FisherSettings:
-    """Where each model's diagonal Fisher comes from (`params.fisher`): the files in `files`,
-    one per model (a file, or a directory holding fisher.safetensors), or else
-    fisher.safetensors beside each model, estimated first where `estimate` is given."""
+class GramEstimate:
+    """How the input Grams that are missing beside the models are estimated (`params.gram`
+    given as a mapping; `jkarcher.grams.checkpoint_grams` takes these settings)."""
 
-    # `params.fisher` as a list [PATH, ...]: one Fisher file or directory per model.
+    # The UTF-8 text file to estimate on, tokenized with each model's own tokenizer.json.
+    text: str
+    # Tokens per window of the text.
+    seq_len: int = DEFAULT_SEQ_LEN
+    # Windows per batch.
+    batch_size: int = DEFAULT_BATCH_SIZE
+    # At most this many batches of the text; None: all of it.
+    num_batches: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticSettings:
+    """Where each model's statistics come from (its diagonal Fisher, `params.fisher`; its input
+    Grams, `params.gram`): the files in `files`, one per model (a file, or a directory holding
+    the statistic's file, fisher.safetensors or grams.safetensors), or else that file beside
+    each model, estimated first where `estimate` is given."""
+
+    # As a list [PATH, ...]: one file or directory per model.
     files: tuple[str, ...] | None = None
-    # `params.fisher` as a mapping {"text": FILE, ...}: estimated on a text where missing, and
-    # written as fisher.safetensors beside each model (`jkarcher.pipeline.prepare_fishers`; an
-    # estimate there made by other settings or text is made again).
-    estimate: FisherEstimate | None = None
+    # As a mapping {"text": FILE, ...}: estimated on a text where missing, and written beside
+    # each model (`jkarcher.pipeline.prepare_statistics`; an estimate there made by other
+    # settings or text is made again).
+    estimate: FisherEstimate | GramEstimate | None = None
 
     def plain(self) -> Any:
         if self.files is not None:
             return list(self.files)
         if self.estimate is not None:
             return dataclasses.asdict(self.estimate)
-        return FISHER_BESIDE
+        return BESIDE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +207,8 @@ class MergeConfig:
     values that vary by tensor are `Gradient` or `Filtered` settings, which `tensor_values`
     resolves for each tensor.
 
-    Its fields, in order, are those of a config file (`FIELDS`), but for `fisher`, which a config
-    file writes as `params.fisher`.
+    Its fields, in order, are those of a config file (`FIELDS`), but for `fisher` and `gram`,
+    which a config file writes as `params.fisher` and `params.gram`.
     """
 
     # Name of a registered merge method (`jkarcher.methods.names()`); config files start from
@@ -209,7 +226,7 @@ class MergeConfig:
     slices: tuple[Slice, ...] = _written(list, ())
     # The method's parameters (defaults from the registry); a list gives one value per model,
     # for the parameters that take one; any of them may vary by tensor
-    # (`jkarcher.config.settings`). `params.fisher` is the `fisher` field below.
+    # (`jkarcher.config.settings`). `params.fisher` and `params.gram` are the fields below.
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Output dtype: "bfloat16", "float16" or "float32".
     dtype: str = "bfloat16"
@@ -266,10 +283,26 @@ class MergeConfig:
     # Where each model's diagonal Fisher comes from, for the methods that take one (karcher,
     # optionally; fisher_merging, necessarily), written as `params.fisher`: "beside"
     # (fisher.safetensors in each model's directory), [PATH, ...] or {"text": FILE, ...}: see
-    # `FisherSettings`.
-    fisher: FisherSettings | None = dataclasses.field(
+    # `StatisticSettings`.
+    fisher: StatisticSettings | None = dataclasses.field(
         default=None, metadata={_UNDER_PARAMS: FISHER_INPUT}
     )
+    # Where each model's input Grams come from, for regmean, written as `params.gram`: "beside"
+    # (grams.safetensors in each model's directory), [PATH, ...] or {"text": FILE, ...}: see
+    # `StatisticSettings`.
+    gram: StatisticSettings | None = dataclasses.field(
+        default=None, metadata={_UNDER_PARAMS: GRAM_INPUT}
+    )
+
+    @property
+    def statistic(self) -> tuple[str, StatisticSettings] | None:
+        """(tensor input name, its settings) of the per-model statistic the merge reads, the
+        Fisher or the Grams (a config gives at most one), or None."""
+        if self.fisher is not None:
+            return FISHER_INPUT, self.fisher
+        if self.gram is not None:
+            return GRAM_INPUT, self.gram
+        return None
 
     @property
     def weights(self) -> tuple[Any, ...]:
@@ -300,7 +333,7 @@ class MergeConfig:
             ],
             "slices": [piece.plain() for piece in self.slices],
             "params": plain(self.params)
-            | ({FISHER_INPUT: self.fisher.plain()} if self.fisher else {}),
+            | ({self.statistic[0]: self.statistic[1].plain()} if self.statistic else {}),
             "output": str(self.output),
             "mesh": None if self.mesh is None else dict(self.mesh),
             "distributed": dataclasses.asdict(self.distributed),
@@ -325,6 +358,7 @@ SLICE_MODEL_FIELDS = _names(SliceModel)
 SLICE_BASE_FIELDS = _names(SliceBase)
 DISTRIBUTED_FIELDS = _names(DistributedSettings)
 FISHER_ESTIMATE_FIELDS = _names(FisherEstimate)
+GRAM_ESTIMATE_FIELDS = _names(GramEstimate)
 
 
 def base_config() -> ml_collections.ConfigDict:

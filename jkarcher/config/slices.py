@@ -61,10 +61,12 @@ def validated_slices(
     shared = raw["params"]
     if not isinstance(shared, dict):
         raise ConfigError(f"params: must be a mapping of method parameters, got {shared!r}")
-    if schema.FISHER_INPUT in shared:
-        raise ConfigError(
-            f"params.{schema.FISHER_INPUT}: Fishers are not taken with slices; merge whole models"
-        )
+    for statistic in (schema.FISHER_INPUT, schema.GRAM_INPUT):
+        if statistic in shared:
+            raise ConfigError(
+                f"params.{statistic}: per-model statistics are not taken with slices; merge "
+                "whole models"
+            )
     return tuple(
         _slice(entry, f"slices[{i}]", spec, shared, model, check) for i, entry in enumerate(value)
     )

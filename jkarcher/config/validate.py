@@ -18,13 +18,13 @@ from jkarcher.config.fields import ConfigError, check_known, optional_text
 from jkarcher.config.params import resolved_params
 from jkarcher.config.schema import (
     DistributedSettings,
-    FisherEstimate,
-    FisherSettings,
     MergeConfig,
     ModelEntry,
+    StatisticSettings,
 )
 from jkarcher.config.settings import falling_back, plain, read_setting
 from jkarcher.config.slices import validated_slices
+from jkarcher.config.statistics import validated_statistics
 from jkarcher.config.tokens import checked_tokens
 from jkarcher.errors import MergeError
 from jkarcher.io import chat_template
@@ -47,11 +47,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
     if not slices:
         check(models, base_model)
     raw_params = raw["params"]
-    fisher = _fisher(
-        spec,
-        raw_params.pop(schema.FISHER_INPUT, None) if isinstance(raw_params, dict) else None,
-        models,
-    )
+    statistics = validated_statistics(spec, raw_params, models)
     return MergeConfig(
         method=spec.name,
         models=models,
@@ -64,7 +60,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         seed=fields.seed(raw["seed"]),
         copy_tokenizer=fields.flag(raw["copy_tokenizer"], "copy_tokenizer"),
         chat_template=_chat_template(raw),
-        tokenizer_source=_tokenizer_source(raw, fisher),
+        tokenizer_source=_tokenizer_source(raw, statistics),
         tokens=checked_tokens(raw["tokens"]),
         pad_to_multiple_of=fields.optional_count(
             raw["pad_to_multiple_of"], "pad_to_multiple_of", 1
@@ -75,7 +71,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         format=fields.output_format(raw["format"]),
         mesh=fields.mesh(raw["mesh"]),
         distributed=distributed_settings(raw),
-        fisher=fisher,
+        **statistics,
     )
 
 
@@ -138,7 +134,7 @@ def _chat_template(raw: dict) -> str | None:
     return setting
 
 
-def _tokenizer_source(raw: dict, fisher: FisherSettings | None) -> str | None:
+def _tokenizer_source(raw: dict, statistics: Mapping[str, StatisticSettings | None]) -> str | None:
     """None, "base", "union" or a model's path (`jkarcher.pipeline.tokenizer`)."""
     source = optional_text(raw["tokenizer_source"], "tokenizer_source")
     if source is None:
@@ -148,7 +144,9 @@ def _tokenizer_source(raw: dict, fisher: FisherSettings | None) -> str | None:
         return None
     refused = {
         "copy_tokenizer is False": raw["copy_tokenizer"] is False,
-        "a Fisher is given (params.fisher)": fisher is not None,
+        **{
+            f"params.{name} is given": settings is not None for name, settings in statistics.items()
+        },
     }
     for reason, applies in refused.items():
         if applies:
@@ -160,17 +158,9 @@ def _method(value: Any) -> methods.MergeMethod:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"method: must be a method name, got {value!r}")
     try:
-        spec = methods.get(value)
+        return methods.get(value)
     except methods.MethodError as err:
         raise ConfigError(f"method: {err}") from None
-    unreadable = [name for name in spec.tensor_inputs if name != schema.FISHER_INPUT]
-    if spec.tensor_inputs_required and unreadable:
-        raise ConfigError(
-            f"method: {value!r} needs each model's {unreadable[0]} tensors, which checkpoint "
-            f"merges do not read yet: call jkarcher.merge(..., method={value!r}, "
-            f"{unreadable[0]}=[...]) on the models' parameters"
-        )
-    return spec
 
 
 def _models(value: Any, spec: methods.MergeMethod) -> tuple[ModelEntry, ...]:
@@ -234,66 +224,3 @@ def _check_weights(spec, models: tuple[ModelEntry, ...]) -> None:
         spec.checked_weights([m.weight for m in models], len(models))
     except MergeError as err:
         raise ConfigError(f"models[*].weight: {err}") from None
-
-
-def _fisher(spec, value: Any, models: tuple[ModelEntry, ...]) -> FisherSettings | None:
-    """`params.fisher`, checked against the method: only methods with a Fisher tensor input take
-    it, and those that need one must have it."""
-    takes = schema.FISHER_INPUT in spec.tensor_inputs
-    forms = (
-        f"{schema.FISHER_BESIDE!r} (fisher.safetensors in each model's directory), a list of one "
-        "Fisher file or directory per model, or {'text': FILE} to estimate them on a text"
-    )
-    if value is None:
-        if takes and spec.tensor_inputs_required:
-            raise ConfigError(
-                f"params.fisher: method {spec.name!r} needs each model's diagonal Fisher: give "
-                f"{forms} (scripts/fisher.py estimates one)"
-            )
-        return None
-    if not takes:
-        users = [m for m in methods.names() if schema.FISHER_INPUT in methods.get(m).tensor_inputs]
-        raise ConfigError(
-            f"params.fisher: method {spec.name!r} takes no Fisher; the methods that do are "
-            f"{', '.join(users)}"
-        )
-    adapted = next((i for i, m in enumerate(models) if m.lora), None)
-    if adapted is not None and not isinstance(value, list):
-        raise ConfigError(
-            f"params.fisher: models[{adapted}] applies a LoRA adapter, so the Fisher beside its "
-            "model is not its own, and none is estimated with the adapter: give one Fisher file "
-            "per model"
-        )
-    if value == schema.FISHER_BESIDE:
-        return FisherSettings()
-    if isinstance(value, list):
-        if len(value) != len(models):
-            raise ConfigError(f"params.fisher: {len(value)} Fisher files for {len(models)} models")
-        return FisherSettings(
-            files=tuple(fields.path(v, f"params.fisher[{i}]") for i, v in enumerate(value))
-        )
-    if isinstance(value, dict):
-        return FisherSettings(estimate=_fisher_estimate(value))
-    raise ConfigError(f"params.fisher: must be {forms}; got {value!r}")
-
-
-def _fisher_estimate(value: dict) -> FisherEstimate:
-    check_known(value, schema.FISHER_ESTIMATE_FIELDS, "params.fisher")
-    text = optional_text(value.get("text"), "params.fisher.text")
-    if text is None:
-        raise ConfigError("params.fisher.text: required (the text file to estimate Fishers on)")
-    value = schema.defaults(FisherEstimate) | value
-    estimator = value["estimator"]
-    if estimator not in schema.ESTIMATORS:
-        raise ConfigError(
-            f"params.fisher.estimator: must be one of {', '.join(schema.ESTIMATORS)}, got "
-            f"{estimator!r}"
-        )
-    return FisherEstimate(
-        text=text,
-        estimator=estimator,
-        seq_len=fields.count(value["seq_len"], "params.fisher.seq_len", 2),
-        batch_size=fields.count(value["batch_size"], "params.fisher.batch_size", 1),
-        num_batches=fields.optional_count(value["num_batches"], "params.fisher.num_batches", 1),
-        seed=fields.count(value["seed"], "params.fisher.seed", 0),
-    )

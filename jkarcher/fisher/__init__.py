@@ -7,12 +7,11 @@
               docstring derives the estimator and why it is unbiased)
   checkpoint  `checkpoint_fisher`: the estimate for a checkpoint on disk from a text file, saved
               with its recipe
-  files       `fisher.safetensors` beside a checkpoint, with the checkpoint's tensor names:
-              `save_fisher` writes it, `load_fisher` / `fisher_tensors` read it back, and
-              `estimate_recipe` / `has_recipe` tell a merge whether a saved estimate is current
+  files       `fisher.safetensors` beside a checkpoint, with the checkpoint's tensor names
+              (`jkarcher.models.save_statistics` writes it): `load_fisher` / `fisher_tensors`
+              read it back, and `estimate_recipe` tells a merge whether a saved estimate is
+              current
 """
-
-import importlib
 
 from jkarcher.config import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, ESTIMATORS
 from jkarcher.fisher.files import (
@@ -20,33 +19,25 @@ from jkarcher.fisher.files import (
     estimate_recipe,
     fisher_path,
     fisher_tensors,
-    has_recipe,
     load_fisher,
-    save_fisher,
 )
+from jkarcher.lazy import lazy_names
 
-# The estimators run the Flax model, whose import costs a merge's start about 0.3 s; a merge that
-# only reads saved Fishers never needs them, so they load on first use.
-_ESTIMATOR_MODULES = {
-    "Batch": "diagonal",
-    "Params": "diagonal",
-    "PredictFn": "diagonal",
-    "causal_lm_fisher": "diagonal",
-    "causal_lm_predictions": "diagonal",
-    "diagonal_fisher": "diagonal",
-    "next_token_mask": "diagonal",
-    "score_objective": "diagonal",
-    "FisherError": "checkpoint",
-    "FisherRun": "checkpoint",
-    "checkpoint_fisher": "checkpoint",
-}
-
-
-def __getattr__(name: str):
-    if name in _ESTIMATOR_MODULES:
-        module = importlib.import_module(f"jkarcher.fisher.{_ESTIMATOR_MODULES[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The estimators run the Flax model: they load on first use (`jkarcher.lazy`).
+__getattr__ = lazy_names(
+    __name__,
+    {
+        "Batch": "diagonal",
+        "Params": "diagonal",
+        "PredictFn": "diagonal",
+        "causal_lm_fisher": "diagonal",
+        "causal_lm_predictions": "diagonal",
+        "diagonal_fisher": "diagonal",
+        "next_token_mask": "diagonal",
+        "score_objective": "diagonal",
+        "checkpoint_fisher": "checkpoint",
+    },
+)
 
 
 __all__ = [
@@ -55,8 +46,6 @@ __all__ = [
     "ESTIMATORS",
     "FISHER_NAME",
     "Batch",
-    "FisherError",
-    "FisherRun",
     "Params",
     "PredictFn",
     "causal_lm_fisher",
@@ -66,9 +55,7 @@ __all__ = [
     "estimate_recipe",
     "fisher_path",
     "fisher_tensors",
-    "has_recipe",
     "load_fisher",
     "next_token_mask",
-    "save_fisher",
     "score_objective",
 ]

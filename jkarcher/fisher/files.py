@@ -5,25 +5,21 @@ recipe an estimate is saved with, by which a merge tells whether a saved estimat
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import safetensors.numpy
 
 from jkarcher.config import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from jkarcher.io import (
     CheckpointError,
     TensorInfo,
-    read_header,
     read_tensor,
     resolve_checkpoint_dir,
 )
+from jkarcher.io.statistics_files import beside, saved_tensors, text_recipe
 
 FISHER_NAME = "fisher.safetensors"
 
@@ -31,32 +27,7 @@ FISHER_NAME = "fisher.safetensors"
 def fisher_path(checkpoint_dir: str | os.PathLike) -> Path:
     """Where the Fisher of a checkpoint lives: `fisher.safetensors` in its directory (a hub id
     resolves to its snapshot in the local HF cache)."""
-    return resolve_checkpoint_dir(checkpoint_dir) / FISHER_NAME
-
-
-def save_fisher(
-    fisher: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write a decoder-shaped Fisher pytree as float32 safetensors under the HF tensor names.
-
-    The file is written to a temporary name in the same directory and renamed into place, so
-    an interrupted run never leaves a partial `fisher.safetensors`.
-    """
-    from jkarcher import models  # the Flax model: only where a pytree meets tensor names
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: np.asarray(jax.device_get(leaf), np.float32)
-        for name, leaf in models.params_to_hf(fisher).items()
-    }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        safetensors.numpy.save_file(tensors, temporary, dict(metadata or {}))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return beside(checkpoint_dir, FISHER_NAME)
 
 
 def estimate_recipe(
@@ -71,25 +42,17 @@ def estimate_recipe(
     """Everything that decides a `checkpoint_fisher` estimate besides the model, as the text
     metadata it is saved with: the text by its SHA-256, and the settings.
 
-    A saved estimate whose metadata holds the same recipe (`has_recipe`) need not be made again.
+    A saved estimate whose metadata holds the same recipe (`jkarcher.io.statistics_files.
+    has_recipe`) need not be made again.
     """
-    digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
-    return {
-        "text_sha256": digest,
-        "estimator": estimator,
-        "seq_len": str(seq_len),
-        "batch_size": str(batch_size),
-        "num_batches": "all" if num_batches is None else str(num_batches),
-        "seed": str(seed),
-    }
-
-
-def has_recipe(path: str | os.PathLike, recipe: Mapping[str, str]) -> bool:
-    """Whether `path` is a saved Fisher estimate made by `recipe` (`estimate_recipe`)."""
-    if not Path(path).is_file():
-        return False
-    _, metadata = read_header(path)
-    return all(metadata.get(key) == value for key, value in recipe.items())
+    return text_recipe(
+        text_file,
+        estimator=estimator,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        num_batches=num_batches,
+        seed=seed,
+    )
 
 
 def fisher_tensors(
@@ -101,13 +64,11 @@ def fisher_tensors(
     `jkarcher.io.read_tensor(info)`.
     """
     file = Path(path) if path is not None else fisher_path(checkpoint_dir)
-    if not file.is_file():
-        raise CheckpointError(
-            f"{file}: no Fisher estimate; compute one with "
-            f"`python scripts/fisher.py --checkpoint={checkpoint_dir} --text=...`"
-        )
-    infos, _ = read_header(file)
-    return infos
+    return saved_tensors(
+        file,
+        "no Fisher estimate; compute one with "
+        f"`python scripts/fisher.py --checkpoint={checkpoint_dir} --text=...`",
+    )
 
 
 def load_fisher(checkpoint_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Any:

@@ -101,13 +101,20 @@ def translate(document: Any, *, layer_count: Callable[[str], int]) -> Translatio
     groups = _groups(document, layer_count, notes)
     listed = document.get("models") is not None
     whole = len(groups) == 1 and groups[0].every_layer
-    shared = parameter_settings(
-        parameter_mapping(document.get("parameters"), "parameters"), "parameters"
-    )
+    top_level = dict(parameter_mapping(document.get("parameters"), "parameters"))
+    # Where each model's statistics come from (params.fisher, params.gram), for jkarcher-only
+    # methods: as jkarcher's config takes them, not a mergekit value.
+    statistics = {name: top_level.pop(name) for name in spec.tensor_inputs if name in top_level}
+    if statistics and not whole:
+        raise ConfigError(
+            f"parameters.{next(iter(statistics))}: per-model statistics are not taken with "
+            "slices; merge whole models"
+        )
+    shared = parameter_settings(top_level, "parameters")
     merges = [_merge(spec, group, shared, listed, not whole, notes) for group in groups]
     if whole:
         models, base_model, params = merges[0]
-        fields = {"models": models, "base_model": base_model, "params": params}
+        fields = {"models": models, "base_model": base_model, "params": params | statistics}
     else:
         fields = {
             "slices": [

@@ -15,11 +15,13 @@ from jkarcher.models.checkpoint import (
     param_path,
     params_to_hf,
     save,
+    save_statistics,
 )
 from jkarcher.models.config import ModelConfig, ModelConfigError, load_config
 from jkarcher.models.text import (
     TokenizerError,
     batches,
+    file_batches,
     leading_special_tokens,
     load_tokenizer,
     stream,
@@ -42,6 +44,7 @@ __all__ = [
     "TokenizerError",
     "batches",
     "expected_tensors",
+    "file_batches",
     "forward",
     "hf_name",
     "init_params",
@@ -55,6 +58,7 @@ __all__ = [
     "param_shapes",
     "params_to_hf",
     "save",
+    "save_statistics",
     "selected_hidden_states",
     "stream",
     "text_batches",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -103,6 +104,30 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: Params, dtyp
     safetensors.numpy.save_file(tensors, directory / "model.safetensors", {"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
     return directory
+
+
+def save_statistics(
+    statistics: Params, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write per-tensor statistics of a model (a pytree with the parameters' structure, None
+    where a tensor has none) as float32 safetensors under the HF tensor names, with `metadata`.
+
+    The file is written to a temporary name in the same directory and renamed into place, so
+    an interrupted run never leaves a partial file under `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: np.asarray(jax.device_get(leaf), np.float32)
+        for name, leaf in params_to_hf(statistics).items()
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        safetensors.numpy.save_file(tensors, temporary, dict(metadata or {}))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

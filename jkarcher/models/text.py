@@ -102,6 +102,31 @@ def text_batches(
     return list(batches(windows, batch_size, seq_len))
 
 
+def file_batches(
+    checkpoint_dir: str | os.PathLike,
+    text_file: str | os.PathLike,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`text_batches` of a UTF-8 text file, checked against the vocabulary of the checkpoint's
+    config.json; a TokenizerError names the file."""
+    from jkarcher.models.config import load_config
+
+    try:
+        return text_batches(
+            checkpoint_dir,
+            Path(text_file).read_text(encoding="utf-8"),
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_batches=max_batches,
+            vocab_size=load_config(checkpoint_dir).vocab_size,
+        )
+    except TokenizerError as err:
+        raise TokenizerError(f"{text_file}: {err}") from None
+
+
 def stream(
     step: Callable[..., Any], inputs: Iterable[tuple[np.ndarray, np.ndarray]]
 ) -> Iterator[tuple[Any, np.ndarray]]:

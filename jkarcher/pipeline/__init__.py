@@ -6,8 +6,8 @@ it:
 
   `plan`     `plan_merge(config)` reads headers and config files only: every output tensor with
              its sources, all models checked for the same names and shapes (`vocab`: vocabulary
-             rows and tied embeddings; `fishers`: Fisher files), the output layout fixed; any
-             problem is an error here, before anything is written. `slices` plans a merge
+             rows and tied embeddings; `statistics`: Fisher and Gram files), the output layout
+             fixed; any problem is an error here, before anything is written. `slices` plans a merge
              by slices: each output layer's sources from its slice's layers.
   `read`     a background thread reads the next tensors, each process only its devices' rows.
   `compile`  a second thread compiles the leaf function ahead for the shapes still to come.
@@ -15,13 +15,12 @@ it:
              config, tokenizer files and model card follow.
   `run`      `run(plan)` drives them: the finished directory is renamed into place.
 
-Methods that weigh coordinates by each model's diagonal Fisher (`params.fisher`) read the Fisher
-files like the models; `prepare_fishers(config)` first estimates the Fishers a config asks to
-estimate.
+Methods that read each model's statistics besides its weights (its diagonal Fisher,
+`params.fisher`; its input Grams, `params.gram`) read their files like the models;
+`prepare_statistics(config)` first estimates those a config asks to estimate.
 """
 
 from jkarcher.pipeline.compile import LeafCompiler, leaf_signature, placed_leaf
-from jkarcher.pipeline.fishers import fisher_files, prepare_fishers
 from jkarcher.pipeline.plan import (
     MergePlan,
     TensorSettings,
@@ -31,6 +30,7 @@ from jkarcher.pipeline.plan import (
 )
 from jkarcher.pipeline.read import ReadAhead
 from jkarcher.pipeline.run import MergeSummary, execution_order, run
+from jkarcher.pipeline.statistics import prepare_statistics, statistic_files
 from jkarcher.pipeline.vocab import EMBED_SUFFIX, LM_HEAD_NAME, ties_embeddings
 from jkarcher.pipeline.write import check_complete
 
@@ -45,12 +45,12 @@ __all__ = [
     "TensorTask",
     "check_complete",
     "execution_order",
-    "fisher_files",
     "leaf_signature",
     "placed_leaf",
     "plan_merge",
-    "prepare_fishers",
+    "prepare_statistics",
     "run",
+    "statistic_files",
     "tensor_settings",
     "ties_embeddings",
 ]

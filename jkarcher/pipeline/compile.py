@@ -26,6 +26,7 @@ from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
 from jkarcher.numerics import COMPILER_OPTIONS
 from jkarcher.pipeline.plan import TensorTask
+from jkarcher.pipeline.statistics import statistic_placement
 from jkarcher.sharding import padded_shape, replicated, row_sharding
 
 
@@ -40,7 +41,8 @@ def leaf_signature(method: str, task: TensorTask) -> tuple:
         task.source_dtype,
         task.base is not None,
         len(task.sources),
-        len(task.fishers),
+        task.statistic if task.statistics else None,
+        len(task.statistics),
         static,
         jax.tree.structure(traced),
         task.out_dtype,
@@ -89,13 +91,14 @@ class LeafCompiler:
         return self._weights[cached]
 
     def merge(
-        self, task: TensorTask, sources: tuple, base, key, fishers: tuple = ()
+        self, task: TensorTask, sources: tuple, base, key, statistics: tuple = ()
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
         the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
         `placed_leaf`)."""
         compiled = self._compiled[leaf_signature(self._method, task)].result()
-        return compiled(sources, self.weights(task), base, key, fishers, self.traced_params(task))
+        weights, traced = self.weights(task), self.traced_params(task)
+        return compiled(sources, weights, base, key, statistics, traced)
 
     def traced_params(self, task: TensorTask) -> dict[str, Any]:
         """The task's traced parameters as scalars (`jkarcher.merge.traced_arguments`), once per
@@ -109,7 +112,8 @@ class LeafCompiler:
     def _function(self, task: TensorTask) -> Callable:
         shape = task.sources[0].shape
         static = split_params(self._method, task.settings.params)[0]
-        return placed_leaf(self._method, static, shape, task.out_dtype, self._mesh)
+        statistic = task.statistic if task.statistics else None
+        return placed_leaf(self._method, static, shape, task.out_dtype, self._mesh, statistic)
 
     @property
     def compilations(self) -> int:
@@ -137,7 +141,14 @@ class LeafCompiler:
         base = None if task.base is None else shaped
         key = None if self._seed_key is None else leaf_key(self._seed_key, task.name)
         sources = (shaped,) * len(task.sources)
-        fishers = (jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),) * len(task.fishers)
+        placements = (
+            statistic_placement(task.statistic, task.sources[0].shape, info.shape, self._mesh)
+            for info in task.statistics
+        )
+        statistics = tuple(
+            jax.ShapeDtypeStruct(placed_shape, np.float32, sharding=placed_sharding)
+            for placed_shape, placed_sharding in placements
+        )
         traced = self.traced_params(task)
         mesh = (self._mesh.shape_tuple, [device.id for device in self._mesh.devices.flat])
         stored_as = compile_cache.key(self._method, leaf_signature(self._method, task), mesh)
@@ -146,7 +157,7 @@ class LeafCompiler:
             self._loaded += 1
         else:
             function = self._function(task)
-            lowered = function.lower(sources, self.weights(task), base, key, fishers, traced)
+            lowered = function.lower(sources, self.weights(task), base, key, statistics, traced)
             compiled = lowered.compile()
             compile_cache.store(stored_as, compiled)
         self._compile_seconds += time.perf_counter() - start
@@ -155,14 +166,21 @@ class LeafCompiler:
 
 @functools.cache
 def placed_leaf(
-    method: str, static_params: tuple, shape: tuple[int, ...], out_dtype: np.dtype, mesh: Mesh
+    method: str,
+    static_params: tuple,
+    shape: tuple[int, ...],
+    out_dtype: np.dtype,
+    mesh: Mesh,
+    statistic: str | None = None,
 ) -> Callable:
     """`jkarcher.merge.traced_leaf(method, static_params)` for sources of `shape` split by rows
     over `mesh`, as `jkarcher.pipeline.read.read_task` places them (cached): (sources, weights,
-    base, key, fishers, traced parameters) -> (merged, all-finite flags, merged all finite).
+    base, key, statistics, traced parameters) -> (merged, all-finite flags, merged all finite).
+    `statistics` are the models' tensor input named `statistic` ("fisher", split by rows like
+    the sources; "gram", whole), or () when the tensor has none.
 
-    The padding rows are cut off before the leaf sees the sources (and the Fishers, its
-    `fisher` input, when there are any) and put back as zeros after it, so the leaf merges
+    The padding rows are cut off before the leaf sees the sources (and the Fishers) and put
+    back as zeros after it, so the leaf merges
     exactly the tensor (its whole-tensor statistics and random draws are those of one device);
     the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
     on every device. It compiles with `COMPILER_OPTIONS`, as `jkarcher.merge` does.
@@ -173,9 +191,11 @@ def placed_leaf(
     def cut(x: jax.Array) -> jax.Array:
         return x[: shape[0]] if padding else x
 
-    def run(sources, weights, base, key, fishers, traced):
+    def run(sources, weights, base, key, statistics, traced):
         base = None if base is None else cut(base)
-        tensors = {FISHER_INPUT: tuple(map(cut, fishers))} if fishers else None
+        if statistic == FISHER_INPUT:
+            statistics = tuple(map(cut, statistics))
+        tensors = {statistic: tuple(statistics)} if statistics else None
         sources = tuple(map(cut, sources))
         merged, finite, merged_finite = leaf(sources, weights, base, key, tensors, traced)
         if padding:

@@ -2,8 +2,8 @@
 
 `plan_merge(config)` opens every checkpoint's headers, lists every output tensor with its
 sources (`TensorTask`), checks that the models fit together (the same names, shapes and
-architectures; vocabulary and tied embeddings: `jkarcher.pipeline.vocab`; Fisher files:
-`jkarcher.pipeline.fishers`) and that the output may be written, and fixes the output's shard
+architectures; vocabulary and tied embeddings: `jkarcher.pipeline.vocab`; statistics files:
+`jkarcher.pipeline.statistics`) and that the output may be written, and fixes the output's shard
 layout. Any problem is an error here, before anything is read or written.
 
 The output takes its config, vocabulary and tokenizer from one input, the plan's `template`: the
@@ -33,7 +33,7 @@ from jkarcher.io.orbax_io import open_checkpoint
 from jkarcher.io.output_dir import check_free_space, check_output_dir
 from jkarcher.io.writer import OutputTensor, Shard, natural_key, plan_shards
 from jkarcher.lora.applied import with_adapter
-from jkarcher.pipeline.fishers import fisher_sources, open_fishers
+from jkarcher.pipeline.statistics import open_statistics, statistic_labels, statistic_sources
 from jkarcher.pipeline.vocab import (
     LM_HEAD_NAME,
     VOCAB_SUFFIXES,
@@ -66,8 +66,9 @@ class TensorTask:
     `sources[i]` is model i's tensor (only the rows all models share, for a vocabulary tensor);
     `extra_rows`, when the template model's vocabulary is larger, holds the output's further
     rows, copied from that model. A tensor that is not `floating` point is copied from the first
-    model once all agree, rather than merged. `fishers[i]`, when the method is given Fishers, is
-    model i's Fisher of the same rows as `sources[i]`. `labels`, in a merge by slices, names
+    model once all agree, rather than merged. `statistics[i]`, when the method is given each
+    model's `statistic` (its tensor input: "fisher" or "gram"), is model i's Fisher of the same
+    rows as `sources[i]`, or its Gram of the tensor's inputs. `labels`, in a merge by slices, names
     each source's input and then the base's ('slices[1].models[0] (PATH)'); otherwise the
     plan's labels do.
     """
@@ -81,12 +82,13 @@ class TensorTask:
     extra_rows: StoredTensor | None
     settings: TensorSettings
     floating: bool
-    fishers: tuple[StoredTensor, ...] = ()
+    statistic: str | None = None
+    statistics: tuple[StoredTensor, ...] = ()
     labels: tuple[str, ...] = ()
 
     def infos(self) -> tuple[StoredTensor, ...]:
         """Every distinct tensor this task reads (a model listed twice is read once)."""
-        wanted = (*self.sources, self.base, self.extra_rows, *self.fishers)
+        wanted = (*self.sources, self.base, self.extra_rows, *self.statistics)
         return tuple(dict.fromkeys(i for i in wanted if i is not None))
 
     @property
@@ -103,7 +105,7 @@ class MergePlan:
     models: tuple[CheckpointReader, ...]
     base: CheckpointReader | None
     labels: tuple[str, ...]
-    fisher_labels: tuple[str, ...]
+    statistic_labels: tuple[str, ...]
     tie_embeddings: bool
     tasks: tuple[TensorTask, ...]
     shards: tuple[Shard, ...]
@@ -138,12 +140,12 @@ class MergePlan:
 
     def input_labels(self, task: TensorTask) -> list[tuple[StoredTensor, str]]:
         """Each tensor a task reads, with the input it comes from ('model 2 (PATH)'), in the
-        order of the leaf's all-finite flags (sources, base, Fishers), then the extra rows."""
+        order of the leaf's all-finite flags (sources, base, statistics), then the extra rows."""
         labels = task.labels or self.labels
         labelled = list(zip(task.sources, labels, strict=False))
         if task.base is not None:
             labelled.append((task.base, labels[-1]))
-        labelled += zip(task.fishers, self.fisher_labels, strict=False)
+        labelled += zip(task.statistics, self.statistic_labels, strict=False)
         if task.extra_rows is not None:
             labelled.append((task.extra_rows, self.template_label))
         return labelled
@@ -168,9 +170,9 @@ def tensor_settings(
 def plan_merge(config: MergeConfig) -> MergePlan:
     """Open every checkpoint's headers, check that they fit together and fix the output layout.
 
-    With `params.fisher`, each model's Fisher file is opened too (its headers) and checked to
-    hold every merged tensor in the model's shape (`prepare_fishers` must have made those that
-    are to be estimated).
+    With `params.fisher` or `params.gram`, each model's statistics file is opened too (its
+    headers) and checked to hold the merged tensors' statistics in their shapes
+    (`prepare_statistics` must have made those that are to be estimated).
 
     Raises CheckpointError, MergeError or OutputError, naming the tensor, the model and the file,
     or ConfigError for a tensor whose weights or parameters the method cannot take, before any
@@ -195,8 +197,9 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             "model (or the first model), so that one needs it"
         )
     labels = [f"model {i} ({c.source})" for i, c in enumerate(models)]
-    fishers = open_fishers(config, labels) if config.fisher else ()
-    fisher_labels = tuple(f"the Fisher of {label}" for label in labels[: len(fishers)])
+    statistic = config.statistic[0] if config.statistic else None
+    opened = open_statistics(config, labels) if statistic else ()
+    named = statistic_labels(statistic, labels) if statistic else ()
     if base is not None:
         labels.append(f"the base model ({base.source})")
     template_index = len(models) if base else 0
@@ -225,9 +228,9 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             task, warning = plan_tensor(
                 config, name, infos, labels, len(models), template_index, settings
             )
-        if fishers and task.floating:
-            chosen = fisher_sources(task.sources, infos[: len(models)], fishers, fisher_labels)
-            task = dataclasses.replace(task, fishers=chosen)
+        if statistic and task.floating:
+            chosen = statistic_sources(statistic, task.sources, infos[: len(models)], opened, named)
+            task = dataclasses.replace(task, statistic=statistic, statistics=chosen)
         tasks.append(task)
         warnings += [warning] if warning else []
     layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
@@ -239,7 +242,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         models=models,
         base=base,
         labels=tuple(labels),
-        fisher_labels=fisher_labels,
+        statistic_labels=named,
         tie_embeddings=tie,
         tasks=tuple(tasks),
         shards=shards,

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jkarcher.io import StoredTensor
 from jkarcher.pipeline.plan import TensorTask
+from jkarcher.pipeline.statistics import statistic_placement
 from jkarcher.sharding import padded_shape, row_sharding
 
 # Reading ahead may hold at least this much even when every tensor is small.
@@ -32,9 +33,10 @@ PARALLEL_TENSOR_READS = 8
 
 
 def read_task(mesh: Mesh, task: TensorTask) -> dict[StoredTensor, jax.Array | np.ndarray]:
-    """What a task reads: its sources and base (and Fishers, in float32) as global arrays split
-    by rows over the mesh (this process reading only its own devices' rows); the extra rows, or
-    a tensor that is copied rather than merged, whole. The tensors are read in parallel."""
+    """What a task reads: its sources and base as global arrays split by rows over the mesh
+    (this process reading only its own devices' rows), and its statistics in float32 as
+    `statistic_placement` places them; the extra rows, or a tensor that is copied rather than
+    merged, whole. The tensors are read in parallel."""
     if not task.floating:
         reads = {info: _pool().submit(info.read) for info in task.infos()}
         return {info: read.result() for info, read in reads.items()}
@@ -45,9 +47,9 @@ def read_task(mesh: Mesh, task: TensorTask) -> dict[StoredTensor, jax.Array | np
         info: _pool().submit(info.read_placed, shape, sharding, task.source_dtype)
         for info in dict.fromkeys(placed)
     }
-    reads |= {
-        info: _pool().submit(info.read_placed, shape, sharding, np.float32) for info in task.fishers
-    }
+    for info in task.statistics:
+        placed_as = statistic_placement(task.statistic, task.sources[0].shape, info.shape, mesh)
+        reads[info] = _pool().submit(info.read_placed, *placed_as, np.float32)
     if task.extra_rows is not None:
         reads[task.extra_rows] = _pool().submit(task.extra_rows.read)
     return {info: read.result() for info, read in reads.items()}

@@ -169,8 +169,8 @@ def merge_tensor(
         return _agreed_copy(plan, task, arrays), None
     sources = tuple(arrays[info] for info in task.sources)
     base = None if task.base is None else arrays[task.base]
-    fishers = tuple(arrays[info] for info in task.fishers)
-    merged, finite, merged_finite = leaves.merge(task, sources, base, key, fishers)
+    statistics = tuple(arrays[info] for info in task.statistics)
+    merged, finite, merged_finite = leaves.merge(task, sources, base, key, statistics)
     labelled = plan.input_labels(task)
     for index in np.flatnonzero(~np.asarray(finite)):
         _raise_not_finite(task, *labelled[index])

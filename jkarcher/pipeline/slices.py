@@ -118,7 +118,7 @@ def plan_slices(config: MergeConfig) -> MergePlan:
         models=readers,
         base=None,
         labels=labels,
-        fisher_labels=(),
+        statistic_labels=(),
         tie_embeddings=tie,
         tasks=tuple(tasks),
         shards=shards,

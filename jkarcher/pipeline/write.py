@@ -181,7 +181,8 @@ def write_side_files(plan: MergePlan, directory: Path) -> None:
         title=config.output.name,
         method=plan.method.name,
         method_summary=plan.method.summary
-        + (", with each model's diagonal Fisher (params.fisher)" if config.fisher else ""),
+        + (", with each model's diagonal Fisher (params.fisher)" if config.fisher else "")
+        + (", with each model's input Grams (params.gram)" if config.gram else ""),
         method_citation=plan.method.citation,
         models=[(m.path, m.weight) for m in config.all_models],
         base_model=config.base_model,
