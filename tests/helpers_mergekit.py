@@ -1,6 +1,7 @@
-"""mergekit as a test oracle: whether it is installed, and `mergekit-yaml` run on YAML files.
+"""mergekit (and FusionBench) as test oracles: whether they are installed, and `mergekit-yaml`
+run on YAML files.
 
-Tests that need mergekit are skipped without it, except in CI (CI=true), where it must be
+Tests that need an oracle are skipped without it, except in CI (CI=true), where it must be
 installed and they fail instead.
 """
 
@@ -25,12 +26,13 @@ for config, out in zip(sys.argv[2::2], sys.argv[3::2]):
 """
 
 
-def require_mergekit() -> None:
-    """Skip the calling test without mergekit, or fail it in CI."""
-    if importlib.util.find_spec("mergekit") is None:
+def require_oracle(module: str = "mergekit") -> None:
+    """Skip the calling test without the test oracle `module` (mergekit, or FusionBench's
+    `fusion_bench`), or fail it in CI."""
+    if module not in sys.modules and importlib.util.find_spec(module) is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("mergekit must be installed in CI (pip install -e '.[test]')")
-        pytest.skip("mergekit is not installed (pip install -e '.[test]')")
+            pytest.fail(f"{module} must be installed in CI (pip install -e '.[test]')")
+        pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
 
 
 def run_mergekit_yaml(
@@ -38,7 +40,7 @@ def run_mergekit_yaml(
 ) -> dict[str, Path]:
     """Each YAML file merged by `mergekit-yaml` (with `options`) into root / its name's stem, on
     the CPU and without network; returns the outputs by the files' keys."""
-    require_mergekit()
+    require_oracle()
     outputs = {key: root / Path(path).stem for key, path in files.items()}
     arguments = [str(a) for key in files for a in (files[key], outputs[key])]
     environment = os.environ | {

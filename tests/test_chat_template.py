@@ -15,7 +15,7 @@ import jinja2
 import numpy as np
 import pytest
 from helpers_checkpoints import make_models, read_all, tiny_config, tiny_weights, write_tiny
-from helpers_mergekit import require_mergekit, run_mergekit_yaml
+from helpers_mergekit import require_oracle, run_mergekit_yaml
 
 from jkarcher import mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, validate
@@ -70,7 +70,7 @@ def _render(template, conversation, generation_prompt):
 
 @pytest.mark.parametrize("name", list(NAMED_TEMPLATES))
 def test_named_templates_render_mergekits_prompts(name):
-    require_mergekit()
+    require_oracle()
     from mergekit._data import chat_templates
 
     theirs = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()

@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 from helpers_checkpoints import read_all
-from helpers_mergekit import require_mergekit, run_mergekit_yaml
+from helpers_mergekit import require_oracle, run_mergekit_yaml
 
 from jkarcher import mergekit_yaml, pipeline
 from jkarcher.config import validate
@@ -215,7 +215,7 @@ def config_files(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mergekit_outputs(config_files, tmp_path_factory):
     """Each config merged by `mergekit-yaml`, all in one process."""
-    require_mergekit()
+    require_oracle()
     return run_mergekit_yaml(config_files, tmp_path_factory.mktemp("mergekit_out"))
 
 

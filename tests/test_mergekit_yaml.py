@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers_checkpoints import BF16, make_models, read_all
-from helpers_mergekit import require_mergekit, run_mergekit_yaml
+from helpers_mergekit import require_oracle, run_mergekit_yaml
 
 from jkarcher import demo, mergekit_yaml, pipeline
 from jkarcher.config import ConfigError, validate
@@ -698,7 +698,7 @@ CASES |= EXAMPLES
 
 @pytest.fixture(scope="module")
 def mergekit():
-    require_mergekit()
+    require_oracle()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers_mergekit import require_oracle
 
 import jkarcher
 from jkarcher.errors import MergeError
@@ -189,3 +190,38 @@ def test_a_gram_for_a_vector_is_refused():
 def test_alpha_outside_the_unit_interval_is_refused():
     with pytest.raises(jkarcher.methods.MethodError, match="'alpha'=1.5: must be in"):
         jkarcher.merge([jnp.ones((2, 2))] * 2, method="regmean", gram=[jnp.eye(2)] * 2, alpha=1.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_regmean_equals_fusionbench(dtype):
+    """FusionBench's RegMean (`merging_with_regmean_weights`, equal weights, torch in float32)
+    on a linear weight and a bias: the weight agrees to the solve's rounding, the bias (the
+    mean) to a float32 rounding."""
+    require_oracle("fusion_bench")
+    import torch
+    from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
+
+    weights, grams, _ = _problem(dtype=dtype)
+    biases = np.random.default_rng(5).standard_normal((3, 24)).astype(dtype)
+    as_torch = lambda a: torch.from_numpy(np.asarray(a, np.float32))
+    theirs = merging_with_regmean_weights(
+        {"proj.weight": list(map(as_torch, weights)), "proj.bias": list(map(as_torch, biases))},
+        [{"proj": as_torch(g)} for g in grams],
+        reduce_non_diagonal_ratio=0.6,
+    )
+    models = [
+        {"weight": jnp.asarray(w), "bias": jnp.asarray(b)}
+        for w, b in zip(weights, biases, strict=True)
+    ]
+    gram = [{"weight": jnp.asarray(g, jnp.float32), "bias": None} for g in grams]
+    ours = jkarcher.merge(models, method="regmean", gram=gram)
+    float32 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    # Ours rounds once to the sources' dtype; compare theirs rounded the same way, within the
+    # float32 solve's bound (two solves: twice it) plus the rounding to that dtype.
+    their_weight = theirs["proj.weight"].numpy().astype(dtype).astype(np.float64)
+    bound = 2 * _tolerance(weights.astype(np.float32), grams, np.ones(3), 0.6)
+    ulp = 0.0 if dtype == np.float32 else np.abs(their_weight) * 2.0**-7
+    assert np.all(np.abs(float32(ours["weight"]) - their_weight) <= bound + ulp)
+    their_bias = theirs["proj.bias"].numpy().astype(dtype).astype(np.float64)
+    bias_ulp = np.abs(their_bias) * (2 * EPS32 if dtype == np.float32 else 2.0**-7)
+    assert np.all(np.abs(float32(ours["bias"]) - their_bias) <= bias_ulp + 1e-7)
