@@ -180,8 +180,8 @@ def placed_leaf(
     the sources; "gram", whole), or () when the tensor has none.
 
     The padding rows are cut off before the leaf sees the sources (and the Fishers) and put
-    back as zeros after it, so the leaf merges
-    exactly the tensor (its whole-tensor statistics and random draws are those of one device);
+    back as zeros after it, so the leaf merges exactly the tensor (its whole-tensor statistics
+    and random draws are those of one device);
     the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
     on every device. It compiles with `COMPILER_OPTIONS`, as `jkarcher.merge` does.
     """
