@@ -3,14 +3,15 @@ arXiv:2212.09849, Sec. 3).
 
 A linear layer y = x W^T (W stored as HF does, [out, in]) of model i was trained on inputs X_i
 [tokens, in]. RegMean asks for the one W whose outputs on every model's inputs come closest to
-that model's own, weighted by w_i:
+that model's own, weighted by w_i per token of its T_i calibration tokens:
 
-    W* = argmin_W  sum_i w_i ||X_i W^T - X_i W_i^T||_F^2
-       = (sum_i w_i W_i G_i) (sum_i w_i G_i)^-1,           G_i = X_i^T X_i / tokens_i,
+    W* = argmin_W  sum_i (w_i / T_i) ||X_i W^T - X_i W_i^T||_F^2
+       = (sum_i w_i W_i G_i) (sum_i w_i G_i)^-1,           G_i = X_i^T X_i / T_i,
 
 the normal equations' solution, with G_i model i's input Gram matrix [in, in] (a mean over its
 calibration tokens, so calibration sets of different lengths weigh alike; `jkarcher.grams`
-estimates it). The paper (its Sec. 3.2) shrinks each Gram toward its diagonal,
+estimates it). The paper shrinks each Gram toward its diagonal by a factor alpha on the
+off-diagonal entries,
 
     G~_i = alpha G_i + (1 - alpha) diag(G_i),
 
