@@ -73,18 +73,26 @@ class StoredTensor(abc.ABC):
     ) -> jax.Array:
         """The tensor as a global array of `shape` (its rows, then zero rows of padding) and
         `sharding`, cast to `dtype`; this process reads only the rows its own devices hold, each
-        device's block with `rows(...).read()` (used in place on CPU)."""
+        device's block with `rows(...).read()` (used in place on CPU), each distinct block once
+        (a replicated array is read once, not once per device)."""
+        blocks: dict[tuple[int, int], np.ndarray] = {}
         arrays = []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            if shape:
-                first, stop = index[0].start or 0, index[0].stop or shape[0]
-                held = self.rows(min(first, self.shape[0]), min(stop, self.shape[0]))
-                block = _padded_rows(held.read(), stop - first)
-            else:
-                block = self.read()
-            block = block if block.dtype == dtype else block.astype(dtype)
-            arrays.append(jax.device_put(block, device, may_alias=True))
+            first, stop = (index[0].start or 0, index[0].stop or shape[0]) if shape else (0, 0)
+            if (first, stop) not in blocks:
+                blocks[first, stop] = self._block(shape, first, stop, dtype)
+            arrays.append(jax.device_put(blocks[first, stop], device, may_alias=True))
         return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+    def _block(self, shape: tuple[int, ...], first: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        """Rows [first, stop) of the global array of `shape` (zero rows past the tensor's own), or
+        the whole of a scalar, in `dtype`."""
+        if shape:
+            held = self.rows(min(first, self.shape[0]), min(stop, self.shape[0]))
+            block = _padded_rows(held.read(), stop - first)
+        else:
+            block = self.read()
+        return block if block.dtype == dtype else block.astype(dtype)
 
     def _check_rows(self, first: int, stop: int) -> None:
         """Raise ValueError unless [first, stop) are rows of this tensor."""
