@@ -14,19 +14,51 @@ then read like the models, tensor by tensor, in float32, and given to the leaf a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from jax.sharding import Mesh, NamedSharding
 
 from jkarcher import distributed, fisher, grams
-from jkarcher.config import FISHER_INPUT, ConfigError, MergeConfig
+from jkarcher.config import FISHER_INPUT, GRAM_INPUT, ConfigError, MergeConfig
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, StoredTensor, TensorInfo
 from jkarcher.io.statistics_files import has_recipe
 from jkarcher.sharding import padded_shape, replicated, row_sharding
 
-_NOUNS = {FISHER_INPUT: "the Fisher", "gram": "the Grams"}
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """What the pipeline needs of one kind of statistic: its noun in messages, its file's name
+    and place beside a model, how to read a file's headers, its recipe, and its estimator
+    (reached on first use, since it imports Flax)."""
+
+    noun: str
+    file_name: str
+    beside: Callable[[str], Path]
+    headers: Callable[[str, Path], dict[str, TensorInfo]]
+    recipe: Callable[..., dict[str, str]]
+    estimate: Callable[..., object]
+
+
+_KINDS = {
+    FISHER_INPUT: _Kind(
+        "the Fisher",
+        fisher.FISHER_NAME,
+        fisher.fisher_path,
+        fisher.fisher_tensors,
+        fisher.estimate_recipe,
+        lambda *args, **kwargs: fisher.checkpoint_fisher(*args, **kwargs),
+    ),
+    GRAM_INPUT: _Kind(
+        "the Grams",
+        grams.GRAMS_NAME,
+        grams.grams_path,
+        grams.gram_tensors,
+        grams.gram_recipe,
+        lambda *args, **kwargs: grams.checkpoint_grams(*args, **kwargs),
+    ),
+}
 
 
 def statistic_files(config: MergeConfig) -> tuple[Path, ...]:
@@ -34,15 +66,11 @@ def statistic_files(config: MergeConfig) -> tuple[Path, ...]:
     given, the statistic's file (fisher.safetensors, grams.safetensors) in a directory given,
     or that file beside the model."""
     name, settings = config.statistic
-    file_name, beside = (
-        (fisher.FISHER_NAME, fisher.fisher_path)
-        if name == FISHER_INPUT
-        else (grams.GRAMS_NAME, grams.grams_path)
-    )
+    kind = _KINDS[name]
     if settings.files is None:
-        return tuple(beside(entry.path) for entry in config.models)
+        return tuple(kind.beside(entry.path) for entry in config.models)
     paths = (Path(p).expanduser() for p in settings.files)
-    return tuple(p / file_name if p.is_dir() else p for p in paths)
+    return tuple(p / kind.file_name if p.is_dir() else p for p in paths)
 
 
 def prepare_statistics(config: MergeConfig, progress: bool = False) -> list:
@@ -62,15 +90,15 @@ def prepare_statistics(config: MergeConfig, progress: bool = False) -> list:
     text = Path(estimate.pop("text")).expanduser()
     if not text.is_file():
         raise ConfigError(f"params.{name}.text: {text} is not a file")
-    if name == FISHER_INPUT:
-        recipe, make = fisher.estimate_recipe(text, **estimate), fisher.checkpoint_fisher
-    else:
-        recipe, make = grams.gram_recipe(text, **estimate), grams.checkpoint_grams
+    kind = _KINDS[name]
+    recipe = kind.recipe(text, **estimate)
     runs = []
     if distributed.is_leader():
         for entry, path in zip(config.models, statistic_files(config), strict=True):
             if not has_recipe(path, recipe):
-                runs.append(make(entry.path, text, output=path, progress=progress, **estimate))
+                runs.append(
+                    kind.estimate(entry.path, text, output=path, progress=progress, **estimate)
+                )
     distributed.barrier("statistics estimates written")
     return runs
 
@@ -83,18 +111,16 @@ def open_statistics(
     opened = []
     for path, entry, label in zip(statistic_files(config), config.models, labels, strict=True):
         try:
-            if name == FISHER_INPUT:
-                opened.append(fisher.fisher_tensors(entry.path, path))
-            else:
-                opened.append(grams.gram_tensors(entry.path, path))
+            opened.append(_KINDS[name].headers(entry.path, path))
         except CheckpointError as err:
-            raise CheckpointError(f"params.{name}, {_NOUNS[name]} of {label}: {err}") from None
+            noun = _KINDS[name].noun
+            raise CheckpointError(f"params.{name}, {noun} of {label}: {err}") from None
     return tuple(opened)
 
 
 def statistic_labels(name: str, labels: Sequence[str]) -> tuple[str, ...]:
     """What each model's statistics are called in messages: 'the Fisher of model 0 (PATH)'."""
-    return tuple(f"{_NOUNS[name]} of {label}" for label in labels)
+    return tuple(f"{_KINDS[name].noun} of {label}" for label in labels)
 
 
 def statistic_sources(
