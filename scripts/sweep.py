@@ -21,17 +21,12 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from jkarcher import models
-from jkarcher.zoo import study_cells, sweep_report
-from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
-from jkarcher.zoo.calibration import pool_statistics
+from jkarcher.zoo import pool_cells, sweep_report
+from jkarcher.zoo.build import ZooError, build_zoo
 from jkarcher.zoo.distances import checkpoint_distances
-from jkarcher.zoo.domains import DOMAINS
-from jkarcher.zoo.evaluation import build_eval_set, evaluate
-from jkarcher.zoo.recipes import ZOOS, recipe_record
-from jkarcher.zoo.study import applicable, calibration_inputs, merge_pool, study_rows
+from jkarcher.zoo.recipes import ZOOS
+from jkarcher.zoo.study import study_rows
 from jkarcher.zoo.sweep import LEVELS, level_recipe
-from jkarcher.zoo.tokenizer import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 _ZOO = flags.DEFINE_enum(
@@ -63,14 +58,7 @@ def main(argv):
         base_zoo = build_zoo(cache / f"zoo-{_ZOO.value}", base_recipe)
     except ZooError as err:
         sys.exit(f"error: {err}")
-    tokenizer = byte_tokenizer()
-    evals = build_eval_set(
-        tokenizer,
-        examples=_EXAMPLES.value,
-        text_windows=_WINDOWS.value,
-        seq_len=base_recipe.seq_len,
-        seed=0,
-    )
+    score_with = pool_cells.scoring(_EXAMPLES.value, _WINDOWS.value, base_recipe.seq_len)
     rows = _METHODS.value or study_rows()
     cells = {}
     for seed in range(_SEEDS.value):  # seed by seed: a sweep stopped early still spans every level
@@ -83,44 +71,22 @@ def main(argv):
                 )
             except ZooError as err:
                 sys.exit(f"error: {err}")
-            cells[(name, seed)] = run_cell(zoo, recipe, rows, tokenizer, evals, out, key, seed)
+            cells[(name, seed)] = pool_cells.run_cell(
+                zoo,
+                recipe,
+                rows,
+                score_with,
+                out / "cells" / f"{key}.json",
+                seed,
+                experts_apart,
+            )
     sweep_report.write(cells, levels, rows, out)
     print(f"sweep done in {time.perf_counter() - start:.0f} s; results in {out}")
 
 
-def run_cell(zoo, recipe, rows, tokenizer, evals, out: Path, key: str, seed: int) -> dict:
-    """Every row's merge of one cell, scored: read from cells/<key>.json where it holds them."""
-    path = out / "cells" / f"{key}.json"
-    settings = {"recipe": recipe_record(recipe), "examples": _EXAMPLES.value}
-    settings["text_windows"] = _WINDOWS.value
-    cell = study_cells.load_cell(path, settings)
-    base_dir, expert_dirs = zoo_members(zoo)
-    config, base = models.load(base_dir)
-    pool = [base] + [models.load(d)[1] for d in expert_dirs]
-
-    def score(params) -> dict:
-        results = evaluate(config, params, tokenizer, evals)
-        return {d.name: results[d.name]["score"] for d in DOMAINS}
-
-    if "references" not in cell:
-        whole = checkpoint_distances(base_dir, expert_dirs, family=lambda name: "model")
-        cell["distances"] = whole["model"]
-        cell["references"] = {"base": score(base)}
-        for directory, params in zip(expert_dirs, pool[1:], strict=True):
-            cell["references"][directory.name] = score(params)
-        study_cells.save_cell(path, cell)
-    missing = [r for r in rows if r not in cell["runs"] and applicable(r, len(pool))]
-    needed = {name for row in missing for name in calibration_inputs(row)}
-    domains = [None, *(e.domain for e in recipe.experts)]
-    statistics = pool_statistics(config, pool, domains, recipe, needed)
-    for row in missing:
-        began = time.perf_counter()
-        scores = score(merge_pool(pool, row, len(pool), seed, statistics))
-        cell["runs"][row] = {"scores": scores, "seconds": time.perf_counter() - began}
-        average = sum(scores.values()) / len(scores)
-        print(f"{key} {row:17s} average {average:.3f}")
-        study_cells.save_cell(path, cell)
-    return cell
+def experts_apart(base_dir: Path, expert_dirs: list[Path]) -> dict[str, float]:
+    """The whole model's distances: between the experts, and their task vectors' size."""
+    return checkpoint_distances(base_dir, expert_dirs, family=lambda name: "model")["model"]
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def _in_level(values: Mapping[tuple[str, int], float], level: str) -> dict[tuple
     return {key: v for key, v in sorted(values.items()) if key[0] == level}
 
 
-def _at_level(values: Mapping[tuple[str, int], float], level: str) -> list[float]:
+def at_level(values: Mapping[tuple[str, int], float], level: str) -> list[float]:
+    """The values of one level's cells, in seed order."""
     return list(_in_level(values, level).values())
 
 
@@ -83,20 +84,21 @@ def level_table(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str]) 
     line("angle between task vectors", [f"{d['task_angle']:.1f}°" for d in distances])
     line("task vector norm / base norm", [f"{d['relative_norm']:.3f}" for d in distances])
     gains = {key: _own_domain_gain(c) for key, c in cells.items()}
-    line("expert - base on its own domain", [_mean_std(_at_level(gains, n)) for n in names])
+    line("expert - base on its own domain", [mean_std_text(at_level(gains, n)) for n in names])
     bases = {key: _average(c["references"]["base"]) for key, c in cells.items()}
-    line("base alone", [_mean_std(_at_level(bases, n)) for n in names])
+    line("base alone", [mean_std_text(at_level(bases, n)) for n in names])
     for row in rows:
         values = cell_averages(cells, row)
         if values:
             line(
                 f"**{row}**" if row == FOCUS else row,
-                [_mean_std(_at_level(values, n)) for n in names],
+                [mean_std_text(at_level(values, n)) for n in names],
             )
     return "\n".join(lines)
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def mean_std_text(values: Sequence[float]) -> str:
+    """ "mean ± std" of the values, the mean alone for one value, "" for none."""
     if not values:
         return ""
     mean, std = mean_and_std(values)
@@ -144,12 +146,12 @@ def gap_findings(cells: Cells, levels: Mapping[str, Level], focus: str = FOCUS) 
     ]
 
 
-def write_csv(cells: Cells, rows: Sequence[str], path: Path) -> None:
-    """One row per (level, seed, model): every domain's score and the average; the models are
+def write_csv(cells: Cells, rows: Sequence[str], path: Path, key: str = "level") -> None:
+    """One row per (`key`, seed, model): every domain's score and the average; the models are
     the base and experts alone and every method's merge."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["level", "seed", "model", *DOMAIN_NAMES, "average", "weight_angle"])
+        writer.writerow([key, "seed", "model", *DOMAIN_NAMES, "average", "weight_angle"])
         for (level, seed), cell in sorted(cells.items()):
             models = dict(cell["references"])
             models |= {r: cell["runs"][r]["scores"] for r in rows if r in cell["runs"]}
@@ -181,7 +183,7 @@ def plot(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str], out: Pa
                     means.append(p.mean_difference)
                     bars.append(0.0 if math.isnan(p.standard_error) else p.standard_error)
                 else:
-                    mean, std = mean_and_std(_at_level(values, n))
+                    mean, std = mean_and_std(at_level(values, n))
                     means.append(mean)
                     bars.append(std)
             ax.errorbar(

@@ -17,13 +17,20 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from jkarcher.models import ModelConfig, forward
-from jkarcher.zoo.domains import domain, format_example, task_examples, text_lines
+from jkarcher.zoo.domains import DOMAINS, domain, format_example, task_examples, text_lines
 
 Params = dict
+# Not a domain of its own: every task's prompts and answers at once, the data of an
+# instruction-tuned model (the paper's pairwise setting merges a base with its instruct model).
+INSTRUCT = "instruct"
 
 
 def domain_texts(name: str, split: str, count: int, seed: int) -> list[str]:
-    """`count` training strings of a domain: formatted task examples, or lines of text."""
+    """`count` training strings of a domain: formatted task examples, or lines of text; for
+    `INSTRUCT`, `count` split evenly over the task domains."""
+    if name == INSTRUCT:
+        tasks = [d.name for d in DOMAINS if d.kind == "task"]
+        return [t for task in tasks for t in domain_texts(task, split, count // len(tasks), seed)]
     d = domain(name)
     if d.kind == "task":
         return [format_example(p, a) for p, a in task_examples(d, count, split, seed)]
