@@ -32,7 +32,7 @@ from absl import app, flags, logging
 
 from jkarcher import models
 from jkarcher.zoo import report, study_cells
-from jkarcher.zoo.build import ZooError, build_zoo, zoo_members
+from jkarcher.zoo.build import ZooError, build_zoo, training_seconds, zoo_members
 from jkarcher.zoo.calibration import pool_statistics
 from jkarcher.zoo.distances import checkpoint_distances, distance_table
 from jkarcher.zoo.domains import DOMAINS, text_lines
@@ -130,7 +130,16 @@ def main(argv):
     distances = distance_table(checkpoint_distances(base_dir, expert_dirs))
     paired = study_cells.paired_table(per_seed_runs)
     summary = summary_section(
-        runs, spread, paired, references, base_average, distances, out, diagnostics, seconds
+        runs,
+        spread,
+        paired,
+        references,
+        base_average,
+        distances,
+        out,
+        diagnostics,
+        seconds,
+        training_seconds(zoo),
     )
     (out / "study.md").write_text(
         summary + "\n\n## Scores by domain\n\n" + report.domain_table(runs, references) + "\n"
@@ -242,10 +251,12 @@ def summary_section(
     out: Path,
     diagnostics: str,
     seconds: float,
+    trained: dict[str, float],
 ) -> str:
     """The Markdown summary shared by study.md and README's Results section: `runs` and
     `references` are means over the seeds, `spread` the standard deviation of each average,
-    `paired` karcher against every method over the (seed, N) cells."""
+    `paired` karcher against every method over the (seed, N) cells; `seconds` the merges' time
+    and `trained` seed 0's training times by member."""
     seeds = _SEEDS.value
     pngs = sorted(p.name for p in (out / "diagnostics").glob("*.png"))
     effective_rank = next(
@@ -297,9 +308,12 @@ def summary_section(
     ]
     if effective_rank:
         lines += [f"![effective rank per layer](diagnostics/{effective_rank})", ""]
+    experts = sum(v for member, v in trained.items() if member != "base")
     lines.append(
         f"The merges and their scoring took {seconds / 60:.1f} minutes on this machine over the "
-        f"{seeds} seed{'s' if seeds > 1 else ''} (training a seed's experts adds about as much)."
+        f"{seeds} seed{'s' if seeds > 1 else ''}; training seed 0's zoo took "
+        f"{trained.get('base', 0.0) / 60:.1f} minutes for the base and {experts / 60:.1f} for "
+        "the experts (each further seed trains its experts again)."
     )
     return "\n".join(lines)
 

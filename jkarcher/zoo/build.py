@@ -190,6 +190,13 @@ def _relative_distance(params, base) -> float:
     return (diff / norm) ** 0.5
 
 
+def training_seconds(directory: str | Path) -> dict[str, float]:
+    """How long each member of a built zoo took to train ("base", then each expert's domain),
+    as its manifest records it."""
+    trainings = _manifest(Path(directory)).get("training", {})
+    return {member: training["seconds"] for member, training in trainings.items()}
+
+
 def zoo_members(directory: str | Path) -> tuple[Path, list[Path]]:
     """(base checkpoint, expert checkpoints in the recipe's fixed order) of a built zoo."""
     directory = Path(directory)
