@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from helpers_checkpoints import make_models, read_all
+from helpers_mergekit import require_oracle
 
 import jkarcher
 from jkarcher import mergekit_yaml, pipeline
@@ -100,6 +101,59 @@ def test_the_update_equals_the_float64_reference(method, reference, params):
     merged = _merge(method, models, base, scaling=0.7, **params)
     error = np.max(np.abs(merged - expected)) / np.max(np.abs(expected - base))
     assert error < _tolerance(deltas), error
+
+
+def _fusionbench_update(method, deltas, common_fraction):
+    """FusionBench's merged task vector of `deltas` ({name: array} each), torch in float32."""
+    import torch
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+    from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
+        compute_and_sum_svd_mem_reduction,
+    )
+
+    vectors = [
+        {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in d.items()} for d in deltas
+    ]
+    if method == "tsv":
+        merged = compute_and_sum_svd_mem_reduction(vectors, accelerator="cpu")
+    elif method == "iso_c":
+        merged = iso_c(vectors, accelerator="cpu")
+    else:
+        merged = iso_cts(vectors, common_space_fraction=common_fraction, accelerator="cpu")
+    return {k: v.numpy().astype(np.float64) for k, v in merged.items()}
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_the_update_equals_fusionbench(method):
+    """FusionBench's TSV-M, Iso-C and Iso-CTS (their merged task vector, added to the base at
+    scaling 0.7 as its algorithms do) on a matrix and a bias: the matrix agrees within the
+    subspace bound of the float64 test above (both sides are float32), the bias (the mean task
+    vector) to float32 rounding."""
+    require_oracle("fusion_bench")
+    models, base = _models(n=3, shape=(48, 32))
+    biases, bias_base = _models(n=3, shape=(32,), seed=1)
+    deltas = [
+        {"w": m.astype(np.float64) - base, "b": b.astype(np.float64) - bias_base}
+        for m, b in zip(models, biases, strict=True)
+    ]
+    theirs = _fusionbench_update(method, deltas, common_fraction=0.8)
+    trees = [
+        {"w": jnp.asarray(m), "b": jnp.asarray(b)} for m, b in zip(models, biases, strict=True)
+    ]
+    ours = jkarcher.merge(
+        trees,
+        method=method,
+        base={"w": jnp.asarray(base), "b": jnp.asarray(bias_base)},
+        scaling=0.7,
+    )
+    expected_w = base + 0.7 * theirs["w"]
+    error = np.max(np.abs(np.asarray(ours["w"], np.float64) - expected_w)) / np.max(
+        np.abs(expected_w - base)
+    )
+    assert error < _tolerance([d["w"] for d in deltas]), error
+    np.testing.assert_allclose(
+        np.asarray(ours["b"], np.float64), bias_base + 0.7 * theirs["b"], rtol=4 * EPS32, atol=0
+    )
 
 
 @pytest.mark.parametrize("method", ["iso_c", "iso_cts"])

@@ -98,7 +98,8 @@ def level_table(cells: Cells, levels: Mapping[str, Level], rows: Sequence[str]) 
 
 
 def mean_std_text(values: Sequence[float]) -> str:
-    """ "mean ± std" of the values, the mean alone for one value, "" for none."""
+    """The values' mean and sample std as "0.460 ± 0.014", the mean alone for one value, and
+    the empty string for none."""
     if not values:
         return ""
     mean, std = mean_and_std(values)
