@@ -32,7 +32,8 @@ def tensor_family(name: str) -> str:
     return LAYER_PREFIX.sub("", name).removeprefix("model.")
 
 
-def _angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
+def angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
+    """arccos <a, b> / (||a|| ||b||), in degrees."""
     cosine = float(a @ b) / (float(np.linalg.norm(a)) * float(np.linalg.norm(b)))
     return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
@@ -61,9 +62,9 @@ def family_distances(
         rows[family] = {
             "relative_norm": float(np.mean([np.linalg.norm(t) for t in tasks]))
             / float(np.linalg.norm(w0)),
-            "task_angle": float(np.mean([_angle_degrees(tasks[i], tasks[j]) for i, j in pairs])),
+            "task_angle": float(np.mean([angle_degrees(tasks[i], tasks[j]) for i, j in pairs])),
             "weight_angle": float(
-                np.mean([_angle_degrees(weights[i], weights[j]) for i, j in pairs])
+                np.mean([angle_degrees(weights[i], weights[j]) for i, j in pairs])
             ),
         }
     return rows

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from jkarcher.zoo.distances import angle_degrees
 from jkarcher.zoo.recipes import FINETUNE, ExpertRecipe, ZooRecipe
 from jkarcher.zoo.training import INSTRUCT
 
@@ -65,9 +66,8 @@ def pair_distances(base_dir: Path, expert_dirs: list[Path]) -> dict[str, float]:
     )
     w0 = np.concatenate([np.asarray(base[n], np.float64).ravel() for n in sorted(base)])
     w1 = np.concatenate([np.asarray(expert[n], np.float64).ravel() for n in sorted(base)])
-    cosine = float(w0 @ w1) / float(np.linalg.norm(w0) * np.linalg.norm(w1))
     return {
-        "weight_angle": float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))),
+        "weight_angle": angle_degrees(w0, w1),
         "relative_norm": float(np.linalg.norm(w1 - w0) / np.linalg.norm(w0)),
         "parameters": int(w0.size),
     }
