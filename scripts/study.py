@@ -9,9 +9,12 @@ Seed 0 is the zoo itself; seed k (--seeds, default 3) retrains the zoo's experts
 base with other training data and batch order (the recipe's expert_seed k), next to the zoo
 (<zoo_dir>-seed<k>), and draws the random merges with key k. Each seed's merges are cached in
 cells/seed<k>.json as they finish, so a study stops and resumes (`jkarcher.zoo.study_cells`).
-Writes study.csv (the mean over seeds of every merge and reference model), study.md (average
-score by method and N as mean +- standard deviation over seeds; karcher against every method
-paired over the (seed, N) cells; the per-domain table in the layout of the paper's Appendix A
+Each seed also gets an expert check: the base and each expert alone scored on every held-out
+prompt of each task (up to --check_examples) and --check_windows text windows, since the study's
+64 prompts cannot tell a weak expert from its base. Writes study.csv (the mean over seeds of every
+merge and reference model), study.md (the expert check, seed by seed; average score by method and
+N as mean +- standard deviation over seeds; karcher against every method paired over the (seed,
+N) cells; the per-domain table in the layout of the paper's Appendix A
 with the base and each expert alone as reference rows; the Table 7 diagnostics of seed 0's
 largest merges), average_vs_n.png (with bands of +- one standard deviation), and diagnose.py's
 per-metric PNGs. With --readme, replaces README.md's Results section with the generated summary.
@@ -31,7 +34,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from jkarcher import models
-from jkarcher.zoo import report, study_cells
+from jkarcher.zoo import report, study_cells, study_summary
 from jkarcher.zoo.build import ZooError, build_zoo, training_seconds, zoo_members
 from jkarcher.zoo.calibration import pool_statistics
 from jkarcher.zoo.distances import checkpoint_distances, distance_table
@@ -39,8 +42,6 @@ from jkarcher.zoo.domains import DOMAINS, text_lines
 from jkarcher.zoo.evaluation import build_eval_set, evaluate
 from jkarcher.zoo.recipes import ZOOS, recipe_record
 from jkarcher.zoo.study import (
-    FISHER_VARIANTS,
-    STUDY_PARAMS,
     applicable,
     calibration_inputs,
     merge_pool,
@@ -69,6 +70,12 @@ _METHODS = flags.DEFINE_list(
 )
 _EXAMPLES = flags.DEFINE_integer("examples", 64, "held-out prompts per task domain")
 _WINDOWS = flags.DEFINE_integer("text_windows", 200, "held-out 64-token windows per domain")
+_CHECK_EXAMPLES = flags.DEFINE_integer(
+    "check_examples", 1000, "the expert check's held-out prompts per task (all, if fewer)"
+)
+_CHECK_WINDOWS = flags.DEFINE_integer(
+    "check_windows", 1000, "the expert check's held-out windows per text domain"
+)
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the evaluation data")
 _SEEDS = flags.DEFINE_integer(
     "seeds", 3, "expert seeds 0 .. seeds-1 (seed 0: the zoo itself)", lower_bound=1
@@ -85,15 +92,17 @@ def main(argv):
     out = Path(_OUT.value or ROOT / "results" / _ZOO.value)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = byte_tokenizer()
-    evals = build_eval_set(
-        tokenizer,
-        examples=_EXAMPLES.value,
-        text_windows=_WINDOWS.value,
-        seq_len=recipe.seq_len,
-        seed=_SEED.value,
+    evals, check_evals = (
+        build_eval_set(
+            tokenizer, examples=e, text_windows=w, seq_len=recipe.seq_len, seed=_SEED.value
+        )
+        for e, w in [
+            (_EXAMPLES.value, _WINDOWS.value),
+            (_CHECK_EXAMPLES.value, _CHECK_WINDOWS.value),
+        ]
     )
     rows = _METHODS.value or study_rows()
-    per_seed_runs, per_seed_references = [], []
+    per_seed_runs, per_seed_references, per_seed_checks = [], [], []
     for seed in range(_SEEDS.value):
         seed_recipe = dataclasses.replace(recipe, expert_seed=seed)
         path = study_cells.cell_path(out, seed)
@@ -101,21 +110,24 @@ def main(argv):
         pool_size = 1 + len(recipe.experts)
         wanted = [(r, n) for n in range(2, pool_size + 1) for r in rows if applicable(r, n)]
         done = study_cells.cached_runs(cell)
-        if seed > 0 and "references" in cell and all(run in done for run in wanted):
+        checked = cell.get("expert_check", {}).get("settings") == check_settings()
+        if seed > 0 and "references" in cell and checked and all(run in done for run in wanted):
             # A finished seed needs no zoo: seed 0's alone is read again, for the diagnostics.
             per_seed_runs.append([done[run] for run in wanted])
             per_seed_references.append(cell["references"])
+            per_seed_checks.append(cell["expert_check"]["references"])
             continue
         directory = zoo if seed == 0 else zoo.with_name(f"{zoo.name}-seed{seed}")
         try:
             build_zoo(directory, seed_recipe, base_from=None if seed == 0 else zoo)
         except ZooError as err:
             sys.exit(f"error: {err}")
-        runs, references, pool = run_seed(
-            directory, seed_recipe, rows, tokenizer, evals, (path, cell), seed
+        runs, cell, pool = run_seed(
+            directory, seed_recipe, rows, tokenizer, (evals, check_evals), (path, cell), seed
         )
         per_seed_runs.append(runs)
-        per_seed_references.append(references)
+        per_seed_references.append(cell["references"])
+        per_seed_checks.append(cell["expert_check"]["references"])
         if seed == 0:
             largest = pool  # seed 0's pool, statistics and config, for the diagnostics
     runs, spread = study_cells.mean_runs(per_seed_runs)
@@ -129,17 +141,20 @@ def main(argv):
     base_dir, expert_dirs = zoo_members(zoo)
     distances = distance_table(checkpoint_distances(base_dir, expert_dirs))
     paired = study_cells.paired_table(per_seed_runs)
-    summary = summary_section(
+    summary = study_summary.summary_section(
         runs,
         spread,
         paired,
-        references,
+        per_seed_checks,
+        {name: len(answers) for name, answers in check_evals.task_answers.items()},
         base_average,
         distances,
         out,
         diagnostics,
         seconds,
         training_seconds(zoo),
+        seeds=_SEEDS.value,
+        check_windows=_CHECK_WINDOWS.value,
     )
     (out / "study.md").write_text(
         summary + "\n\n## Scores by domain\n\n" + report.domain_table(runs, references) + "\n"
@@ -162,23 +177,37 @@ def cell_settings(recipe) -> dict:
     }
 
 
+def check_settings() -> dict:
+    """What the expert check's scores depend on besides the pool."""
+    return {
+        "examples": _CHECK_EXAMPLES.value,
+        "text_windows": _CHECK_WINDOWS.value,
+        "eval_seed": _SEED.value,
+    }
+
+
 def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict], seed: int):
-    """One seed's references and merges: those in its cell `saved` (path, contents) as they are
-    where the cell came from this pool, the others run and added to it one by one: (runs,
-    references, (pool, statistics, config))."""
+    """One seed's references, expert check and merges: those in its cell `saved` (path, contents)
+    as they are where the cell came from this pool, the others run and added to it one by one.
+    `evals` are the study's held-out sets and the check's. Returns (runs, cell, (pool,
+    statistics, config))."""
     base_dir, expert_dirs = zoo_members(zoo)
     config, base = models.load(base_dir)
     pool = [base] + [models.load(d)[1] for d in expert_dirs]
+    members = dict(zip(["base", *(d.name for d in expert_dirs)], pool, strict=True))
+    study_evals, check_evals = evals
 
-    def score(params):
-        return evaluate(config, params, tokenizer, evals)
+    def score(params, held_out=study_evals):
+        return evaluate(config, params, tokenizer, held_out)
 
     path, cell = saved
     cell = study_cells.for_pool(cell, study_cells.pool_digest([base_dir, *expert_dirs]))
     if "references" not in cell:
-        cell["references"] = {"base": score(base)}
-        for directory, params in zip(expert_dirs, pool[1:], strict=True):
-            cell["references"][directory.name] = score(params)
+        cell["references"] = {name: score(params) for name, params in members.items()}
+        study_cells.save_cell(path, cell)
+    if cell.get("expert_check", {}).get("settings") != check_settings():
+        scores = {name: score(p, check_evals) for name, p in members.items()}
+        cell["expert_check"] = {"settings": check_settings(), "references": scores}
         study_cells.save_cell(path, cell)
     done = study_cells.cached_runs(cell)
     missing = [
@@ -197,7 +226,7 @@ def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict]
         study_cells.save_cell(path, cell)
 
     runs = run_study(pool, score, rows, statistics=statistics, seed=seed, done=done, on_run=save)
-    return runs, cell["references"], (pool, statistics, config)
+    return runs, cell, (pool, statistics, config)
 
 
 def diagnose_largest_merges(pool, statistics, config, tokenizer, seq_len: int, out: Path) -> str:
@@ -239,83 +268,6 @@ def diagnose_largest_merges(pool, statistics, config, tokenizer, seq_len: int, o
             stdout=subprocess.DEVNULL,
         )
     return (diagnose_out / "diagnostics.md").read_text()
-
-
-def summary_section(
-    runs,
-    spread,
-    paired: str,
-    references,
-    base_average: float,
-    distances: str,
-    out: Path,
-    diagnostics: str,
-    seconds: float,
-    trained: dict[str, float],
-) -> str:
-    """The Markdown summary shared by study.md and README's Results section: `runs` and
-    `references` are means over the seeds, `spread` the standard deviation of each average,
-    `paired` karcher against every method over the (seed, N) cells; `seconds` the merges' time
-    and `trained` seed 0's training times by member."""
-    seeds = _SEEDS.value
-    pngs = sorted(p.name for p in (out / "diagnostics").glob("*.png"))
-    effective_rank = next(
-        (p for p in pngs if "effective" in p.lower() or "effrank" in p.lower()), None
-    )
-    lines = [
-        "### The experts alone against the base",
-        "",
-        "Scores are exact-match accuracy for tasks and next-token accuracy for text, on held-out "
-        "data; an expert keeps a domain when it scores within 0.05 of the base there.",
-        "",
-        report.expert_table(references),
-        "",
-        "How far the experts are from the base and from each other, per tensor family "
-        "(task vector tau_i = expert_i - base; norms averaged over the experts, angles over "
-        "their pairs):",
-        "",
-        distances,
-        "",
-        "### Average score by method and number of merged models",
-        "",
-        f"Each cell is the mean over {seeds} seed{'s' if seeds > 1 else ''} (the experts "
-        "retrained from the same base on other samples and batch orders)"
-        + (" +- the sample standard deviation" if seeds > 1 else "")
-        + "; the best mean of each column is in bold. The pool is the base model followed by "
-        "the experts in the zoo's fixed order; methods that need a base merge models 2..N onto "
-        "model 1. Weights are equal; parameters are mergekit's defaults except "
-        + ", ".join(f"{m} {p}" for m, p in sorted(STUDY_PARAMS.items()))
-        + ". The expert table and the distances are the means over the seeds and seed 0's.",
-        "",
-        report.average_table(runs, spread if seeds > 1 else None),
-        "",
-        "karcher against every method, paired over the cells both ran (a tie: averages within "
-        "0.0005):",
-        "",
-        paired,
-        "",
-        *[f"- {s}" for s in report.findings(runs)],
-        *[f"- {s}" for s in report.variant_findings(runs, FISHER_VARIANTS)],
-        *[f"- {s}" for s in report.reference_findings(runs, base_average)],
-        "",
-        "![average score against N](average_vs_n.png)",
-        "",
-        f"### Collapse diagnostics of the N={max(r.n_models for r in runs)} merges "
-        "(the paper's Table 7; seed 0)",
-        "",
-        diagnostics.strip(),
-        "",
-    ]
-    if effective_rank:
-        lines += [f"![effective rank per layer](diagnostics/{effective_rank})", ""]
-    experts = sum(v for member, v in trained.items() if member != "base")
-    lines.append(
-        f"The merges and their scoring took {seconds / 60:.1f} minutes on this machine over the "
-        f"{seeds} seed{'s' if seeds > 1 else ''}; training seed 0's zoo took "
-        f"{trained.get('base', 0.0) / 60:.1f} minutes for the base and {experts / 60:.1f} for "
-        "the experts (each further seed trains its experts again)."
-    )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

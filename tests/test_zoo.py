@@ -39,6 +39,19 @@ def test_task_answers_are_right_and_splits_disjoint(task):
         assert answer == _solve(task.name, prompt)
 
 
+def test_at_most_gives_every_held_out_prompt_of_a_small_domain():
+    """Multiplication has 101 held-out products of 2..24 x 2..24 (the split rule counted here
+    from the definition); `at_most` gives all of them, its first 64 the usual 64, and without
+    it asking for more is an error."""
+    multiplication = domain("multiplication")
+    every = {f"{a}*{b}" for a in range(2, 25) for b in range(2, 25) if is_held_out(f"{a}*{b}")}
+    held_out = task_examples(multiplication, 1000, "eval", seed=0, at_most=True)
+    assert {p for p, _ in held_out} == every and len(held_out) == len(every) == 101
+    assert held_out[:64] == task_examples(multiplication, 64, "eval", seed=0)
+    with pytest.raises(ValueError, match="fewer than 1000 distinct eval prompts"):
+        task_examples(multiplication, 1000, "eval", seed=0)
+
+
 def _solve(name: str, prompt: str) -> str:
     """Each task's answer computed independently of the generators."""
     if name in ("addition", "multiplication", "modulo"):
@@ -265,9 +278,13 @@ def test_expert_table_compares_each_expert_with_the_base():
         "multiplication": {"score": 0.44, "perplexity": 3.5},
         "modulo": {"score": 0.46, "perplexity": 3.1},
     }
-    table = report.expert_table({"base": base, "expert-addition": expert}).splitlines()
+    second_seed = {"base": base, "expert-addition": expert | {"addition": {"score": 0.45}}}
+    per_seed = [{"base": base, "expert-addition": expert}, second_seed]
+    mean = {"base": base, "expert-addition": expert}  # the means, as the caller gives them
+    table = report.expert_table(mean, per_seed).splitlines()
     assert len(table) == 3
     average = (0.9 + 0.44 + 0.46 + 0.5 * 7) / 10
     assert table[2] == (
-        f"| expert-addition | 0.900 / 0.500 | 2.000 / 3.000 | {average:.3f} / 0.500 | 8 of 9 |"
+        f"| expert-addition | 0.900 / 0.500 | +0.400, -0.050 | 2.000 / 3.000 | "
+        f"{average:.3f} / 0.500 | 8 of 9 |"
     )

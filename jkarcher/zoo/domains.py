@@ -37,10 +37,14 @@ def is_held_out(key: str) -> bool:
     return zlib.crc32(key.encode()) % 100 < HELD_OUT_PERCENT
 
 
-def task_examples(domain: Domain, count: int, split: str, seed: int) -> list[tuple[str, str]]:
+def task_examples(
+    domain: Domain, count: int, split: str, seed: int, at_most: bool = False
+) -> list[tuple[str, str]]:
     """`count` (prompt, answer) pairs of a task domain from one split ("train" or "eval").
 
     Evaluation prompts are distinct; training draws may repeat (small domains are memorized).
+    With `at_most`, a domain with fewer than `count` distinct prompts in the split gives all it
+    has (the first `count` are the same either way).
     """
     rng = random.Random(f"{domain.name}/{split}/{seed}")
     held_out = split == "eval"
@@ -55,6 +59,8 @@ def task_examples(domain: Domain, count: int, split: str, seed: int) -> list[tup
             examples.setdefault(prompt, answer)
         else:
             examples.append((prompt, answer))
+    if at_most and held_out:
+        return list(examples.items())
     raise ValueError(f"domain {domain.name!r} has fewer than {count} distinct {split} prompts")
 
 

@@ -37,12 +37,13 @@ class EvalSet:
 def build_eval_set(
     tokenizer: Tokenizer, *, examples: int, text_windows: int, seq_len: int, seed: int
 ) -> EvalSet:
-    """`examples` held-out prompts per task domain and `text_windows` windows per text domain."""
+    """`examples` held-out prompts per task domain (all it has where a domain has fewer) and
+    `text_windows` windows per text domain."""
     prompts, masks, answers, windows = {}, {}, {}, {}
     bos = tokenizer.token_to_id(BOS)
     for d in DOMAINS:
         if d.kind == "task":
-            pairs = task_examples(d, examples, "eval", seed)
+            pairs = task_examples(d, examples, "eval", seed, at_most=True)
             prompts[d.name], masks[d.name] = _left_padded(
                 tokenizer, [p + ANSWER_MARK for p, _ in pairs], bos
             )

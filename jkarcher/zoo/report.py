@@ -110,15 +110,17 @@ def domain_table(runs: Sequence[MergeRun], references: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def expert_table(references: dict[str, dict]) -> str:
+def expert_table(references: dict[str, dict], per_seed: Sequence[dict[str, dict]]) -> str:
     """Each expert alone against the base: its own domain's score (and perplexity), its average
-    over every domain, and how many of the other domains it keeps within 0.05 of the base."""
+    over every domain, and how many of the other domains it keeps within 0.05 of the base;
+    `references` are the means over the seeds of `per_seed`, whose own-domain gains (expert minus
+    base) get a column of their own."""
     base = references["base"]
     base_average = sum(base[d]["score"] for d in DOMAIN_NAMES) / len(DOMAIN_NAMES)
     lines = [
-        "| expert | own domain: expert / base | perplexity: expert / base | "
-        "average: expert / base | other domains kept |",
-        "|---|---|---|---|---|",
+        "| expert | own domain: expert / base | expert - base by seed | "
+        "perplexity: expert / base | average: expert / base | other domains kept |",
+        "|---|---|---|---|---|---|",
     ]
     for name, results in references.items():
         if name == "base":
@@ -127,12 +129,19 @@ def expert_table(references: dict[str, dict]) -> str:
         others = [d for d in DOMAIN_NAMES if d != own]
         kept = sum(results[d]["score"] >= base[d]["score"] - 0.05 for d in others)
         average = sum(results[d]["score"] for d in DOMAIN_NAMES) / len(DOMAIN_NAMES)
+        gains = ", ".join(f"{g:+.3f}" for g in own_domain_gains(per_seed, name))
         lines.append(
-            f"| {name} | {results[own]['score']:.3f} / {base[own]['score']:.3f} | "
+            f"| {name} | {results[own]['score']:.3f} / {base[own]['score']:.3f} | {gains} | "
             f"{results[own]['perplexity']:.3f} / {base[own]['perplexity']:.3f} | "
             f"{average:.3f} / {base_average:.3f} | {kept} of {len(others)} |"
         )
     return "\n".join(lines)
+
+
+def own_domain_gains(per_seed: Sequence[dict[str, dict]], expert: str) -> list[float]:
+    """Per seed, the expert's score on its own domain minus the base's."""
+    own = expert.removeprefix("expert-")
+    return [refs[expert][own]["score"] - refs["base"][own]["score"] for refs in per_seed]
 
 
 def _by_method(runs: Sequence[MergeRun]) -> dict[str, dict[int, MergeRun]]:

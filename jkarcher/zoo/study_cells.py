@@ -4,8 +4,9 @@ are, with the same `load_cell` and `save_cell`), and what the seeds say together
 A seed draws the experts' training data and batch order afresh from the same base (the zoo
 recipe's `expert_seed`), and the key of the random merges. Seed k's results live in
 `cells/seed<k>.json`: the settings they were made with, a digest of the pool's weights, each
-reference model's scores and each (method, N) merge's scores, written after every merge, so that
-a study stops and resumes where it was. Across seeds, tables report the mean and the sample
+reference model's scores, the expert check (the base and each expert scored on every held-out
+prompt, with its own settings) and each (method, N) merge's scores, written after every merge, so
+that a study stops and resumes where it was. Across seeds, tables report the mean and the sample
 standard deviation of each average, and karcher is compared with every other method paired over
 the (seed, N) cells both ran.
 """
