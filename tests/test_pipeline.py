@@ -458,7 +458,7 @@ def test_inputs_held_in_memory_stay_near_one_tensor_across_models(tmp_path, monk
         return array
 
     monkeypatch.setattr(safetensors_io, "read_tensor", counted_read)
-    monkeypatch.setattr(pipeline_read, "MIN_READ_AHEAD_BYTES", 0)
+    monkeypatch.setattr(pipeline_read, "READ_AHEAD_BYTES", 0)
     plan, summary = merge_checkpoints(models, tmp_path / "out")
     largest = max(t.read_bytes for t in plan.tasks)
     assert summary.bytes_read > 6 * largest

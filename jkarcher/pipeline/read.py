@@ -4,8 +4,8 @@ read ahead in a background thread.
 On a mesh of several devices, and over several processes (`jkarcher.distributed`), each merged
 tensor is split by rows over every device (`jkarcher.sharding`), and a process reads only the
 rows its own devices hold (`StoredTensor.read_placed`: whatever the checkpoint's format). Peak
-memory is about the bytes of the largest task: the one merging and those read ahead are held to
-the larger of that and MIN_READ_AHEAD_BYTES, not the model size.
+memory is about the bytes of the largest task, not the model size: tasks read ahead are held to
+READ_AHEAD_BYTES, and a larger task is read alone.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from jkarcher.pipeline.plan import TensorTask
 from jkarcher.pipeline.statistics import statistic_placement
 from jkarcher.sharding import padded_shape, row_sharding
 
-# Reading ahead may hold at least this much even when every tensor is small.
-MIN_READ_AHEAD_BYTES = 256 * 2**20
+# Reading ahead holds at most this many bytes of tasks; a larger task is read once nothing is held.
+# (Holding as much as the largest task, e.g. a 0.5B model's embedding in four models, 1.1 GB, let
+# its small tasks pile up in memory beside the buffers that the embedding had used.)
+READ_AHEAD_BYTES = 512 * 2**20
 # The tensors of a task read at once.
 PARALLEL_TENSOR_READS = 8
 
@@ -60,28 +62,20 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(PARALLEL_TENSOR_READS, "tensor-read")
 
 
-def read_ahead_bytes(tasks: Sequence[TensorTask]) -> int:
-    """How far reading ahead may go: the largest task's bytes, at least MIN_READ_AHEAD_BYTES."""
-    return max([MIN_READ_AHEAD_BYTES, *(t.read_bytes for t in tasks)])
-
-
 class ReadAhead:
     """Yields (task, what `read(task)` returned) in order, reading in a background thread.
 
-    The thread stays at most `limit_bytes` (by `task.read_bytes`) ahead: it counts the task being
-    processed until the consumer asks for the next one, and it always reads the next task when
-    nothing is held, however large.
+    The thread stays at most `limit_bytes` (by `task.read_bytes`; READ_AHEAD_BYTES unless given)
+    ahead: it counts the task being processed until the consumer asks for the next one, and it
+    always reads the next task when nothing is held, however large.
     """
 
     def __init__(
-        self,
-        tasks: Sequence[Any],
-        read: Callable[[Any], Any],
-        limit_bytes: int,
+        self, tasks: Sequence[Any], read: Callable[[Any], Any], limit_bytes: int | None = None
     ):
         self._tasks = list(tasks)
         self._read = read
-        self._limit = limit_bytes
+        self._limit = READ_AHEAD_BYTES if limit_bytes is None else limit_bytes
         self._held = 0
         self._stopping = False
         self._condition = threading.Condition()

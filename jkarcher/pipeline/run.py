@@ -30,7 +30,7 @@ from jkarcher.merge import describe_merge, leaf_key
 from jkarcher.numerics import all_finite, first_disagreeing
 from jkarcher.pipeline.compile import LeafCompiler, leaf_signature
 from jkarcher.pipeline.plan import MergePlan, TensorTask
-from jkarcher.pipeline.read import ReadAhead, read_ahead_bytes, read_task
+from jkarcher.pipeline.read import ReadAhead, read_task
 from jkarcher.pipeline.write import (
     orbax_output,
     output_errors,
@@ -92,11 +92,7 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     ):
         with (
             LeafCompiler(plan.method, order, plan.config.seed, plan.mesh) as leaves,
-            ReadAhead(
-                order,
-                functools.partial(read_task, plan.mesh),
-                read_ahead_bytes(order),
-            ) as reads,
+            ReadAhead(order, functools.partial(read_task, plan.mesh)) as reads,
             output(plan, staging) as put,
         ):
             for task, arrays in _timed(reads, phases, "waiting for reads"):
