@@ -92,14 +92,12 @@ def main(argv):
     out = Path(_OUT.value or ROOT / "results" / _ZOO.value)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = byte_tokenizer()
-    evals, check_evals = (
-        build_eval_set(
-            tokenizer, examples=e, text_windows=w, seq_len=recipe.seq_len, seed=_SEED.value
-        )
-        for e, w in [
-            (_EXAMPLES.value, _WINDOWS.value),
-            (_CHECK_EXAMPLES.value, _CHECK_WINDOWS.value),
-        ]
+    held_out = {"seq_len": recipe.seq_len, "seed": _SEED.value}
+    evals = build_eval_set(
+        tokenizer, examples=_EXAMPLES.value, text_windows=_WINDOWS.value, **held_out
+    )
+    check_evals = build_eval_set(
+        tokenizer, examples=_CHECK_EXAMPLES.value, text_windows=_CHECK_WINDOWS.value, **held_out
     )
     rows = _METHODS.value or study_rows()
     per_seed_runs, per_seed_references, per_seed_checks = [], [], []
@@ -110,8 +108,8 @@ def main(argv):
         pool_size = 1 + len(recipe.experts)
         wanted = [(r, n) for n in range(2, pool_size + 1) for r in rows if applicable(r, n)]
         done = study_cells.cached_runs(cell)
-        checked = cell.get("expert_check", {}).get("settings") == check_settings()
-        if seed > 0 and "references" in cell and checked and all(run in done for run in wanted):
+        finished = "references" in cell and checked(cell) and all(run in done for run in wanted)
+        if seed > 0 and finished:
             # A finished seed needs no zoo: seed 0's alone is read again, for the diagnostics.
             per_seed_runs.append([done[run] for run in wanted])
             per_seed_references.append(cell["references"])
@@ -186,6 +184,11 @@ def check_settings() -> dict:
     }
 
 
+def checked(cell: dict) -> bool:
+    """Whether the cell holds an expert check made with this run's settings."""
+    return cell.get("expert_check", {}).get("settings") == check_settings()
+
+
 def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict], seed: int):
     """One seed's references, expert check and merges: those in its cell `saved` (path, contents)
     as they are where the cell came from this pool, the others run and added to it one by one.
@@ -205,7 +208,7 @@ def run_seed(zoo: Path, recipe, rows, tokenizer, evals, saved: tuple[Path, dict]
     if "references" not in cell:
         cell["references"] = {name: score(params) for name, params in members.items()}
         study_cells.save_cell(path, cell)
-    if cell.get("expert_check", {}).get("settings") != check_settings():
+    if not checked(cell):
         scores = {name: score(p, check_evals) for name, p in members.items()}
         cell["expert_check"] = {"settings": check_settings(), "references": scores}
         study_cells.save_cell(path, cell)

@@ -21,6 +21,7 @@ from helpers_checkpoints import (
     write_grams,
     write_tiny,
 )
+from karcher_reference import karcher_reference
 
 import jkarcher
 from jkarcher import demo, methods, pipeline
@@ -436,6 +437,25 @@ def test_read_ahead_hands_errors_to_the_consumer_and_stops():
             for _, value in reads:
                 got.append(value)
     assert got == [0, 1]
+
+
+def test_read_ahead_budget_below_the_largest_task_merges_bf16_as_merge_does(tmp_path, monkeypatch):
+    """bf16 sources with a read-ahead budget between the task sizes, so the embedding and the
+    head are read alone and the small tensors several at a time: the output equals
+    `jkarcher.merge` bit for bit, and the embedding is the float64 Karcher mean rounded once to
+    bf16 (within half a bf16 ulp, plus 1e-5 of its size for the iteration's tolerance and
+    float32's roundings)."""
+    models = make_models(tmp_path, n=3, num_layers=2)
+    sizes = {name: a.nbytes * 3 for name, a in read_all(models[0]).items()}
+    monkeypatch.setattr(pipeline_read, "READ_AHEAD_BYTES", sizes[EMBED] // 2)
+    assert sorted(sizes.values())[-3] < sizes[EMBED] // 2  # the rest fit, more than one at a time
+    merge_checkpoints(models, tmp_path / "out", dtype="bfloat16")
+    got = read_all(tmp_path / "out")
+    assert_equal_trees(got, _expected(models))
+    reference = karcher_reference(np.stack([read_all(m)[EMBED] for m in models]))
+    error = np.abs(got[EMBED].astype(np.float64) - reference)
+    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(reference))) - 8)  # bf16: 8 significant bits
+    assert np.all(error <= half_ulp + 1e-5 * np.abs(reference).max())
 
 
 def test_inputs_held_in_memory_stay_near_one_tensor_across_models(tmp_path, monkeypatch):
