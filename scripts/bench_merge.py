@@ -24,8 +24,10 @@ The quick legs (read floor, import, jkarcher's warm merges) run --repeats times 
 median: on a 2-core machine one run of a few seconds varies by a second from run to run.
 
 With --zoo=big the zoo is the big one of `bench_zoos.py` (Qwen2.5-3B shapes, beyond memory),
-and each leg starts with the page cache dropped (when run as root): a `cat` of every input file,
-jkarcher karcher (with its compile cache as it is) and mergekit linear.
+and each leg starts with the page cache dropped (when run as root): a `cat` of every input file;
+that `cat` with the bytes of one output written beside it (a merge does both, and where a disk's
+reads and writes share one bandwidth this is its floor); jkarcher karcher (with its compile cache
+as it is) and mergekit linear.
 
 Each run prints wall time and peak resident memory of each leg, the ratios between them, and
 where our karcher run's time went (its summary's split). Karcher runs with each tool's own
@@ -40,6 +42,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +109,19 @@ def make_gradient_slerp(directory: Path, work: Path) -> Path:
     yaml = work / "gradient-slerp.yml"
     yaml.write_text(GRADIENT_SLERP.format(a=models[0], b=models[1]))
     return yaml
+
+
+def read_while_writing(
+    command: list[str], log: Path, work: Path, nbytes: int
+) -> tuple[float, float]:
+    """`timed_process(command, log)` with `write_floor(work, nbytes)` running beside it: wall
+    seconds until both end, and the command's peak RSS."""
+    start = time.perf_counter()
+    writer = threading.Thread(target=write_floor, args=(work, nbytes))
+    writer.start()
+    _, rss = timed_process(command, log)
+    writer.join()
+    return time.perf_counter() - start, rss
 
 
 def write_floor(work: Path, nbytes: int) -> float:
@@ -221,8 +237,10 @@ def cold_legs(work: Path) -> None:
     models = make_big_zoo(Path(_BIG_ZOO_DIR.value), _EXPERTS.value)
     files = [str(f) for model in models for f in sorted(model.glob("*.safetensors"))]
     total = sum(os.path.getsize(f) for f in files)
+    output_bytes = sum(p.stat().st_size for p in models[0].glob("*.safetensors"))
     print(f"big zoo: {len(models)} experts, {total / 1e9:.1f} GB", flush=True)
-    legs = {"cat": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]}
+    cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
+    legs = {"cat": cat, "cat while writing": cat}
     legs["jkarcher karcher"] = jkarcher_command(work, models, "karcher", work / "out-big")
     if shutil.which("mergekit-yaml"):
         legs["mergekit linear"] = mergekit_command(work, models, "linear", work / "out-big")
@@ -231,7 +249,10 @@ def cold_legs(work: Path) -> None:
         shutil.rmtree(work / "out-big", ignore_errors=True)
         cold = drop_page_cache()
         log = work / f"big-{name.replace(' ', '-')}.log"
-        results[name] = timed_process(command, log)
+        if name == "cat while writing":
+            results[name] = read_while_writing(command, log, work, output_bytes)
+        else:
+            results[name] = timed_process(command, log)
         seconds, rss = results[name]
         state = "cold" if cold else "page cache NOT dropped (not root)"
         print(f"{name:17s} {seconds:6.1f} s   peak RSS {rss:5.2f} GB   ({state})", flush=True)
@@ -240,6 +261,8 @@ def cold_legs(work: Path) -> None:
     shutil.rmtree(work / "out-big", ignore_errors=True)
     ours, ours_rss = results["jkarcher karcher"]
     print(f"jkarcher karcher / cat, wall: {ours / results['cat'][0]:.2f}x (target <= 1.2)")
+    both = results["cat while writing"][0]
+    print(f"jkarcher karcher / (cat while writing), wall: {ours / both:.2f}x")
     if "mergekit linear" in results:
         theirs = results["mergekit linear"][0]
         print(f"jkarcher karcher / mergekit linear, wall: {ours / theirs:.2f}x (target <= 0.6)")
