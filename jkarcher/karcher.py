@@ -145,9 +145,9 @@ def gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
     accumulation: 69 against 2.4 ms for 8 sources of 4864 x 896). Models go in tiles of up to 8
     (`model_tiles`): each pair of tiles (at most 64 products of 16 sources) is one reduction, which
     vectorizes (with `COMPILER_OPTIONS`) and reads its sources once. On a 2-core AVX-512 x86
-    machine, for bfloat16 sources of 4864 x 896, tiles of 8 took 1.65 ms at N = 8 and 7.3 ms at
-    N = 16, tiles of 4 2.34 and 11.0 ms, tiles of 2 4.4 and 17.4 ms; one tile of 16 models
-    (136 accumulators) spills its registers and takes 75 ms.
+    machine, for bfloat16 sources of 4864 x 896, tiles of 8 took 2.6 ms at N = 8 and 9.6 ms at
+    N = 16, tiles of 4 3.0 and 13.4 ms, tiles of 2 5.9 and 26.3 ms; one tile of 16 models
+    (136 accumulators) spills its registers and takes 86 ms.
     """
     n = len(sources)
     sums = {}
