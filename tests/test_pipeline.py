@@ -424,20 +424,6 @@ def test_read_ahead_keeps_order_and_stays_within_its_budget():
     assert peak[0] <= 90  # the limit, or one task larger than it on its own
 
 
-def test_read_ahead_starts_the_next_task_while_one_is_still_reading():
-    """Two tasks read at once: the first task's read finishes only once the second has begun."""
-    second_started = threading.Event()
-
-    def read(task):
-        if task.index == 1:
-            second_started.set()
-        return second_started.wait(timeout=30) if task.index == 0 else task.index
-
-    tasks = [_Task(i, 1) for i in range(3)]
-    with pipeline.ReadAhead(tasks, read, limit_bytes=100) as reads:
-        assert [value for _, value in reads] == [True, 1, 2]
-
-
 def test_read_ahead_hands_errors_to_the_consumer_and_stops():
     def read(task):
         if task.index == 2:

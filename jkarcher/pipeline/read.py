@@ -1,5 +1,5 @@
 """Reading a merge's inputs (docs/design.md, "Data flow"): each task's tensors placed on the mesh,
-read ahead in background threads.
+read ahead in a background thread.
 
 On a mesh of several devices, and over several processes (`jkarcher.distributed`), each merged
 tensor is split by rows over every device (`jkarcher.sharding`), and a process reads only the
@@ -32,10 +32,6 @@ from jkarcher.sharding import padded_shape, row_sharding
 READ_AHEAD_BYTES = 512 * 2**20
 # The tensors of a task read at once.
 PARALLEL_TENSOR_READS = 8
-# The tasks read at once (two: one finishing, the next starting), so that the disk always has
-# requests: read one task at a time, a cold 3B merge read 1.55 GB/s between its large tensors,
-# where the embedding (one task of 3 GB) read 2.2 GB/s.
-TASKS_READ_AT_ONCE = 2
 
 
 def read_task(mesh: Mesh, task: TensorTask) -> dict[StoredTensor, jax.Array | np.ndarray]:
@@ -67,13 +63,11 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class ReadAhead:
-    """Yields (task, what `read(task)` returned) in order, reading in background threads.
+    """Yields (task, what `read(task)` returned) in order, reading in a background thread.
 
-    Up to TASKS_READ_AT_ONCE tasks are read at once, so that the disk has the next task's
-    requests before the last pieces of one task arrive. Reading stays at most `limit_bytes`
-    (by `task.read_bytes`; READ_AHEAD_BYTES unless given) ahead: the count includes the task
-    being processed until the consumer asks for the next one, and the next task is always
-    started when nothing is held, however large.
+    The thread stays at most `limit_bytes` (by `task.read_bytes`; READ_AHEAD_BYTES unless given)
+    ahead: it counts the task being processed until the consumer asks for the next one, and it
+    always reads the next task when nothing is held, however large.
     """
 
     def __init__(
@@ -86,8 +80,7 @@ class ReadAhead:
         self._stopping = False
         self._condition = threading.Condition()
         self._results: queue.Queue = queue.Queue()
-        self._readers = concurrent.futures.ThreadPoolExecutor(TASKS_READ_AT_ONCE, "task-read")
-        self._thread = threading.Thread(target=self._start_all, name="read-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._read_all, name="read-ahead", daemon=True)
 
     def __enter__(self) -> ReadAhead:
         self._thread.start()
@@ -98,20 +91,18 @@ class ReadAhead:
             self._stopping = True
             self._condition.notify_all()
         self._thread.join()
-        self._readers.shutdown(wait=True, cancel_futures=True)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         for task in self._tasks:
             outcome = self._results.get()
             if isinstance(outcome, BaseException):
                 raise outcome
-            yield task, outcome.result()
+            yield task, outcome
             with self._condition:
                 self._held -= task.read_bytes
                 self._condition.notify_all()
 
-    def _start_all(self) -> None:
-        """Start each task's read once the budget allows, handing its future on in order."""
+    def _read_all(self) -> None:
         try:
             for task in self._tasks:
                 with self._condition:
@@ -124,6 +115,6 @@ class ReadAhead:
                     if self._stopping:
                         return
                     self._held += task.read_bytes
-                self._results.put(self._readers.submit(self._read, task))
+                self._results.put(self._read(task))
         except BaseException as err:  # handed to the consumer, which raises it
             self._results.put(err)

@@ -1,6 +1,6 @@
 """Running a merge plan (docs/design.md, "Data flow"): read ahead, merge, write, rename.
 
-`run(plan)` merges the tensors in `execution_order`: background threads read the next tensors
+`run(plan)` merges the tensors in `execution_order`: a background thread reads the next tensors
 (`jkarcher.pipeline.read`) while the current one merges in its leaf function, which a second
 thread compiled ahead (`jkarcher.pipeline.compile`); a third streams each result into the output
 (`jkarcher.pipeline.write`); config, tokenizer files and model card follow, and the finished
