@@ -37,6 +37,7 @@ to 10), so jkarcher does at least as much iteration as mergekit.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -240,19 +241,26 @@ def cold_legs(work: Path) -> None:
     output_bytes = sum(p.stat().st_size for p in models[0].glob("*.safetensors"))
     print(f"big zoo: {len(models)} experts, {total / 1e9:.1f} GB", flush=True)
     cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
-    legs = {"cat": cat, "cat while writing": cat}
-    legs["jkarcher karcher"] = jkarcher_command(work, models, "karcher", work / "out-big")
+    # Each leg, run with its log's path: (wall seconds, peak RSS in GB).
+    legs = {
+        "cat": functools.partial(timed_process, cat),
+        "cat while writing": functools.partial(
+            read_while_writing, cat, work=work, nbytes=output_bytes
+        ),
+        "jkarcher karcher": functools.partial(
+            timed_process, jkarcher_command(work, models, "karcher", work / "out-big")
+        ),
+    }
     if shutil.which("mergekit-yaml"):
-        legs["mergekit linear"] = mergekit_command(work, models, "linear", work / "out-big")
+        legs["mergekit linear"] = functools.partial(
+            timed_process, mergekit_command(work, models, "linear", work / "out-big")
+        )
     results = {}
-    for name, command in legs.items():
+    for name, leg in legs.items():
         shutil.rmtree(work / "out-big", ignore_errors=True)
         cold = drop_page_cache()
         log = work / f"big-{name.replace(' ', '-')}.log"
-        if name == "cat while writing":
-            results[name] = read_while_writing(command, log, work, output_bytes)
-        else:
-            results[name] = timed_process(command, log)
+        results[name] = leg(log)
         seconds, rss = results[name]
         state = "cold" if cold else "page cache NOT dropped (not root)"
         print(f"{name:17s} {seconds:6.1f} s   peak RSS {rss:5.2f} GB   ({state})", flush=True)
