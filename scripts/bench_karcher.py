@@ -10,7 +10,8 @@ reads them twice in all. Prints milliseconds, ratios, iteration counts and the l
 difference between karcher_mean and the textbook result (both in float32), and the time of
 karcher_mean's first pass alone (the Gram matrix of the sources): karcher_mean costs that pass
 plus an output pass that reads the sources as a linear mean does, so karcher / linear is at least
-1 + gram / linear.
+1 + gram / linear. Last, `karcher_mean` called eagerly on the sources stacked in one array, as a
+user may call it (16 or more bfloat16 sources: split into models first, `slices_in_float32`).
 
     python scripts/bench_karcher.py [--sizes=mlp] [--models=4,8,16] [--dtype=float32]
 """
@@ -109,7 +110,7 @@ def main(argv):
     header = (
         f"{'tensor':>16} {'N':>2} {'linear ms':>10} {'karcher ms':>11} {'textbook ms':>12} "
         f"{'karcher/linear':>15} {'textbook/karcher':>17} {'iters':>6} {'max rel diff':>13} "
-        f"{'gram ms':>8} {'gram/linear':>12}"
+        f"{'gram ms':>8} {'gram/linear':>12} {'eager ms':>9}"
     )
     print(header)
     for size in _SIZES.value:
@@ -122,15 +123,17 @@ def main(argv):
             t_karcher, (_, info) = best_time(karcher, sources, weights, repeats=repeats)
             t_textbook, (theirs, _) = best_time(textbook, sources, weights, repeats=repeats)
             t_gram, _ = best_time(gram, sources, weights, repeats=repeats)
+            stacked = jnp.stack(sources)
+            t_eager, _ = best_time(karcher_mean, stacked, weights, repeats=repeats)
             ours = exact(sources, weights)
             difference = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
             print(
                 f"{'x'.join(map(str, shape)):>16} {n:>2} {t_linear:>10.1f} {t_karcher:>11.1f} "
                 f"{t_textbook:>12.1f} {t_karcher / t_linear:>15.2f} "
                 f"{t_textbook / t_karcher:>17.1f} {int(info.iterations[0]):>6} "
-                f"{difference:>13.1e} {t_gram:>8.1f} {t_gram / t_linear:>12.2f}"
+                f"{difference:>13.1e} {t_gram:>8.1f} {t_gram / t_linear:>12.2f} {t_eager:>9.1f}"
             )
-            del sources, ours, theirs
+            del sources, stacked, ours, theirs
 
 
 if __name__ == "__main__":

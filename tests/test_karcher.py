@@ -16,8 +16,9 @@ from karcher_reference import (
     sources_with_cosine,
 )
 
-from jkarcher import karcher_mean
-from jkarcher.karcher import DEFAULT_TOL, model_tiles
+from jkarcher import karcher, karcher_mean
+from jkarcher.karcher import DEFAULT_TOL, model_tiles, slices_in_float32
+from jkarcher.numerics import COMPILER_OPTIONS
 
 REGIMES = {  # name: (pairwise cosine of the generated sources, the bound the regime promises)
     "far": (0.54, None),  # angles near 1 rad
@@ -260,3 +261,39 @@ def test_the_compiled_mean_keeps_no_float32_copy_of_a_source(n):
     weights = jax.ShapeDtypeStruct((n,), jnp.float32)
     compiled = jax.jit(lambda s, w: karcher_mean(s, w)).lower(stacked, weights).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 4 * np.prod(shape) / 4
+
+
+@pytest.mark.parametrize("n", [16, 24])
+def test_models_stacked_in_the_program_keep_no_float32_copy_of_the_stack(n):
+    """16 or more bfloat16 models passed one array each and stacked inside the program
+    (`slices_in_float32`): the scratch, mostly the N (N + 1) / 2 pairs' per-chunk sums, stays
+    under one source in float32, where a stacked argument would take two stacks' bytes."""
+    shape = (4864, 896)
+    models = tuple(jax.ShapeDtypeStruct(shape, jnp.bfloat16) for _ in range(n))
+    weights = jax.ShapeDtypeStruct((n,), jnp.float32)
+    merge = jax.jit(lambda models, w: karcher_mean(jnp.stack(models), w))
+    compiled = merge.lower(models, weights).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 4 * np.prod(shape)
+
+
+def test_a_bfloat16_stack_of_16_models_merges_as_the_models_stacked_in_a_program(monkeypatch):
+    """On CPU, `karcher_mean` of a bfloat16 stack of 16 or more models passes it model by model
+    (`slices_in_float32`), never to the program that takes the stack whole; the result is that
+    of the models stacked inside one program."""
+
+    def stack_whole(*args, **kwargs):
+        raise AssertionError("the bfloat16 stack went whole into the compiled mean")
+
+    monkeypatch.setattr(karcher, "_jitted_karcher_mean", stack_whole)
+    rng = np.random.default_rng(3)
+    stacked = jnp.asarray(rng.standard_normal((16, *SHAPE)), jnp.bfloat16)
+    weights = jnp.asarray(_weights(rng, 16), jnp.float32)
+    in_program = jax.jit(
+        lambda models, w: karcher_mean(jnp.stack(models), w), compiler_options=COMPILER_OPTIONS
+    )
+    expected = in_program(tuple(stacked), weights)
+    np.testing.assert_array_equal(karcher_mean(stacked, weights), expected)
+    assert slices_in_float32(stacked) and slices_in_float32(np.asarray(stacked))
+    assert not slices_in_float32(stacked[:15]) and not slices_in_float32(
+        stacked.astype(jnp.float16)
+    )

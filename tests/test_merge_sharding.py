@@ -48,10 +48,13 @@ def test_sharded_merge_equals_unsharded_and_keeps_sharding(axis_type, method, pa
         assert relative_error(merged[name], expected[name]) <= 1e-6
 
 
-def test_karcher_mean_on_an_explicitly_sharded_stack():
+@pytest.mark.parametrize(("n", "dtype"), [(4, "float32"), (16, "bfloat16")])
+def test_karcher_mean_on_an_explicitly_sharded_stack(n, dtype):
+    """16 bfloat16 models go model by model (`karcher.slices_in_float32`), sharded alike."""
     mesh = _mesh(AxisType.Explicit)
-    stacked = np.random.default_rng(1).standard_normal((4, 32, 64)).astype(np.float32)
+    stacked = np.random.default_rng(1).standard_normal((n, 32, 64)).astype(dtype)
     sharded = jax.device_put(stacked, NamedSharding(mesh, P(None, "x", None)))
-    merged = jkarcher.karcher_mean(sharded, None)
+    merged = jkarcher.karcher_mean(sharded, None, out_dtype=np.float32)
     assert merged.sharding.spec == P("x", None)
-    assert relative_error(merged, jkarcher.karcher_mean(stacked, None)) <= 1e-6
+    expected = jkarcher.karcher_mean(stacked, None, out_dtype=np.float32)
+    assert relative_error(merged, expected) <= 1e-6
