@@ -103,10 +103,10 @@ def karcher_mean(
     # A nested jit inside a caller's would make XLA copy the stack the caller built.
     if isinstance(stacked, jax.core.Tracer):
         run = _karcher_mean
-    elif slices_in_float32(stacked):
-        run, stacked = _jitted_karcher_mean_of_models, _models_of(stacked)
     else:
         run = _jitted_karcher_mean
+        if slices_in_float32(stacked):
+            stacked = _models_of(stacked)
     merged, info = run(stacked, weights, fisher, out_dtype=out_dtype, **options)
     return (merged, info) if return_info else merged
 
@@ -130,23 +130,18 @@ def slices_in_float32(stacked: jax.Array) -> bool:
 
 
 def _karcher_mean(stacked, weights, fisher, *, out_dtype, **options):
+    """`karcher_mean` of a stack, or of a tuple of models stacked here (`slices_in_float32`)."""
+    if isinstance(stacked, tuple):
+        stacked = jnp.stack(stacked)
     solve = functools.partial(_solve, **options)
     merged, info = with_auto_axes(solve)(stacked, jnp.asarray(weights), fisher)
     return merged.astype(out_dtype), info
 
 
-_STATIC = ("max_iter", "tol", "step", "block", "eps", "out_dtype")
 _jitted_karcher_mean = jax.jit(
-    _karcher_mean, static_argnames=_STATIC, compiler_options=COMPILER_OPTIONS
-)
-
-
-def _karcher_mean_of_models(models, weights, fisher, **options):
-    return _karcher_mean(jnp.stack(models), weights, fisher, **options)
-
-
-_jitted_karcher_mean_of_models = jax.jit(
-    _karcher_mean_of_models, static_argnames=_STATIC, compiler_options=COMPILER_OPTIONS
+    _karcher_mean,
+    static_argnames=("max_iter", "tol", "step", "block", "eps", "out_dtype"),
+    compiler_options=COMPILER_OPTIONS,
 )
 _models_of = jax.jit(lambda stacked: tuple(stacked[i] for i in range(stacked.shape[0])))
 
