@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import NamedTuple
 
 import jax
@@ -14,9 +15,12 @@ from jax import lax
 from jkarcher import sphere
 from jkarcher.karcher_fisher import fisher_fixed_point
 from jkarcher.numerics import (
+    CHUNK,
     COMPILER_OPTIONS,
-    add_chunk_sums,
+    add_chunk_group_sums,
+    chunk_group_sums,
     chunked,
+    chunks_per_row,
     compute_dtype,
     sum_over_models,
     unchunked,
@@ -157,17 +161,70 @@ def _solve(stacked, weights, fisher, *, block, **options) -> tuple[jax.Array, Ka
         merged, *info = fisher_fixed_point(sources, fishers, weights, **options)
         return unchunked(merged, shape), KarcherInfo(*info)
     dtype = compute_dtype()
-    solve = functools.partial(_coefficients, **options)
-    grams = gram_matrices(sources, dtype)
-    gammas, *info = jax.vmap(solve, in_axes=(0, None))(grams, weights.astype(dtype))
+    gammas, *info = _block_coefficients(gram_matrices(sources, dtype), weights, **options)
     merged = sum_over_models(
         gammas[:, j, None, None] * x.astype(dtype) for j, x in enumerate(sources)
     )
     return unchunked(merged, shape), KarcherInfo(*info)
 
 
+def block_gram_sums(stacked: jax.Array, base: jax.Array | None = None) -> jax.Array:
+    """The first pass of the plain mean (block="tensor") over a block of rows of the sources
+    [N, rows, ...] (minus the base's rows, with a base): [P, G], the block's `gram_partial_sums`.
+    Blocks whose rows are multiples of `gram_rows_multiple` concatenate, along G, into the whole
+    tensor's."""
+    dtype = compute_dtype()
+    sources = [chunked(stacked[i], 1) for i in range(stacked.shape[0])]
+    if base is not None:
+        chunked_base = chunked(base, 1).astype(dtype)
+        sources = [x.astype(dtype) - chunked_base for x in sources]
+    return gram_partial_sums(sources, dtype)[0]
+
+
+def coefficients_from_gram_sums(
+    partials: jax.Array, weights: jax.Array, *, max_iter: int, tol: float, step: float, eps: float
+) -> jax.Array:
+    """gamma [N], the merge being sum_j gamma_j x_j, from the whole tensor's [P, G] Gram sums
+    (`block_gram_sums`): the fixed point of `karcher_mean` on coefficients."""
+    grams = gram_from_partial_sums(partials[None], weights.shape[0])
+    options = dict(max_iter=max_iter, tol=tol, step=step, eps=eps)
+    return _block_coefficients(grams, weights, **options)[0][0]
+
+
+def combined_rows(
+    stacked: jax.Array, gammas: jax.Array, base: jax.Array | None = None
+) -> jax.Array:
+    """The second pass: sum_j gamma_j x_j over a block of rows [N, rows, ...] (of x_j - base,
+    the base added back, with a base), in the compute dtype, summed as `karcher_mean` sums."""
+    dtype = compute_dtype()
+    sources = [stacked[i].astype(dtype) for i in range(stacked.shape[0])]
+    if base is not None:
+        sources = [x - base.astype(dtype) for x in sources]
+    merged = sum_over_models(gammas[j] * x for j, x in enumerate(sources))
+    return merged if base is None else base.astype(dtype) + merged
+
+
+def gram_rows_multiple(shape: tuple[int, ...]) -> int:
+    """The rows that every block but the last must be a multiple of, for a tensor of `shape`,
+    so that its Gram sums split where the whole tensor's groups of CHUNK chunks do."""
+    row_length = int(np.prod(shape[1:], dtype=np.int64))
+    per_row = chunks_per_row(shape[-1]) * (row_length // shape[-1])
+    return CHUNK // math.gcd(CHUNK, per_row)
+
+
 def gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
-    """[R, N, N] inner products <x_i, x_j> per block, from per-chunk sums of every pair i <= j.
+    """[R, N, N] inner products <x_i, x_j> per block: `gram_from_partial_sums` of
+    `gram_partial_sums`."""
+    return gram_from_partial_sums(gram_partial_sums(sources, dtype), len(sources))
+
+
+def gram_partial_sums(sources: list[jax.Array], dtype) -> jax.Array:
+    """[R, P, G] partial sums of the P = N (N + 1) / 2 products x_i x_j, i <= j (in the order of
+    `np.triu_indices`): the per-chunk sums of `chunked` sources [R, K, c], added in groups of
+    CHUNK chunks (the first level of `add_chunk_sums`), G = ceil(K / CHUNK) per block.
+
+    Rows cut into blocks of whole groups give partial sums that concatenate, along G, into those
+    of the whole tensor: the statistics pass of a merge in blocks of rows.
 
     A variadic reduction computes many products from one read of the data, where a matmul of the
     skinny [N, D] matrix is several times slower on CPU (a bfloat16 `dot_general` with float32
@@ -188,9 +245,15 @@ def gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
             zeros = tuple(jnp.zeros((), dtype) for _ in products)
             add = lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True))
             sums.update(zip(pairs, lax.reduce(products, zeros, add, (2,)), strict=True))
+    in_order = zip(*np.triu_indices(n), strict=True)
+    return jnp.stack([chunk_group_sums(sums[pair]) for pair in in_order], axis=-2)
+
+
+def gram_from_partial_sums(partials: jax.Array, n: int) -> jax.Array:
+    """[R, N, N] Gram matrices from the [R, P, G] partial sums of `gram_partial_sums` (of the
+    whole tensor), their groups added by the later levels of `add_chunk_sums`."""
+    upper = add_chunk_group_sums(partials)
     upper_i, upper_j = np.triu_indices(n)
-    in_order = zip(upper_i, upper_j, strict=True)
-    upper = jnp.stack([add_chunk_sums(sums[pair]) for pair in in_order], axis=-1)
     gram = jnp.zeros((*upper.shape[:-1], n, n), upper.dtype).at[..., upper_i, upper_j].set(upper)
     return gram.at[..., upper_j, upper_i].set(upper)
 
@@ -205,6 +268,13 @@ def model_tiles(n: int, most: int = 8) -> list[range]:
     count = -(-n // most)
     bounds = [round(k * n / count) for k in range(count + 1)]
     return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def _block_coefficients(grams, weights, **options):
+    """`_coefficients` of each block's [N, N] Gram matrix in `grams` [R, N, N]: ([R, N],
+    iterations [R], ||T|| [R])."""
+    solve = functools.partial(_coefficients, **options)
+    return jax.vmap(solve, in_axes=(0, None))(grams, weights.astype(compute_dtype()))
 
 
 def _coefficients(gram, weights, *, max_iter, tol, step, eps):

@@ -2,6 +2,7 @@
 
     python scripts/bench_merge.py                      # add --mergekit_karcher for that leg too
     python scripts/bench_merge.py --zoo=big --experts=5  # the cold 3B legs (31 GB of inputs)
+    python scripts/bench_merge.py --zoo=wide   # Llama-3-70B-wide tensors, capped (bench_wide.py)
 
 The zoo is 4 experts with Qwen2.5-0.5B's shapes in bfloat16 (about 1 GB each: a shared random base
 plus a small random update per expert), made once under --zoo_dir. In one run this times, each as
@@ -29,6 +30,9 @@ that `cat` with the bytes of one output written beside it (a merge does both, an
 reads and writes share one bandwidth this is its floor); jkarcher karcher (with its compile cache
 as it is) and mergekit linear.
 
+With --zoo=wide the legs are `bench_wide.py`'s: 8 experts with Llama-3-70B's widest tensors (47
+GB), a read of them, jkarcher karcher and mergekit linear, each under a memory cap (--memory_cap).
+
 Each run prints wall time and peak resident memory of each leg, the ratios between them, and
 where our karcher run's time went (its summary's split). Karcher runs with each tool's own
 defaults (jkarcher: tol 1e-6, up to 100 iterations; mergekit: tol 1e-5, up
@@ -41,7 +45,6 @@ import functools
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from bench_wide import cat_command, mergekit_command, time_split, timed_process, wide_legs
 from bench_zoos import make_big_zoo, make_zoo
 
 from jkarcher import demo
@@ -59,20 +63,17 @@ from jkarcher.io.output_dir import staged_directory
 ROOT = Path(__file__).resolve().parents[1]
 _ZOO_DIR = flags.DEFINE_string("zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-0.5b"), "Zoo cache.")
 _WORK_DIR = flags.DEFINE_string("work_dir", str(ROOT / ".bench" / "runs"), "Configs and outputs.")
-_EXPERTS = flags.DEFINE_integer("experts", 4, "Number of experts in the zoo.")
+_EXPERTS = flags.DEFINE_integer("experts", 4, "Experts in the zoo (--zoo=wide: 8 if not given).")
 _MERGEKIT_KARCHER = flags.DEFINE_bool("mergekit_karcher", False, "Also time mergekit's karcher.")
 _REPEATS = flags.DEFINE_integer(
     "repeats", 3, "runs of the quick legs (read floor, import, jkarcher's warm merges): the median"
 )
 _ZOO = flags.DEFINE_enum(
-    "zoo", "small", ["small", "big"], "small: the 0.5B legs below; big: the cold 3B legs."
+    "zoo", "small", ["small", "big", "wide"], "small: 0.5B legs; big: cold 3B; wide: bench_wide."
 )
 _BIG_ZOO_DIR = flags.DEFINE_string(
     "big_zoo_dir", str(ROOT / ".bench" / "zoo-qwen2.5-3b"), "Big zoo cache (31 GB for 5)."
 )
-
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
 
 GRADIENT_SLERP = """\
 slices:
@@ -162,37 +163,6 @@ def read_everything(models: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
-# Runs argv[2:] and writes its exit code and peak RSS (KiB) to argv[1]. Linux counts the RSS of
-# the process a child is forked from in the child's peak, so the legs are forked from this small
-# launcher, never from the benchmark (which holds gigabytes after building or reading a zoo).
-LAUNCHER = """\
-import os, subprocess, sys
-child = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(child.pid, 0)
-with open(sys.argv[1], "w") as out:
-    out.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
-"""
-
-
-def timed_process(command: list[str], log: Path) -> tuple[float, float]:
-    """Run a command to completion: (wall seconds, its peak resident memory in GB)."""
-    result = log.with_suffix(".rusage")
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        subprocess.run(
-            [sys.executable, "-c", LAUNCHER, str(result), *command],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=os.environ | OFFLINE,
-            check=True,
-        )
-    seconds = time.perf_counter() - start
-    code, max_rss_kib = map(int, result.read_text().split())
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
-    return seconds, max_rss_kib * 1024 / 1e9
-
-
 def jkarcher_command(work: Path, models: list[Path], method: str, output: Path) -> list[str]:
     config = work / "jkarcher_config.py"
     config.write_text(
@@ -213,17 +183,6 @@ def jkarcher_command(work: Path, models: list[Path], method: str, output: Path) 
     ]
 
 
-def mergekit_command(work: Path, models: list[Path], method: str, output: Path) -> list[str]:
-    lines = [f"merge_method: {method}", "dtype: bfloat16", "models:"]
-    for path in models:
-        lines += [f"  - model: {path}"]
-        if method == "linear":
-            lines += ["    parameters:", "      weight: 1.0"]
-    config = work / f"mergekit_{method}.yaml"
-    config.write_text("\n".join(lines) + "\n")
-    return [shutil.which("mergekit-yaml"), str(config), str(output)]
-
-
 def drop_page_cache() -> bool:
     """Write dirty pages out and drop the page cache (root only): whether it was dropped."""
     os.sync()
@@ -240,7 +199,7 @@ def cold_legs(work: Path) -> None:
     total = sum(os.path.getsize(f) for f in files)
     output_bytes = sum(p.stat().st_size for p in models[0].glob("*.safetensors"))
     print(f"big zoo: {len(models)} experts, {total / 1e9:.1f} GB", flush=True)
-    cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
+    cat = cat_command(files)
     # Each leg, run with its log's path: (wall seconds, peak RSS in GB).
     legs = {
         "cat": functools.partial(timed_process, cat),
@@ -283,6 +242,9 @@ def main(argv: list[str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if _ZOO.value == "big":
         cold_legs(work)
+        return
+    if _ZOO.value == "wide":
+        wide_legs(work, _EXPERTS)
         return
     models = make_zoo(Path(_ZOO_DIR.value), _EXPERTS.value)
     warm_page_cache(models)  # for every leg
@@ -353,14 +315,6 @@ def main(argv: list[str]) -> None:
         print(f"{tool:9s} gradient-slerp {seconds:6.1f} s   peak RSS {rss:5.2f} GB", flush=True)
 
     print_ratios(results, floor, import_seconds)
-
-
-def time_split(log: Path) -> str:
-    """The time split line of a merge's summary (`jkarcher.pipeline.MergeSummary`)."""
-    lines = [
-        line.strip() for line in log.read_text().splitlines() if line.strip().startswith("time:")
-    ]
-    return lines[-1] if lines else "time: (no summary in the log)"
 
 
 def print_ratios(

@@ -6,7 +6,8 @@ command line.
 The options of `mergekit-yaml` are accepted under their names. Those with a meaning here set the
 run: --allow-crimes, --copy-tokenizer/--no-copy-tokenizer, --out-shard-size (mergekit's sizes:
 "5B" is 5 * 10^9 bytes), --random-seed, --transformers-cache (where hub ids are looked up),
---quiet and -v. The rest concern how mergekit computes in PyTorch (devices, threads, lazy
+--quiet and -v; --memory (not in mergekit) sets the memory budget, e.g. 8GB. The rest concern
+how mergekit computes in PyTorch (devices, threads, lazy
 loading, asynchronous writes) or what jkarcher always does (a model card, safetensors); each is
 accepted, and one line says that it changes nothing. --overwrite (not in mergekit) replaces
 OUT_PATH when it is an earlier jkarcher output or an empty directory; nothing else is ever
@@ -40,7 +41,7 @@ NO_EFFECT = {
     "gpu_rich": "jkarcher computes on JAX's default devices",
     "read_to_gpu": "jkarcher places tensors on JAX's devices as it reads them",
     "multi_gpu": "jkarcher spreads each tensor over every device of its mesh (--config.mesh)",
-    "low_cpu_memory": "jkarcher streams tensors and holds a few at a time",
+    "low_cpu_memory": "jkarcher holds what its memory budget allows (--memory)",
     "lazy_unpickle": "jkarcher reads safetensors byte ranges and refuses pickled checkpoints",
     "clone_tensors": "jkarcher writes every tensor it is asked for",
     "trust_remote_code": "jkarcher never runs a model's code",
@@ -68,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--copy-tokenizer", action=switch, default=True)
     parse.add_argument("--out-shard-size", default="5B", help="bytes per shard (5B: 5 * 10^9)")
     parse.add_argument("--random-seed", type=int, default=None)
+    parse.add_argument(
+        "--memory", default=None, help="memory budget, e.g. 8GB (default: half the available)"
+    )
     parse.add_argument("--transformers-cache", default=None, help="the HF hub cache to look in")
     parse.add_argument("--overwrite", action="store_true", help="replace an earlier output")
     parse.add_argument(
@@ -113,6 +117,8 @@ def config_fields(arguments: argparse.Namespace, stages: list[multi.Stage]) -> l
     }
     if arguments.random_seed is not None:
         run["seed"] = arguments.random_seed
+    if arguments.memory is not None:
+        run["memory"] = arguments.memory
     return [base_config().to_dict() | stage.fields | run for stage in stages]
 
 

@@ -90,12 +90,15 @@ def run_config(config: MergeConfig, quiet: bool = False) -> None:
         plan = pipeline.plan_merge(config)
         for warning in plan.warnings:
             logging.warning(warning)
+        blocks = len(plan.tasks) - plan.tensor_count
         print(
-            f"merging {len(config.all_models)} models with {config.method}: {len(plan.tasks)} "
-            f"tensors, {plan.bytes_to_read / 1e9:.2f} GB to read -> {config.output}"
+            f"merging {len(config.all_models)} models with {config.method}: {plan.tensor_count} "
+            f"tensors{f' ({blocks} more tasks for blocks of rows)' if blocks else ''}, "
+            f"{plan.bytes_to_read / 1e9:.2f} GB to read, memory budget "
+            f"{plan.budget.total / 1e9:.2f} GB -> {config.output}"
         )
         hidden = quiet or not distributed.is_leader()
-        with tqdm(total=len(plan.tasks), unit="tensor", disable=hidden) as progress:
+        with tqdm(total=len(plan.tasks), unit="task", disable=hidden) as progress:
             summary = pipeline.run(plan, on_tensor=lambda task: progress.update())
     except (JkarcherError, OSError) as err:
         sys.exit(f"error: {err}")

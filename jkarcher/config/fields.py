@@ -99,6 +99,15 @@ def parse_size(value: Any, field: str) -> int:
     return size
 
 
+def size_text(nbytes: float) -> str:
+    """A byte count as `parse_size` reads it back, to three significant digits: "1.23GB",
+    "456MB", "12.0kB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g}{unit}"
+    return f"{int(nbytes)}B"
+
+
 def optional_document(value: Any, field: str) -> str | None:
     """The text of a document (a config file's contents), or None."""
     if value is not None and not isinstance(value, str):

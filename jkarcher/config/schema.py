@@ -236,6 +236,9 @@ class MergeConfig:
     out_shard_size: int = _written(
         lambda: DEFAULT_SHARD_SIZE, parse_size(DEFAULT_SHARD_SIZE, "out_shard_size")
     )
+    # The run's memory budget, as text like out_shard_size ("8GB"; `jkarcher.pipeline.budget`).
+    # None: half the memory available at the start (host, cgroup and accelerator's least).
+    memory: int | None = _written(_placeholder(str), None)
     # Seed of the `jax.random` key that random methods draw from.
     seed: int = 0
     # Copy the tokenizer files of the base (or first) model into the output.

@@ -57,6 +57,7 @@ def validate(raw: Mapping[str, Any] | ml_collections.ConfigDict) -> MergeConfig:
         dtype=fields.output_dtype(raw["dtype"]),
         output=fields.output(raw.get("output")),
         out_shard_size=fields.parse_size(raw["out_shard_size"], "out_shard_size"),
+        memory=None if raw["memory"] is None else fields.parse_size(raw["memory"], "memory"),
         seed=fields.seed(raw["seed"]),
         copy_tokenizer=fields.flag(raw["copy_tokenizer"], "copy_tokenizer"),
         chat_template=_chat_template(raw),

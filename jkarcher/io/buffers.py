@@ -72,6 +72,12 @@ class BufferPool:
         weakref.finalize(array.base, self._give_back, mapped)
         return array
 
+    def limit(self, max_free_bytes: int) -> None:
+        """Keep at most `max_free_bytes` of free maps from now on."""
+        with self._lock:
+            self._max_free_bytes = max_free_bytes
+            self._trim()
+
     def free_bytes(self) -> int:
         """The bytes of the free maps that the pool holds."""
         with self._lock:
@@ -80,8 +86,16 @@ class BufferPool:
     def _give_back(self, mapped: mmap.mmap) -> None:
         with self._lock:
             self._free.append(mapped)
-            while sum(len(m) for m in self._free) > self._max_free_bytes:
-                self._free.pop(0)  # unmapped once nothing refers to it
+            self._trim()
+
+    def _trim(self) -> None:
+        while sum(len(m) for m in self._free) > self._max_free_bytes:
+            self._free.pop(0)  # unmapped once nothing refers to it
 
 
 _POOL = BufferPool()
+
+
+def limit_free_buffers(max_free_bytes: int) -> None:
+    """Keep at most min(POOL_BYTES, `max_free_bytes`) of free read buffers (a run's budget)."""
+    _POOL.limit(min(POOL_BYTES, max_free_bytes))

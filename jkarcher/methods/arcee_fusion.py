@@ -62,6 +62,7 @@ def fusion_threshold(importance: jax.Array) -> jax.Array:
 register(
     MergeMethod(
         name="arcee_fusion",
+        scratch=(6.5, 1),
         leaf=arcee_fusion,
         base=BASE_REQUIRED,
         max_models=1,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.registry import MergeMethod, Param, positive, register
+from jkarcher.methods.registry import MergeMethod, Param, always_rows, positive, register
 from jkarcher.numerics import compute_dtype, sum_over_models
 
 DEFAULT_FISHER_FLOOR = 1e-6
@@ -63,6 +63,8 @@ def fisher_merging(
 register(
     MergeMethod(
         name="fisher_merging",
+        scratch=(0.1, 0.5),
+        blocked=always_rows,
         leaf=fisher_merging,
         params=(
             Param(

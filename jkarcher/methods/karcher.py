@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import jax
 
-from jkarcher.karcher import BLOCKS, DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL, karcher_mean
+from jkarcher.karcher import (
+    BLOCKS,
+    DEFAULT_EPS,
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    block_gram_sums,
+    coefficients_from_gram_sums,
+    combined_rows,
+    gram_rows_multiple,
+    karcher_mean,
+)
 from jkarcher.methods.registry import (
     BASE_OPTIONAL,
+    ROWS,
     MergeMethod,
     Param,
+    TwoPasses,
     non_negative,
     one_of,
     positive,
@@ -28,14 +40,60 @@ def karcher(
     `fisher` (the sources' diagonal Fisher estimates, stacked like them) the tangent average is
     Fisher-preconditioned (`jkarcher.karcher_fisher`). Computed and returned in float32 (float64
     under x64).
+
+    A whole tensor (block="tensor") without a Fisher runs as the two passes of a merge in
+    blocks of rows (`TWO_PASSES`), in one program: the Gram sums of the sources (of the task
+    vectors, formed as they are read, never held), the fixed point on coefficients, the
+    combination.
     """
     del key
+    if fisher is None and options["block"] == "tensor":
+        gammas = _finish(_statistics(stacked, weights, base, **options), weights, **options)
+        # The second pass forms the task vectors anew from a base XLA cannot tell is the same:
+        # it would otherwise form each once for both passes and hold all N in float32.
+        base = None if base is None else jax.lax.optimization_barrier(base)
+        return _apply(stacked, weights, base, gammas, **options)
     dtype = compute_dtype()
     options.update(fisher=fisher, out_dtype=dtype)
     if base is None:
         return karcher_mean(stacked, weights, **options)
     deltas = stacked.astype(dtype) - base.astype(dtype)[None]
     return base.astype(dtype) + karcher_mean(deltas, weights, **options)
+
+
+def _statistics(stacked, weights, base=None, *, block, **options) -> jax.Array:
+    del weights, block, options
+    return block_gram_sums(stacked, base)
+
+
+def _finish(partials, weights, *, block, **options) -> jax.Array:
+    del block
+    return coefficients_from_gram_sums(partials, weights, **options)
+
+
+def _apply(stacked, weights, base, gammas, **options) -> jax.Array:
+    del weights, options
+    return combined_rows(stacked, gammas, base)
+
+
+# A tensor too large for the memory budget: its Gram matrix summed over blocks of rows, the
+# fixed point on coefficients, then each block's rows combined (the same sums as one pass).
+TWO_PASSES = TwoPasses(_statistics, _finish, _apply, gram_rows_multiple)
+
+
+def _scratch(params, fisher: bool, shape) -> tuple[float, float]:
+    """The leaf's float32 scratch: the Fisher-preconditioned iteration holds its sources, their
+    Fishers and its iterate in float32; rows (each its own mean) hold the task vectors; a whole
+    tensor in two passes about one copy."""
+    del shape
+    if fisher:
+        return 3.25, 2.5
+    return (1.1, 0.5) if params["block"] == "row" else (0.1, 1.25)
+
+
+def _blocked(params) -> TwoPasses | str:
+    """Rows merged one by one (block="row") merge block by block; a whole tensor in two passes."""
+    return ROWS if params["block"] == "row" else TWO_PASSES
 
 
 register(
@@ -51,6 +109,8 @@ register(
         ),
         base=BASE_OPTIONAL,
         tensor_inputs=("fisher",),
+        blocked=_blocked,
+        scratch=_scratch,
         summary="weighted Karcher mean on the unit sphere, rescaled to the mean norm",
         unsigned_because=(
             "the Karcher mean is a weighted mean of points on the sphere, which a negative weight "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jkarcher.methods.registry import MergeMethod, Param, boolean, register
+from jkarcher.methods.registry import MergeMethod, Param, always_rows, boolean, register
 from jkarcher.numerics import weighted_sum
 
 
@@ -27,6 +27,8 @@ def linear(stacked, weights, base=None, *, key=None, normalize: bool = True) -> 
 register(
     MergeMethod(
         name="linear",
+        scratch=(0.1, 0.5),
+        blocked=always_rows,
         leaf=linear,
         params=(Param("normalize", True, "divide by the sum of the weights", check=boolean),),
         summary="weighted average of the models",

@@ -58,6 +58,7 @@ def model_stock(stacked, weights, base, *, key=None, filter_wise: bool = False) 
 register(
     MergeMethod(
         name="model_stock",
+        scratch=(1.5, 0.5),
         leaf=model_stock,
         params=(
             Param(

@@ -20,6 +20,7 @@ from jkarcher.methods.registry import (
     REQUIRED,
     MergeMethod,
     Param,
+    always_rows,
     non_negative,
     register,
 )
@@ -42,6 +43,8 @@ def nearswap(stacked, weights, base, *, key=None, t: float) -> jax.Array:
 register(
     MergeMethod(
         name="nearswap",
+        scratch=(0.5, 0.5),
+        blocked=always_rows,
         leaf=nearswap,
         params=(
             Param(

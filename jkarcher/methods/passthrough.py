@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from jkarcher.methods.registry import MergeMethod, Param, number, optional, register
+from jkarcher.methods.registry import MergeMethod, Param, always_rows, number, optional, register
 from jkarcher.numerics import compute_dtype
 
 
@@ -19,6 +19,8 @@ def passthrough(stacked, weights, base=None, *, key=None, scale: float | None = 
 register(
     MergeMethod(
         name="passthrough",
+        scratch=(0.1, 0.5),
+        blocked=always_rows,
         leaf=passthrough,
         params=(Param("scale", None, "factor applied to the tensor", check=optional(number)),),
         max_models=1,

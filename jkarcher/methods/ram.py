@@ -100,6 +100,7 @@ _EPSILON = Param(
 register(
     MergeMethod(
         name="ram",
+        scratch=(0.1, 0.5),
         leaf=ram,
         params=(_EPSILON,),
         base=BASE_REQUIRED,
@@ -111,6 +112,7 @@ register(
 register(
     MergeMethod(
         name="ramplus_tl",
+        scratch=(2.1, 0.5),
         leaf=ramplus_tl,
         params=(
             Param(

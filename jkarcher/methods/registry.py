@@ -29,6 +29,44 @@ BASE_OPTIONAL = "optional"
 BASE_REQUIRED = "required"
 
 
+@dataclasses.dataclass(frozen=True)
+class TwoPasses:
+    """How a method whose merge needs whole-tensor statistics (norms, inner products) merges a
+    tensor in blocks of rows: a first pass over the blocks gathers the statistics, a second
+    applies them (docs/design.md, "Memory").
+
+    statistics(sources, weights, base, **params) -> one block's partial sums, an array whose last
+      axis runs over parts of the block in row order: the blocks' partial sums, concatenated
+      along it, are those of the whole tensor;
+    finish(partial_sums, weights, **params) -> the coefficients that the second pass applies;
+    apply(sources, weights, base, coefficients, **params) -> the block's merged rows, in the
+      compute dtype;
+    rows_multiple(shape) -> the number of rows that every block but the last is a multiple of,
+      for a tensor of `shape`, so that its partial sums split where the whole tensor's do.
+    """
+
+    statistics: Callable[..., Any]
+    finish: Callable[..., Any]
+    apply: Callable[..., Any]
+    rows_multiple: Callable[[tuple[int, ...]], int]
+
+
+# A method's `blocked(params)` for merges whose rows depend only on the same rows of the inputs:
+# each block of rows is merged by the leaf itself.
+ROWS = "rows"
+
+
+def always_rows(params: Mapping[str, Any]) -> str:
+    """The `blocked` of a method whose rows depend only on the same rows of the inputs."""
+    del params
+    return ROWS
+
+
+def never_blocked(params: Mapping[str, Any]) -> None:
+    """The `blocked` of a method that merges every tensor whole."""
+    del params
+
+
 class MethodError(JkarcherError):
     """A method was asked for that does not exist, or with parameters it cannot take."""
 
@@ -104,6 +142,14 @@ class MergeMethod:
     # For signed weights: whether the resolved parameters divide by the weights' sum, which must
     # then not be 0 (methods that guard a zero sum, as mergekit's do, leave this None).
     divides_by_weight_sum: Callable[[Mapping[str, Any]], bool] | None = None
+    # How a tensor that does not fit the memory budget is merged in blocks of rows, for the
+    # resolved parameters: ROWS, a TwoPasses, or None (every tensor is merged whole).
+    blocked: Callable[[Mapping[str, Any]], TwoPasses | str | None] = never_blocked
+    # The float32 copies of one source that the leaf holds at its peak, beside its inputs and
+    # output: (per model, fixed), or a function of (the resolved parameters, whether the leaf is
+    # given its tensor inputs, the source's shape) that returns them. XLA's memory analysis of
+    # each leaf bounds it (a test).
+    scratch: tuple[float, float] | Callable[..., tuple[float, float]] = (1.0, 1.0)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -113,6 +159,15 @@ class MergeMethod:
         raise MethodError(
             f"method {self.name!r} has no parameter {name!r} (its parameters: {known})"
         )
+
+    def scratch_copies(
+        self, params: Mapping[str, Any], n_models: int, inputs: bool, shape: tuple[int, ...]
+    ) -> float:
+        """The float32 copies of one source of `shape` that the leaf holds for `n_models` models,
+        given its tensor inputs or not (`scratch`)."""
+        scratch = self.scratch
+        per_model, fixed = scratch(params, inputs, shape) if callable(scratch) else scratch
+        return per_model * n_models + fixed
 
     def tensor_input_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape tensor input `name` has for a model leaf of `shape` (None: it has none)."""

@@ -85,9 +85,20 @@ def _gram_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
     return (shape[1], shape[1]) if len(shape) == 2 else None
 
 
+def _scratch(params, grams: bool, shape) -> tuple[float, float]:
+    """The leaf's float32 scratch, in copies of a source [out, in]: with Grams, the weighted
+    Grams [in, in] and their sum and solve, each in / out copies; without, an average."""
+    del params
+    if not grams or len(shape) != 2:
+        return 0.1, 0.5
+    ratio = shape[1] / shape[0]
+    return 1.1 + ratio, 1 + ratio
+
+
 register(
     MergeMethod(
         name="regmean",
+        scratch=_scratch,
         leaf=regmean,
         params=(
             Param(

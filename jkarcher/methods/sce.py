@@ -78,6 +78,7 @@ def model_weights(deltas: list[jax.Array]) -> jax.Array:
 register(
     MergeMethod(
         name="sce",
+        scratch=(1.25, 0.5),
         leaf=sce,
         params=(
             Param("select_topk", 1.0, "fraction of highest-variance entries kept", check=fraction),

@@ -164,6 +164,7 @@ def _clamped_unit(x: jax.Array, axis: int | None) -> jax.Array:
 register(
     MergeMethod(
         name="slerp",
+        scratch=(1.1, 0.5),
         leaf=slerp,
         params=(
             Param(
@@ -186,6 +187,7 @@ register(
 register(
     MergeMethod(
         name="nuslerp",
+        scratch=(1.1, 0.5),
         leaf=nuslerp,
         params=(
             Param("nuslerp_row_wise", False, "interpolate the slices along axis 0", check=boolean),
@@ -203,6 +205,7 @@ register(
 register(
     MergeMethod(
         name="multislerp",
+        scratch=(1.1, 1.5),
         leaf=multislerp,
         params=(
             Param("normalize_weights", True, "divide the weights by their sum", check=boolean),

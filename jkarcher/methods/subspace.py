@@ -133,7 +133,7 @@ _SCALING = Param(
     "scaling", 1.0, "lambda, the scale of the merged update", check=number, traced=True
 )
 
-for _name, _update, _extra, _summary, _citation in (
+for _name, _update, _extra, _scratch, _summary, _citation in (
     (
         "tsv",
         tsv_update,
@@ -145,6 +145,7 @@ for _name, _update, _extra, _summary, _citation in (
                 check=boolean,
             ),
         ),
+        (1.6, 2),
         "each task's top singular vectors, decorrelated, added to the base (TSV-M)",
         "https://arxiv.org/abs/2412.00081",
     ),
@@ -152,6 +153,7 @@ for _name, _update, _extra, _summary, _citation in (
         "iso_c",
         iso_c_update,
         (),
+        (0.1, 3),
         "the task-vector sum with a flat spectrum, added to the base",
         "https://arxiv.org/abs/2502.04959",
     ),
@@ -166,6 +168,7 @@ for _name, _update, _extra, _summary, _citation in (
                 check=_common_fraction,
             ),
         ),
+        (2.25, 3.5),
         "common and task-specific singular directions with a flat spectrum",
         "https://arxiv.org/abs/2502.04959",
     ),
@@ -177,6 +180,7 @@ for _name, _update, _extra, _summary, _citation in (
             params=(_SCALING, *_extra),
             base=BASE_REQUIRED,
             weighted=False,
+            scratch=_scratch,
             summary=_summary,
             citation=_citation,
         )

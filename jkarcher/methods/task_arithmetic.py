@@ -36,8 +36,10 @@ from jkarcher.methods.registry import (
     BASE_REQUIRED,
     MergeMethod,
     Param,
+    always_rows,
     boolean,
     fraction,
+    never_blocked,
     non_negative,
     number,
     register,
@@ -183,19 +185,31 @@ class Sparsification(NamedTuple):
     citation: str
     random: bool = False
     check: Callable[[Mapping[str, Any]], str | None] | None = None
+    # The leaf's float32 scratch (`MergeMethod.scratch`): the masks' sorts and draws dominate.
+    scratch: tuple[float, float] = (0.1, 0.5)
 
 
 # The sparsifications by name (None: task arithmetic, which keeps every entry).
 SPARSIFICATIONS = {
     None: Sparsification(None, (), "https://arxiv.org/abs/2212.04089"),
     "magnitude": Sparsification(
-        sparsify.magnitude_mask, (_DENSITY,), "https://arxiv.org/abs/2306.01708"
+        sparsify.magnitude_mask,
+        (_DENSITY,),
+        "https://arxiv.org/abs/2306.01708",
+        scratch=(4.75, 1.5),
     ),
     "random": Sparsification(
-        sparsify.bernoulli_mask, (_DENSITY,), "https://arxiv.org/abs/2311.03099", random=True
+        sparsify.bernoulli_mask,
+        (_DENSITY,),
+        "https://arxiv.org/abs/2311.03099",
+        random=True,
+        scratch=(3.25, 2.5),
     ),
     "outliers": Sparsification(
-        sparsify.outlier_mask, (_DENSITY, _GAMMA), "https://arxiv.org/abs/2312.06795"
+        sparsify.outlier_mask,
+        (_DENSITY, _GAMMA),
+        "https://arxiv.org/abs/2312.06795",
+        scratch=(6.25, 1),
     ),
     "magprune": Sparsification(
         sparsify.della_mask,
@@ -203,6 +217,7 @@ SPARSIFICATIONS = {
         "https://arxiv.org/abs/2406.11617",
         random=True,
         check=_della_check,
+        scratch=(6.25, 1.5),
     ),
 }
 
@@ -288,6 +303,9 @@ def _method(name: str, variant: Variant) -> MergeMethod:
         citation=kind.citation,
         check=kind.check,
         signed_weights=True,
+        # Task arithmetic is elementwise; every trim ranks or rescales whole task vectors.
+        blocked=always_rows if variant.sparsification is None else never_blocked,
+        scratch=kind.scratch,
     )
 
 

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jkarcher import compile_cache, methods
+from jkarcher import blocked, compile_cache, methods
 from jkarcher.config import FISHER_INPUT
-from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
+from jkarcher.merge import leaf_key, split_params, traced_arguments
 from jkarcher.numerics import COMPILER_OPTIONS
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.pipeline.statistics import statistic_placement
@@ -46,6 +46,7 @@ def leaf_signature(method: str, task: TensorTask) -> tuple:
         static,
         jax.tree.structure(traced),
         task.out_dtype,
+        task.stage,
     )
 
 
@@ -91,14 +92,21 @@ class LeafCompiler:
         return self._weights[cached]
 
     def merge(
-        self, task: TensorTask, sources: tuple, base, key, statistics: tuple = ()
+        self, task: TensorTask, sources: tuple, base, key, statistics: tuple = (), coefficients=None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
         the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
-        `placed_leaf`)."""
+        `placed_leaf`); at the task's stage (`jkarcher.blocked`): a block's partial sums, or its
+        rows from the `coefficients` of the first pass."""
         compiled = self._compiled[leaf_signature(self._method, task)].result()
         weights, traced = self.weights(task), self.traced_params(task)
-        return compiled(sources, weights, base, key, statistics, traced)
+        return compiled(sources, weights, base, key, statistics, traced, coefficients)
+
+    def finish(self, task: TensorTask, partials: list[jax.Array]) -> jax.Array:
+        """The coefficients of a tensor's second pass from its blocks' partial sums."""
+        static = split_params(self._method, task.settings.params)[0]
+        traced = self.traced_params(task)
+        return blocked.finish(self._method, static)(partials, self.weights(task), traced)
 
     def traced_params(self, task: TensorTask) -> dict[str, Any]:
         """The task's traced parameters as scalars (`jkarcher.merge.traced_arguments`), once per
@@ -113,7 +121,9 @@ class LeafCompiler:
         shape = task.sources[0].shape
         static = split_params(self._method, task.settings.params)[0]
         statistic = task.statistic if task.statistics else None
-        return placed_leaf(self._method, static, shape, task.out_dtype, self._mesh, statistic)
+        return placed_leaf(
+            self._method, static, shape, task.out_dtype, self._mesh, statistic, task.stage
+        )
 
     @property
     def compilations(self) -> int:
@@ -129,6 +139,16 @@ class LeafCompiler:
     def compile_seconds(self) -> float:
         """The seconds spent compiling (or loading) so far, in the background thread."""
         return self._compile_seconds
+
+    def _coefficients_shape(self, task: TensorTask, sources, base, traced):
+        """The shape of the coefficients an APPLY task takes (None at other stages)."""
+        if task.stage != blocked.APPLY:
+            return None
+        static = split_params(self._method, task.settings.params)[0]
+        leaf = blocked.stage_leaf(self._method, static, task.out_dtype, blocked.STATISTICS)
+        weights = self.weights(task)
+        sums = jax.eval_shape(leaf, sources, weights, base, None, None, traced, None)[0]
+        return jax.eval_shape(blocked.finish(self._method, static), [sums], weights, traced)
 
     def _compile(self, task: TensorTask) -> jax.stages.Compiled:
         """The task's leaf, traced, lowered and compiled for its shapes, or loaded from the
@@ -150,6 +170,7 @@ class LeafCompiler:
             for placed_shape, placed_sharding in placements
         )
         traced = self.traced_params(task)
+        coefficients = self._coefficients_shape(task, sources, base, traced)
         mesh = (self._mesh.shape_tuple, [device.id for device in self._mesh.devices.flat])
         stored_as = compile_cache.key(self._method, leaf_signature(self._method, task), mesh)
         compiled = compile_cache.load(stored_as)
@@ -157,7 +178,8 @@ class LeafCompiler:
             self._loaded += 1
         else:
             function = self._function(task)
-            lowered = function.lower(sources, self.weights(task), base, key, statistics, traced)
+            arguments = (sources, self.weights(task), base, key, statistics, traced, coefficients)
+            lowered = function.lower(*arguments)
             compiled = lowered.compile()
             compile_cache.store(stored_as, compiled)
         self._compile_seconds += time.perf_counter() - start
@@ -172,6 +194,7 @@ def placed_leaf(
     out_dtype: np.dtype,
     mesh: Mesh,
     statistic: str | None = None,
+    stage: str = blocked.MERGE,
 ) -> Callable:
     """`jkarcher.merge.traced_leaf(method, static_params)` for sources of `shape` split by rows
     over `mesh`, as `jkarcher.pipeline.read.read_task` places them (cached): (sources, weights,
@@ -183,25 +206,31 @@ def placed_leaf(
     back as zeros after it, so the leaf merges exactly the tensor (its whole-tensor statistics
     and random draws are those of one device);
     the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
-    on every device. It compiles with `COMPILER_OPTIONS`, as `jkarcher.merge` does.
+    on every device. It compiles with `COMPILER_OPTIONS`, as `jkarcher.merge` does. At `stage`
+    (`jkarcher.blocked`), the leaf is that stage's: it takes the coefficients of a first pass
+    as a last argument (None but at APPLY), and the STATISTICS stage returns partial sums,
+    replicated.
     """
-    leaf = traced_leaf(method, static_params, np.dtype(out_dtype))
+    leaf = blocked.stage_leaf(method, static_params, np.dtype(out_dtype), stage)
     padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
 
     def cut(x: jax.Array) -> jax.Array:
         return x[: shape[0]] if padding else x
 
-    def run(sources, weights, base, key, statistics, traced):
+    def run(sources, weights, base, key, statistics, traced, coefficients=None):
         base = None if base is None else cut(base)
         if statistic == FISHER_INPUT:
             statistics = tuple(map(cut, statistics))
         tensors = {statistic: tuple(statistics)} if statistics else None
         sources = tuple(map(cut, sources))
-        merged, finite, merged_finite = leaf(sources, weights, base, key, tensors, traced)
-        if padding:
+        merged, finite, merged_finite = leaf(
+            sources, weights, base, key, tensors, traced, coefficients
+        )
+        if padding and stage != blocked.STATISTICS:
             merged = jnp.pad(merged, [(0, padding)] + [(0, 0)] * (len(shape) - 1))
         return merged, finite, merged_finite
 
     flags = replicated(mesh)
-    shardings = (row_sharding(mesh, len(shape)), flags, flags)
+    result = flags if stage == blocked.STATISTICS else row_sharding(mesh, len(shape))
+    shardings = (result, flags, flags)
     return jax.jit(run, out_shardings=shardings, compiler_options=COMPILER_OPTIONS)

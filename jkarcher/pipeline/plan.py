@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.architecture import check_architectures, layer_count
+from jkarcher.blocked import MERGE
 from jkarcher.config import ConfigError, MergeConfig, layer_position, tensor_values
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
@@ -33,6 +34,7 @@ from jkarcher.io.orbax_io import open_checkpoint
 from jkarcher.io.output_dir import check_free_space, check_output_dir
 from jkarcher.io.writer import OutputTensor, Shard, natural_key, plan_shards
 from jkarcher.lora.applied import with_adapter
+from jkarcher.pipeline.budget import Budget, within_budget
 from jkarcher.pipeline.statistics import open_statistics, statistic_labels, statistic_sources
 from jkarcher.pipeline.vocab import (
     LM_HEAD_NAME,
@@ -85,6 +87,11 @@ class TensorTask:
     statistic: str | None = None
     statistics: tuple[StoredTensor, ...] = ()
     labels: tuple[str, ...] = ()
+    # A block of the tensor's rows (`jkarcher.pipeline.budget`): the output row of its first
+    # row, and its stage, "merge" (its rows merged), "statistics" (the first of two passes) or
+    # "apply" (its rows merged from the statistics of every block).
+    first_row: int = 0
+    stage: str = MERGE
 
     def infos(self) -> tuple[StoredTensor, ...]:
         """Every distinct tensor this task reads (a model listed twice is read once)."""
@@ -120,6 +127,8 @@ class MergePlan:
     # The output's vocabulary for `config.tokenizer_source` (`jkarcher.pipeline.tokenizer`);
     # None: the template model's.
     vocabulary: OutputVocabulary | None = None
+    # The memory budget that sized the tasks (`jkarcher.pipeline.budget`); plan_merge sets it.
+    budget: Budget = dataclasses.field(default_factory=lambda: Budget(2**62))
 
     @property
     def template(self) -> CheckpointReader:
@@ -129,6 +138,11 @@ class MergePlan:
     @property
     def template_label(self) -> str:
         return self.labels[-1] if self.base else self.labels[0]
+
+    @property
+    def tensor_count(self) -> int:
+        """The output's tensors (a tensor merged in blocks is one, its tasks several)."""
+        return sum(len(shard.tensors) for shard in self.shards)
 
     @property
     def bytes_to_read(self) -> int:
@@ -182,7 +196,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     if config.slices:
         from jkarcher.pipeline.slices import plan_slices  # it imports this module
 
-        return plan_slices(config)
+        return within_budget(plan_slices(config))
     models = tuple(
         open_input(entry.path, f"models[{i}]", entry.lora) for i, entry in enumerate(config.models)
     )
@@ -236,7 +250,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
     shards = plan_shards(layout, config.out_shard_size)
     check_free_space(config.output, sum(shard.nbytes for shard in shards))
-    return MergePlan(
+    plan = MergePlan(
         config=config,
         method=methods.get(config.method),
         models=models,
@@ -254,6 +268,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         vocabulary=vocabulary,
         config_updates={} if vocabulary is None else {"vocab_size": vocabulary.rows},
     )
+    return within_budget(plan)
 
 
 def open_input(path: str, field: str, lora: str | None = None) -> CheckpointReader:

@@ -5,7 +5,8 @@ On a mesh of several devices, and over several processes (`jkarcher.distributed`
 tensor is split by rows over every device (`jkarcher.sharding`), and a process reads only the
 rows its own devices hold (`StoredTensor.read_placed`: whatever the checkpoint's format). Peak
 memory is about the bytes of the largest task, not the model size: tasks read ahead are held to
-READ_AHEAD_BYTES, and a larger task is read alone.
+READ_AHEAD_BYTES (less under a small memory budget: `jkarcher.pipeline.budget`), and a larger
+task is read alone.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 class ReadAhead:
     """Yields (task, what `read(task)` returned) in order, reading in a background thread.
 
-    The thread stays at most `limit_bytes` (by `task.read_bytes`; READ_AHEAD_BYTES unless given)
-    ahead: it counts the task being processed until the consumer asks for the next one, and it
-    always reads the next task when nothing is held, however large.
+    The thread stays at most min(`limit_bytes`, READ_AHEAD_BYTES) ahead (by `task.read_bytes`):
+    it counts the task being processed until the consumer asks for the next one, and it always
+    reads the next task when nothing is held, however large.
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class ReadAhead:
     ):
         self._tasks = list(tasks)
         self._read = read
-        self._limit = READ_AHEAD_BYTES if limit_bytes is None else limit_bytes
+        self._limit = min(READ_AHEAD_BYTES, limit_bytes or READ_AHEAD_BYTES)
         self._held = 0
         self._stopping = False
         self._condition = threading.Condition()

@@ -24,8 +24,10 @@ import jax
 import numpy as np
 
 from jkarcher import distributed
+from jkarcher.blocked import APPLY, STATISTICS
 from jkarcher.errors import MergeError
 from jkarcher.io import StoredTensor
+from jkarcher.io.buffers import limit_free_buffers
 from jkarcher.merge import describe_merge, leaf_key
 from jkarcher.numerics import all_finite, first_disagreeing
 from jkarcher.pipeline.compile import LeafCompiler, leaf_signature
@@ -85,6 +87,8 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     phases = dict.fromkeys(("waiting for reads", "merging", "writing"), 0.0)
     key = jax.random.key(plan.config.seed) if plan.method.random else None
     order = execution_order(plan)
+    limit_free_buffers(plan.budget.free_buffers)
+    passes = FirstPasses()
     output = orbax_output if plan.config.format == "orbax" else safetensors_output
     with (
         output_errors(plan.config.output),
@@ -92,17 +96,20 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     ):
         with (
             LeafCompiler(plan.method, order, plan.config.seed, plan.mesh) as leaves,
-            ReadAhead(order, functools.partial(read_task, plan.mesh)) as reads,
+            ReadAhead(
+                order, functools.partial(read_task, plan.mesh), plan.budget.read_ahead
+            ) as reads,
             output(plan, staging) as put,
         ):
             for task, arrays in _timed(reads, phases, "waiting for reads"):
                 tensor_key = None if key is None else leaf_key(key, task.name)
                 lap = time.perf_counter()
-                merged = merge_tensor(plan, leaves, task, arrays, tensor_key)
+                merged = merge_tensor(plan, leaves, task, arrays, tensor_key, passes)
                 phases["merging"] += time.perf_counter() - lap
-                lap = time.perf_counter()
-                put(task, *merged)
-                phases["writing"] += time.perf_counter() - lap
+                if task.stage != STATISTICS:
+                    lap = time.perf_counter()
+                    put(task, *merged)
+                    phases["writing"] += time.perf_counter() - lap
                 del arrays, merged
                 if on_tensor is not None:
                     on_tensor(task)
@@ -112,7 +119,7 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     phases["other"] = seconds - sum(phases.values())
     return MergeSummary(
         output=plan.config.output,
-        tensors=len(plan.tasks),
+        tensors=plan.tensor_count,
         bytes_read=plan.bytes_to_read,
         bytes_written=plan.bytes_to_write,
         seconds=seconds,
@@ -151,25 +158,50 @@ def execution_order(plan: MergePlan) -> tuple[TensorTask, ...]:
     return tuple(task for group in groups.values() for task in group)
 
 
+class FirstPasses:
+    """The partial sums of the tensors merged in two passes (`jkarcher.blocked`), gathered
+    block by block in the first pass, and each tensor's coefficients once its second begins."""
+
+    def __init__(self):
+        self._partials: dict[str, list[jax.Array]] = {}
+        self._coefficients: dict[str, jax.Array] = {}
+
+    def add(self, task: TensorTask, partials: jax.Array) -> None:
+        self._partials.setdefault(task.name, []).append(partials)
+
+    def coefficients(self, leaves: LeafCompiler, task: TensorTask) -> jax.Array:
+        """The coefficients of `task`'s tensor (a few numbers, kept), from every block's partial
+        sums at its first APPLY block, which drops the sums."""
+        if task.name not in self._coefficients:
+            self._coefficients[task.name] = leaves.finish(task, self._partials.pop(task.name))
+        return self._coefficients[task.name]
+
+
 def merge_tensor(
     plan: MergePlan,
     leaves: LeafCompiler,
     task: TensorTask,
     arrays: Mapping[StoredTensor, jax.Array | np.ndarray],
     key: jax.Array | None,
+    passes: FirstPasses,
 ) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
     """The output tensor from what `read_task` read: its merged rows on the mesh (padded, in
     the output dtype) and the extra rows copied after them, if any; or a tensor that is copied
-    rather than merged, and None. A NaN or Inf in an input or the result is a MergeError."""
+    rather than merged, and None. A block's first pass (`task.stage`) keeps its partial sums in
+    `passes` and returns them. A NaN or Inf in an input or the result is a MergeError."""
     if not task.floating:
         return _agreed_copy(plan, task, arrays), None
     sources = tuple(arrays[info] for info in task.sources)
     base = None if task.base is None else arrays[task.base]
     statistics = tuple(arrays[info] for info in task.statistics)
-    merged, finite, merged_finite = leaves.merge(task, sources, base, key, statistics)
+    coefficients = passes.coefficients(leaves, task) if task.stage == APPLY else None
+    merged, finite, merged_finite = leaves.merge(task, sources, base, key, statistics, coefficients)
     labelled = plan.input_labels(task)
     for index in np.flatnonzero(~np.asarray(finite)):
         _raise_not_finite(task, *labelled[index])
+    if task.stage == STATISTICS:
+        passes.add(task, merged)
+        return merged, None
     if not bool(merged_finite):
         what = describe_merge(plan.method.name, task.settings.params, task.settings.weights)
         raise MergeError(

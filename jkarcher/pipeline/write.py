@@ -86,9 +86,9 @@ def write_part(
     merged: jax.Array | np.ndarray,
     extra_rows: np.ndarray | None,
 ) -> None:
-    """This process's part of one output tensor: the merged rows its devices hold (each row by
-    one process only), and on process 0 the extra rows copied after them, or a copied tensor
-    (`merged` a NumPy array)."""
+    """This process's part of one output tensor (or of a block of its rows, from
+    `task.first_row`): the merged rows its devices hold (each row by one process only), and on
+    process 0 the extra rows copied after them, or a copied tensor (`merged` a NumPy array)."""
     leader = distributed.is_leader()
     if isinstance(merged, np.ndarray):
         if leader:
@@ -96,9 +96,9 @@ def write_part(
         return
     rows = task.sources[0].shape[0] if task.shape else 1
     for first_row, block in local_rows(merged, rows):
-        writer.write_rows(task.name, first_row, block)
+        writer.write_rows(task.name, task.first_row + first_row, block)
     if extra_rows is not None and leader:
-        writer.write_rows(task.name, rows, extra_rows)
+        writer.write_rows(task.name, task.first_row + rows, extra_rows)
 
 
 def check_complete(shards: Sequence[Shard], rows_written: Mapping[str, int]) -> None:

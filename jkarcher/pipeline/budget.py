@@ -1,0 +1,246 @@
+"""The memory budget of a merge (docs/design.md, "Memory"): what a run may hold, and each
+tensor cut into blocks of rows that fit it.
+
+A run holds, besides a fixed overhead (the interpreter, JAX and its compiled leaves): the
+inputs of the task being merged with those read ahead, free read buffers kept for reuse, the
+leaf's float32 scratch and output, and the outputs waiting for the writer. `Budget` splits the
+total between them; a task (one tensor, or one block of its rows) must fit its share,
+`Budget.task`: its inputs, the leaf's scratch (`MergeMethod.scratch`, float32 copies of one
+source) and its output. A tensor that does not fit is merged in blocks of rows, as its method
+declares (`MergeMethod.blocked`): block by block where rows merge independently (ROWS), or in
+two passes where the merge needs whole-tensor statistics (`TwoPasses`: the blocks' statistics
+first, then each block's rows). Any other tensor that does not fit is refused before any work,
+with the budget that would merge it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from jkarcher import methods
+from jkarcher.blocked import APPLY, MERGE, STATISTICS
+from jkarcher.config.fields import size_text
+from jkarcher.errors import MergeError
+from jkarcher.methods.registry import ROWS, TwoPasses
+from jkarcher.numerics import compute_dtype
+
+if TYPE_CHECKING:
+    from jkarcher.pipeline.plan import MergePlan, TensorTask
+
+# The default budget: this share of the memory available at the start.
+DEFAULT_SHARE = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A run's memory budget in bytes, split between what it holds at once."""
+
+    total: int
+
+    @property
+    def read_ahead(self) -> int:
+        """The most bytes of tasks read ahead of the one merging (that one counted): the
+        pipeline holds less where its own limit is lower (`jkarcher.pipeline.read`)."""
+        return self.total // 8
+
+    @property
+    def free_buffers(self) -> int:
+        """The most bytes of free read buffers kept for reuse (`jkarcher.io.buffers`)."""
+        return self.total // 8
+
+    @property
+    def queued_outputs(self) -> int:
+        """Bytes of merged outputs waiting for the writer (two of them)."""
+        return self.total // 8
+
+    @property
+    def task(self) -> int:
+        """Bytes one task may hold: its inputs, the leaf's scratch and its output."""
+        return self.total - self.read_ahead - self.free_buffers - self.queued_outputs
+
+    def total_for(self, task_bytes: int, output_bytes: int) -> int:
+        """The least total budget whose shares hold a task of `task_bytes` and its output."""
+        return max(math.ceil(task_bytes * 8 / 5) + 8, 16 * output_bytes + 16)
+
+
+def default_budget() -> int:
+    """DEFAULT_SHARE of the memory available at the start (`available_memory`)."""
+    return int(DEFAULT_SHARE * available_memory())
+
+
+def available_memory() -> int:
+    """The least of: the host's available memory, what this process's cgroup (v1 or v2) still
+    allows, and on an accelerator the smallest device memory of this process's devices."""
+    limits = [_meminfo_available(), *_cgroup_room()]
+    for device in jax.local_devices():
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if stats and stats.get("bytes_limit"):
+            limits.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return min(limits)
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _cgroup_room() -> list[int]:
+    """Limit minus usage of each memory cgroup this process is in that has a limit (of the
+    v1 `memory` hierarchy and of v2), as /proc/self/cgroup names them."""
+    room = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return room
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files = Path("/sys/fs/cgroup", path.lstrip("/")), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            directory = Path("/sys/fs/cgroup/memory", path.lstrip("/"))
+            files = directory, "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        directory, limit_file, usage_file = files
+        try:
+            limit = (directory / limit_file).read_text().strip()
+            usage = int((directory / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            room.append(int(limit) - usage)
+    return room
+
+
+def within_budget(plan: MergePlan) -> MergePlan:
+    """`plan` with its budget (`config.memory`, else `default_budget()`) and every task that
+    does not fit it cut into blocks (`blocked_tasks`)."""
+    budget = Budget(plan.config.memory or default_budget())
+    tasks = [
+        block
+        for task in plan.tasks
+        for block in blocked_tasks(task, plan.method, budget, plan.config.format)
+    ]
+    return dataclasses.replace(plan, tasks=tuple(tasks), budget=budget)
+
+
+def task_bytes(task: TensorTask, method: methods.MergeMethod, rows: int | None = None) -> int:
+    """The bytes a task holds while it merges (of its first `rows` rows, if given): its inputs,
+    the leaf's scratch and its output."""
+    infos = task.infos()
+    if rows is None or not task.shape:
+        inputs = sum(info.nbytes for info in infos)
+        elements = math.prod(task.sources[0].shape)
+    else:
+        total_rows = task.sources[0].shape[0]
+        per_row = {info: info.nbytes // max(info.shape[0], 1) for info in infos if info.shape}
+        inputs = sum(
+            per_row[info] * rows if info in per_row and info.shape[0] == total_rows else 0
+            for info in infos
+        )
+        elements = rows * math.prod(task.sources[0].shape[1:])
+    if not task.floating:
+        return inputs + elements * np.dtype(task.out_dtype).itemsize
+    copies = method.scratch_copies(
+        task.settings.params, len(task.sources), bool(task.statistics), task.sources[0].shape
+    )
+    scratch = copies * elements * compute_dtype().itemsize
+    return inputs + math.ceil(scratch) + elements * np.dtype(task.out_dtype).itemsize
+
+
+def blocked_tasks(
+    task: TensorTask, method: methods.MergeMethod, budget: Budget, output_format: str
+) -> list[TensorTask]:
+    """The task itself when it fits `budget.task`; else its rows cut into the fewest blocks
+    that fit, merged as the method declares (module docstring); else a MergeError naming the
+    tensor, what it needs and the budget that would merge it whole."""
+    need = task_bytes(task, method)
+    out_row_bytes = np.dtype(task.out_dtype).itemsize * math.prod(task.shape[1:])
+    rows = task.sources[0].shape[0] if task.shape else 1
+    if need <= budget.task and rows * out_row_bytes <= budget.queued_outputs // 2:
+        return [task]
+    form = method.blocked(task.settings.params) if task.floating else None
+    why = _unblockable(task, method, form, output_format)
+    if why is not None:
+        raise MergeError(
+            f"tensor {task.name!r}: {why}, which needs {size_text(need)} within the memory "
+            f"budget of {size_text(budget.total)}; "
+            f"memory={size_text(budget.total_for(need, rows * out_row_bytes))} "
+            "or more would merge it"
+        )
+    multiple = form.rows_multiple(task.sources[0].shape) if isinstance(form, TwoPasses) else 1
+    multiple = min(multiple, rows)
+    per_block = _most_rows(
+        lambda r: (
+            task_bytes(task, method, r) <= budget.task
+            and r * out_row_bytes <= budget.queued_outputs // 2
+        ),
+        rows,
+    )
+    per_block -= per_block % multiple
+    if per_block < 1:
+        least = task_bytes(task, method, multiple)
+        suggested = budget.total_for(least, multiple * out_row_bytes)
+        raise MergeError(
+            f"tensor {task.name!r}: a block of {multiple} rows, the least that method "
+            f"{method.name!r} merges it in, needs {size_text(least)} within the memory budget "
+            f"of {size_text(budget.total)}; memory={size_text(suggested)} or more would merge it"
+        )
+    bounds = [(first, min(first + per_block, rows)) for first in range(0, rows, per_block)]
+    if form == ROWS:
+        return [_block(task, first, stop, MERGE, stop == rows) for first, stop in bounds]
+    gather = [_block(task, first, stop, STATISTICS, False) for first, stop in bounds]
+    return gather + [_block(task, first, stop, APPLY, stop == rows) for first, stop in bounds]
+
+
+def _most_rows(fits, rows: int) -> int:
+    """The most rows r in [0, rows] for which `fits(r)` holds (`fits` false past some r)."""
+    low, high = 0, rows
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _unblockable(
+    task: TensorTask, method: methods.MergeMethod, form, output_format: str
+) -> str | None:
+    """Why `task` must be merged whole (None: it can be merged in blocks of rows)."""
+    if not task.floating:
+        return "a tensor that is copied is read whole"
+    if form is None:
+        return f"method {method.name!r} merges every tensor whole"
+    if len(task.sources[0].shape) < 2:
+        return "a tensor of fewer than two axes is merged whole"
+    if output_format != "safetensors":
+        return f"an {output_format} output is written whole"
+    if isinstance(form, TwoPasses) and task.statistics:
+        return f"with a {task.statistic}, its method merges every tensor whole"
+    if any(info.shape[:1] != task.sources[0].shape[:1] for info in task.statistics):
+        return f"its {task.statistic} is read whole"
+    return None
+
+
+def _block(task: TensorTask, first: int, stop: int, stage: str, last: bool) -> TensorTask:
+    """Rows [first, stop) of `task` at `stage`; the extra rows only with the last block."""
+    return dataclasses.replace(
+        task,
+        sources=tuple(info.rows(first, stop) for info in task.sources),
+        base=None if task.base is None else task.base.rows(first, stop),
+        statistics=tuple(info.rows(first, stop) for info in task.statistics),
+        extra_rows=task.extra_rows if last else None,
+        first_row=first,
+        stage=stage,
+    )

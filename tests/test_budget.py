@@ -1,0 +1,285 @@
+"""The memory budget: tensors merged in blocks of rows give the bytes of a merge of whole
+tensors, for every method that can be blocked; a budget too small for a method is refused
+before any work; the budget's estimate of a leaf's memory bounds XLA's own."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers_checkpoints import (
+    BF16,
+    assert_equal_trees,
+    make_models,
+    merge_config,
+    read_all,
+    write_fisher,
+    write_grams,
+)
+from karcher_reference import karcher_reference
+
+from jkarcher import blocked, methods, pipeline
+from jkarcher.config import ConfigError, validate
+from jkarcher.errors import MergeError
+from jkarcher.merge import split_params, traced_arguments
+from jkarcher.methods.registry import (
+    BASE_NONE,
+    REQUIRED,
+    ROWS,
+    MergeMethod,
+    TwoPasses,
+    always_rows,
+)
+from jkarcher.numerics import CHUNK, COMPILER_OPTIONS
+from jkarcher.pipeline import budget as budget_module
+from jkarcher.pipeline.budget import Budget, task_bytes
+from jkarcher.pipeline.compile import placed_leaf
+from jkarcher.sharding import make_mesh, row_sharding
+
+EMBED = "model.embed_tokens.weight"
+# Rows of the embedding: with hidden size 16 a row is one chunk, so a two-pass block is a
+# multiple of CHUNK rows; 7 * CHUNK - 168 rows take 1, 2 and 7 blocks of 7168, 4096 and 1024.
+VOCAB = 7 * CHUNK - 168
+BLOCK_ROWS = {1: VOCAB, 2: 4 * CHUNK, 7: CHUNK}
+# Parameters that a method needs and has no default for.
+REQUIRED_VALUES = {"t": 0.3}
+
+
+def _method_fields(method: str, models, base) -> dict:
+    """Config fields that merge `models` (and `base` where the method takes one) by `method`."""
+    spec = methods.get(method)
+    fields = {"method": method, "seed": 3, "dtype": "bfloat16"}
+    if spec.base != BASE_NONE:
+        fields["base_model"] = str(base)
+    params = {p.name: REQUIRED_VALUES[p.name] for p in spec.params if p.default is REQUIRED}
+    # A density below 1 runs the trims (at 1 they keep every entry and are skipped).
+    params |= {p.name: 0.5 for p in spec.params if p.name == "density"}
+    if spec.tensor_inputs_required:
+        (name,) = spec.tensor_inputs
+        write = write_fisher if name == "fisher" else write_grams
+        for seed, model in enumerate(models):
+            write(model, seed)
+        params[name] = "beside"
+    return fields | {"params": params}
+
+
+def _memory_for(plan, rows: int) -> int:
+    """A budget whose task share holds `rows` rows of the embedding task and no more."""
+    (task,) = [t for t in plan.tasks if t.name == EMBED]
+    out_row = np.dtype(task.out_dtype).itemsize * task.shape[1]
+    return Budget(0).total_for(task_bytes(task, plan.method, rows), rows * out_row)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Three bf16 models and a base, with an embedding and head of VOCAB rows."""
+    root = tmp_path_factory.mktemp("zoo")
+    *models, base = make_models(root, n=4, vocab_sizes=[VOCAB] * 4)
+    return models, base
+
+
+def _cases():
+    cases = []
+    for name in methods.names():
+        marks = [pytest.mark.slow] if name not in ("karcher", "linear", "ties") else []
+        cases.append(pytest.param(name, marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("method", _cases())
+def test_blocks_give_the_bytes_of_whole_tensors_or_are_refused_before_work(tmp_path, zoo, method):
+    """For every registered method, on bf16 sources: budgets that cut the embedding into 1, 2
+    and 7 blocks (and, where rows merge independently, 70) give the bytes of a merge of whole
+    tensors; a method that merges tensors whole is refused before any output appears, with
+    the budget that would merge them."""
+    models, base = zoo
+    spec = methods.get(method)
+    n = max(spec.min_models, min(3, spec.max_models or 3))
+    fields = _method_fields(method, models[:n], base)
+    whole = pipeline.plan_merge(validate(merge_config(models[:n], tmp_path / "whole", **fields)))
+    pipeline.run(whole)
+    want = read_all(tmp_path / "whole")
+    form = spec.blocked(dict(whole.tasks[0].settings.params))
+    blocks = dict(BLOCK_ROWS)
+    if form == ROWS:
+        blocks[70] = 100
+    for count, rows in blocks.items():
+        output = tmp_path / f"blocks{count}"
+        memory = _memory_for(whole, rows)
+        config = validate(merge_config(models[:n], output, memory=str(memory), **fields))
+        if form is None or (isinstance(form, TwoPasses) and spec.tensor_inputs_required):
+            if count == 1:
+                continue
+            with pytest.raises(MergeError, match=r"tensor '\S+': .*memory=\S+ or more would"):
+                pipeline.plan_merge(config)
+            assert not output.exists()
+            continue
+        plan = pipeline.plan_merge(config)
+        merged = [t for t in plan.tasks if t.name == EMBED and t.stage != blocked.STATISTICS]
+        assert len(merged) == count
+        pipeline.run(plan)
+        if form == ROWS:
+            assert_equal_trees(read_all(output), want)
+        else:
+            assert_within_an_ulp(read_all(output), want)
+
+
+def test_a_method_wrongly_declared_row_by_row_is_caught(tmp_path, zoo):
+    """The check above fails for a method that says its rows merge on their own but scales them
+    by a whole-tensor norm: blocks of rows then give other bytes than the whole tensor."""
+
+    def normalized_mean(stacked, weights, base=None, *, key=None):
+        mean = jnp.mean(stacked.astype(jnp.float32), axis=0)
+        return mean / jnp.sqrt(jnp.sum(jnp.square(mean)))
+
+    spec = MergeMethod("rows_probe", normalized_mean, blocked=always_rows, scratch=(1, 1))
+    methods.register(spec)
+    try:
+        models, _ = zoo
+        fields = {"method": "rows_probe", "dtype": "bfloat16"}
+        whole = pipeline.plan_merge(validate(merge_config(models, tmp_path / "whole", **fields)))
+        outputs = {}
+        for rows in (VOCAB, CHUNK):
+            output = tmp_path / str(rows)
+            memory = str(_memory_for(whole, rows))
+            config = validate(merge_config(models, output, memory=memory, **fields))
+            pipeline.run(pipeline.plan_merge(config))
+            outputs[rows] = read_all(output)[EMBED]
+        assert not np.array_equal(outputs[VOCAB], outputs[CHUNK])
+    finally:
+        methods.unregister("rows_probe")
+
+
+def assert_within_an_ulp(got: dict, want: dict) -> None:
+    """Every value within one bf16 ulp of `want`'s (8 significant bits), plus 1e-5 of its
+    tensor's largest magnitude, the bound the float64 reference tests hold the Karcher mean to.
+    The coefficients of two passes are the same sums as of one, but the compiler may reassociate
+    the fixed point's float32 arithmetic differently in another program: a coefficient that
+    moves by an ulp moves a value where its terms cancel by that ulp of the terms' size."""
+    assert set(got) == set(want)
+    for name, value in want.items():
+        value = np.asarray(value, np.float64)
+        ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(value), 1e-30))) - 7)
+        bound = ulp + 1e-5 * np.abs(value).max()
+        assert np.all(np.abs(got[name].astype(np.float64) - value) <= bound), name
+
+
+def test_two_passes_at_many_blocks_are_the_karcher_mean():
+    """The Karcher mean's two passes over 1 to 32 blocks of rows (with and without a base), on
+    bf16 sources: each within half a bf16 ulp (plus the fixed point's tolerance) of the float64
+    reference of the whole tensor, and all within an ulp of the one-pass leaf."""
+    rng = np.random.default_rng(0)
+    shape = (CHUNK // 4, 4 * CHUNK)  # 4 chunks a row: a group of CHUNK chunks is 256 rows
+    common = rng.standard_normal(shape)
+    tall = [
+        np.concatenate([(common + 0.3 * rng.standard_normal(shape))] * 32).astype(BF16)
+        for _ in range(3)
+    ]
+    tall_base = np.concatenate([common] * 32).astype(BF16)
+    weights = jnp.asarray([1.0, 2.0, 0.5], jnp.float32)
+    static = tuple(sorted(methods.get("karcher").resolve({}, 3, True).items()))
+    merge, gather, apply = (
+        jax.jit(blocked.stage_leaf("karcher", static, BF16, s), compiler_options=COMPILER_OPTIONS)
+        for s in (blocked.MERGE, blocked.STATISTICS, blocked.APPLY)
+    )
+    multiple = methods.get("karcher").blocked(dict(static)).rows_multiple(tall[0].shape)
+    assert multiple == CHUNK // 4
+    for base in (None, tall_base):
+        sources = np.stack(tall).astype(np.float64)
+        reference = karcher_reference(
+            sources if base is None else sources - base.astype(np.float64), np.asarray(weights)
+        )
+        reference += 0.0 if base is None else base.astype(np.float64)
+        half_ulp = 2.0 ** (np.floor(np.log2(np.abs(reference))) - 8)
+        whole = {"w": merge(tuple(tall), weights, base, None, None, {}, None)[0]}
+        for blocks in (1, 2, 7, 32):
+            bounds = np.linspace(0, 32, blocks + 1).astype(int) * multiple
+            cuts = [
+                (slice(a, c), None if base is None else base[a:c])
+                for a, c in itertools.pairwise(bounds)
+            ]
+            arguments = [
+                (tuple(x[rows] for x in tall), weights, b, None, None, {}) for rows, b in cuts
+            ]
+            sums = [gather(*block, None)[0] for block in arguments]
+            gammas = blocked.finish("karcher", static)(sums, weights, {})
+            got = np.concatenate([apply(*block, gammas)[0] for block in arguments])
+            error = np.abs(got.astype(np.float64) - reference)
+            assert np.all(error <= half_ulp + 1e-5 * np.abs(reference).max()), blocks
+            assert_within_an_ulp({"w": got}, whole)
+
+
+def test_memory_is_a_config_field_in_bytes(tmp_path, zoo):
+    models, _ = zoo
+    config = validate(merge_config(models, tmp_path / "out", memory="2GiB"))
+    assert config.memory == 2 * 2**30
+    with pytest.raises(ConfigError, match="memory"):
+        validate(merge_config(models, tmp_path / "out", memory="lots"))
+    plan = pipeline.plan_merge(validate(merge_config(models, tmp_path / "out", memory="3GB")))
+    assert plan.budget.total == 3 * 10**9
+
+
+def test_default_budget_is_a_share_of_the_least_available_memory(monkeypatch):
+    monkeypatch.setattr(budget_module, "_meminfo_available", lambda: 20 * 10**9)
+    monkeypatch.setattr(budget_module, "_cgroup_room", lambda: [10 * 10**9])
+    assert budget_module.default_budget() == int(budget_module.DEFAULT_SHARE * 10 * 10**9)
+    monkeypatch.setattr(budget_module, "_cgroup_room", list)
+    assert budget_module.default_budget() == int(budget_module.DEFAULT_SHARE * 20 * 10**9)
+
+
+# Parameter values whose leaves take other paths than the defaults', for the scratch probe.
+PROBE_VARIANTS = {"karcher": [{"block": "row"}]}
+
+
+def _probe_cases():
+    cases = []
+    for name in methods.names():
+        spec = methods.get(name)
+        for params in [{}, *PROBE_VARIANTS.get(name, [])]:
+            inputs = (
+                [True]
+                if spec.tensor_inputs_required
+                else [False, *[True] * bool(spec.tensor_inputs)]
+            )
+            cases += [
+                pytest.param(name, params, given, id=f"{name}-{params}-{given}") for given in inputs
+            ]
+    return cases
+
+
+@pytest.mark.parametrize(("method", "variant", "inputs"), _probe_cases())
+def test_declared_scratch_bounds_what_xla_allocates(method, variant, inputs):
+    """`MergeMethod.scratch`, the float32 copies of a source a leaf holds, bounds XLA's own
+    memory analysis of the compiled leaf (its temporaries) at N = 1..8 on bf16 sources of two
+    shapes, with and without the method's tensor inputs, and is not over twice that plus 1.5
+    copies at the last: the planner's sizes are neither too small nor vacuous.
+    """
+    spec = methods.get(method)
+    mesh = make_mesh((("devices", 1),))
+    statistic = spec.tensor_inputs[0] if inputs else None
+    for shape, n in itertools.product(((512, 1024), (1024, 256)), (1, 2, 4, 8)):
+        elements = math.prod(shape)
+        if n < spec.min_models or (spec.max_models and n > spec.max_models):
+            continue
+        params = {p.name: REQUIRED_VALUES[p.name] for p in spec.params if p.default is REQUIRED}
+        # A density below 1 runs the trims (at 1 they keep every entry and are skipped).
+        params |= {p.name: 0.5 for p in spec.params if p.name == "density"} | variant
+        resolved = spec.resolve(params, n, spec.base != BASE_NONE)
+        static, traced = split_params(method, resolved)
+        leaf = placed_leaf(method, static, shape, np.dtype(BF16), mesh, statistic)
+        source = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=row_sharding(mesh, 2))
+        base = source if spec.base != BASE_NONE else None
+        key = jax.random.key(0) if spec.random else None
+        tensors = ()
+        if statistic:
+            input_shape = spec.tensor_input_shape(statistic, shape)
+            sharding = row_sharding(mesh, len(input_shape))
+            tensors = (jax.ShapeDtypeStruct(input_shape, jnp.float32, sharding=sharding),) * n
+        arguments = ((source,) * n, jnp.ones(n), base, key, tensors, traced_arguments(traced))
+        compiled = leaf.lower(*arguments, None).compile()
+        temporaries = compiled.memory_analysis().temp_size_in_bytes / (4 * elements)
+        declared = spec.scratch_copies(resolved, n, inputs, shape)
+        assert temporaries <= declared, (n, temporaries, declared)
+    assert declared <= 2 * temporaries + 1.5, (n, temporaries, declared)
