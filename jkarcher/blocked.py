@@ -1,23 +1,29 @@
-"""The leaf functions of a tensor merged in blocks of rows (docs/design.md, "Memory").
+"""The two passes of a merge that needs whole-tensor statistics (docs/design.md, "Memory").
 
-A tensor whose sources do not fit the memory budget is merged in blocks of rows, as its method
-declares (`MergeMethod.blocked`). Where rows merge independently (ROWS), each block runs the
-method's own leaf (`jkarcher.merge.traced_leaf`), stage MERGE. A method whose merge needs
-whole-tensor statistics (`TwoPasses`) runs two passes: STATISTICS, each block's partial sums;
-`finish`, the coefficients from every block's sums; APPLY, each block's rows from those
-coefficients. Every stage's leaf has one signature,
+A method whose merge of a tensor needs statistics of the whole tensor (norms, inner products)
+declares them as a `TwoPasses` (`MergeMethod.blocked`): STATISTICS, a block of rows' partial
+sums; `finish`, the coefficients from every block's sums in row order; APPLY, a block's rows from
+those coefficients. The pipeline runs a tensor that does not fit its memory budget pass by pass
+over blocks of rows, and one that fits as BOTH, the two passes on the one read of the whole
+tensor; `jkarcher.merge` runs the same three programs (`eager_leaf`). Each is compiled alone
+with `COMPILER_OPTIONS`, so a tensor gives the same bytes in any number of blocks: the blocks'
+sums are those of the whole tensor, and the fixed point, compiled once, sees the same numbers.
+(Traced into a caller's program, the method's own leaf runs the three steps in one program
+instead, where the compiler may round the float32 fixed point differently.)
+
+Each stage's leaf has the signature of `jkarcher.merge.traced_leaf`'s, the coefficients added
+(None at STATISTICS):
 
     (sources, weights, base, key, tensors, traced, coefficients) -> (result, finite, finite)
 
-as `jkarcher.merge.traced_leaf`'s with the coefficients added (None but at APPLY): the result
-(a block's rows in the output dtype, or its partial sums in the compute dtype), the all-finite
-flags of the inputs, and whether the result is finite.
+the result (a block's rows in the output dtype, or its partial sums in the compute dtype), the
+all-finite flags of the sources and base, and whether the result is finite.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,23 +31,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkarcher import methods
-from jkarcher.merge import traced_leaf
+from jkarcher.methods.registry import TwoPasses
 from jkarcher.numerics import COMPILER_OPTIONS, all_finite
 
-MERGE, STATISTICS, APPLY = "merge", "statistics", "apply"
+# A task's stages: its rows merged by the method's leaf; a block's partial sums (the first pass);
+# a block's rows from the coefficients of every block's sums (the second); both passes on one
+# read of a whole tensor.
+MERGE, STATISTICS, APPLY, BOTH = "merge", "statistics", "apply", "both"
+
+
+def two_passes(method: str, params: Mapping[str, Any]) -> TwoPasses | None:
+    """The method's `TwoPasses` for these (resolved or static) parameters, or None."""
+    form = methods.get(method).blocked(dict(params))
+    return form if isinstance(form, TwoPasses) else None
 
 
 @functools.cache
 def stage_leaf(
-    method: str, static_params: tuple[tuple[str, Any], ...], out_dtype: np.dtype, stage: str
+    method: str, static_params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None, stage: str
 ) -> Callable:
-    """The leaf of `stage` for a method and its static parameters (cached); not jitted."""
-    if stage == MERGE:
-        leaf = traced_leaf(method, static_params, out_dtype)
-        return lambda sources, weights, base, key, tensors, traced, coefficients: leaf(
-            sources, weights, base, key, tensors, traced
-        )
-    passes = methods.get(method).blocked(dict(static_params))
+    """The leaf of STATISTICS or APPLY for a method and its static parameters (cached); not
+    jitted. `out_dtype` None: the sources' dtype."""
+    passes = two_passes(method, static_params)
     params = dict(static_params)
 
     def statistics(sources, weights, base, key, tensors, traced, coefficients):
@@ -53,7 +64,7 @@ def stage_leaf(
     def apply(sources, weights, base, key, tensors, traced, coefficients):
         del key, tensors
         merged = passes.apply(jnp.stack(sources), weights, base, coefficients, **params, **traced)
-        merged = merged.astype(out_dtype)
+        merged = merged.astype(sources[0].dtype if out_dtype is None else out_dtype)
         finite = all_finite((*sources, *([base] if base is not None else []), merged))
         return merged, finite[:-1], finite[-1]
 
@@ -65,10 +76,36 @@ def finish(method: str, static_params: tuple[tuple[str, Any], ...]) -> Callable:
     """(the blocks' partial sums in row order, weights, traced parameters) -> the coefficients
     of the second pass: the sums concatenated along their last axis, then the method's
     `TwoPasses.finish` (cached, jitted)."""
-    passes = methods.get(method).blocked(dict(static_params))
+    passes = two_passes(method, static_params)
     params = dict(static_params)
 
     def run(partials: Sequence[jax.Array], weights: jax.Array, traced: dict) -> jax.Array:
         return passes.finish(jnp.concatenate(partials, axis=-1), weights, **params, **traced)
 
     return jax.jit(run, compiler_options=COMPILER_OPTIONS)
+
+
+@functools.cache
+def eager_leaf(
+    method: str, static_params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None
+) -> Callable:
+    """Both passes on whole tensors, as three compiled programs, with the signature of
+    `jkarcher.merge.traced_leaf`'s leaf: (sources, weights, base, key, tensors, traced) ->
+    (merged, finite, merged finite). For a method with `two_passes`, called on arrays."""
+    gather, apply = (
+        jax.jit(stage_leaf(method, static_params, out_dtype, stage), **_OPTIONS)
+        for stage in (STATISTICS, APPLY)
+    )
+    solve = finish(method, static_params)
+
+    def run(sources, weights, base, key, tensors=None, traced=None):
+        traced = traced or {}
+        sums, finite, _ = gather(sources, weights, base, key, None, traced, None)
+        coefficients = solve([sums], weights, traced)
+        merged, _, merged_finite = apply(sources, weights, base, key, None, traced, coefficients)
+        return merged, finite, merged_finite
+
+    return run
+
+
+_OPTIONS = {"compiler_options": COMPILER_OPTIONS}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from typing import NamedTuple
 
 import jax
@@ -15,10 +14,8 @@ from jax import lax
 from jkarcher import sphere
 from jkarcher.karcher_fisher import fisher_fixed_point
 from jkarcher.numerics import (
-    CHUNK,
     COMPILER_OPTIONS,
-    add_chunk_group_sums,
-    chunk_group_sums,
+    add_chunk_sums,
     chunked,
     chunks_per_row,
     compute_dtype,
@@ -170,23 +167,26 @@ def _solve(stacked, weights, fisher, *, block, **options) -> tuple[jax.Array, Ka
 
 def block_gram_sums(stacked: jax.Array, base: jax.Array | None = None) -> jax.Array:
     """The first pass of the plain mean (block="tensor") over a block of rows of the sources
-    [N, rows, ...] (minus the base's rows, with a base): [P, G], the block's `gram_partial_sums`.
-    Blocks whose rows are multiples of `gram_rows_multiple` concatenate, along G, into the whole
-    tensor's."""
-    dtype = compute_dtype()
+    [N, rows, ...] (minus the base's rows, with a base): [P, K], the block's `gram_chunk_sums`,
+    which blocks concatenate along K into the whole tensor's."""
     sources = [chunked(stacked[i], 1) for i in range(stacked.shape[0])]
-    if base is not None:
-        chunked_base = chunked(base, 1).astype(dtype)
-        sources = [x.astype(dtype) - chunked_base for x in sources]
-    return gram_partial_sums(sources, dtype)[0]
+    chunked_base = None if base is None else chunked(base, 1)
+    return gram_chunk_sums(sources, compute_dtype(), chunked_base)[0]
+
+
+def gram_sums_per_row(shape: tuple[int, ...], n: int) -> int:
+    """The numbers `block_gram_sums` gives per row of a tensor of `shape`, for N = n sources."""
+    row_length = int(np.prod(shape[1:], dtype=np.int64))
+    chunks = chunks_per_row(shape[-1]) * (row_length // shape[-1]) if shape else 1
+    return n * (n + 1) // 2 * chunks
 
 
 def coefficients_from_gram_sums(
-    partials: jax.Array, weights: jax.Array, *, max_iter: int, tol: float, step: float, eps: float
+    sums: jax.Array, weights: jax.Array, *, max_iter: int, tol: float, step: float, eps: float
 ) -> jax.Array:
-    """gamma [N], the merge being sum_j gamma_j x_j, from the whole tensor's [P, G] Gram sums
+    """gamma [N], the merge being sum_j gamma_j x_j, from the whole tensor's [P, K] chunk sums
     (`block_gram_sums`): the fixed point of `karcher_mean` on coefficients."""
-    grams = gram_from_partial_sums(partials[None], weights.shape[0])
+    grams = gram_from_chunk_sums(sums[None], weights.shape[0])
     options = dict(max_iter=max_iter, tol=tol, step=step, eps=eps)
     return _block_coefficients(grams, weights, **options)[0][0]
 
@@ -204,27 +204,31 @@ def combined_rows(
     return merged if base is None else base.astype(dtype) + merged
 
 
-def gram_rows_multiple(shape: tuple[int, ...]) -> int:
-    """The rows that every block but the last must be a multiple of, for a tensor of `shape`,
-    so that its Gram sums split where the whole tensor's groups of CHUNK chunks do."""
-    row_length = int(np.prod(shape[1:], dtype=np.int64))
-    per_row = chunks_per_row(shape[-1]) * (row_length // shape[-1])
-    return CHUNK // math.gcd(CHUNK, per_row)
-
-
 def gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
-    """[R, N, N] inner products <x_i, x_j> per block: `gram_from_partial_sums` of
-    `gram_partial_sums`."""
-    return gram_from_partial_sums(gram_partial_sums(sources, dtype), len(sources))
+    """[R, N, N] inner products <x_i, x_j> per block: `gram_from_chunk_sums` of
+    `gram_chunk_sums`."""
+    return gram_from_chunk_sums(gram_chunk_sums(sources, dtype), len(sources))
 
 
-def gram_partial_sums(sources: list[jax.Array], dtype) -> jax.Array:
-    """[R, P, G] partial sums of the P = N (N + 1) / 2 products x_i x_j, i <= j (in the order of
-    `np.triu_indices`): the per-chunk sums of `chunked` sources [R, K, c], added in groups of
-    CHUNK chunks (the first level of `add_chunk_sums`), G = ceil(K / CHUNK) per block.
+def gram_from_chunk_sums(sums: jax.Array, n: int) -> jax.Array:
+    """[R, N, N] Gram matrices from the [R, P, K] chunk sums of `gram_chunk_sums` (of the whole
+    tensor), added by `add_chunk_sums`."""
+    upper = add_chunk_sums(sums)
+    upper_i, upper_j = np.triu_indices(n)
+    gram = jnp.zeros((*upper.shape[:-1], n, n), upper.dtype).at[..., upper_i, upper_j].set(upper)
+    return gram.at[..., upper_j, upper_i].set(upper)
 
-    Rows cut into blocks of whole groups give partial sums that concatenate, along G, into those
-    of the whole tensor: the statistics pass of a merge in blocks of rows.
+
+def gram_chunk_sums(sources: list[jax.Array], dtype, base: jax.Array | None = None) -> jax.Array:
+    """[R, P, K]: the sums over each chunk of the P = N (N + 1) / 2 products x_i x_j, i <= j (in
+    the order of `np.triu_indices`), of `chunked` sources [R, K, c] (minus the base, chunked
+    alike, with one).
+
+    Each chunk's sum is its own reduction along the last axis, which XLA compiles alike for any
+    number of chunks: rows cut into blocks give chunk sums that concatenate, along K, into the
+    whole tensor's, bit for bit (the statistics pass of a merge in blocks of rows). The sums of
+    the chunks are left to `gram_from_chunk_sums`, since XLA tiles a fused sum over many chunks
+    after their number, and rounds it differently.
 
     A variadic reduction computes many products from one read of the data, where a matmul of the
     skinny [N, D] matrix is several times slower on CPU (a bfloat16 `dot_general` with float32
@@ -236,6 +240,8 @@ def gram_partial_sums(sources: list[jax.Array], dtype) -> jax.Array:
     (136 accumulators) spills its registers and takes 86 ms.
     """
     n = len(sources)
+    if base is not None:
+        sources = [x.astype(dtype) - base.astype(dtype) for x in sources]
     sums = {}
     tiles = model_tiles(n)
     for index, first in enumerate(tiles):
@@ -245,17 +251,7 @@ def gram_partial_sums(sources: list[jax.Array], dtype) -> jax.Array:
             zeros = tuple(jnp.zeros((), dtype) for _ in products)
             add = lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True))
             sums.update(zip(pairs, lax.reduce(products, zeros, add, (2,)), strict=True))
-    in_order = zip(*np.triu_indices(n), strict=True)
-    return jnp.stack([chunk_group_sums(sums[pair]) for pair in in_order], axis=-2)
-
-
-def gram_from_partial_sums(partials: jax.Array, n: int) -> jax.Array:
-    """[R, N, N] Gram matrices from the [R, P, G] partial sums of `gram_partial_sums` (of the
-    whole tensor), their groups added by the later levels of `add_chunk_sums`."""
-    upper = add_chunk_group_sums(partials)
-    upper_i, upper_j = np.triu_indices(n)
-    gram = jnp.zeros((*upper.shape[:-1], n, n), upper.dtype).at[..., upper_i, upper_j].set(upper)
-    return gram.at[..., upper_j, upper_i].set(upper)
+    return jnp.stack([sums[pair] for pair in zip(*np.triu_indices(n), strict=True)], axis=-2)
 
 
 def model_tiles(n: int, most: int = 8) -> list[range]:

@@ -161,21 +161,9 @@ def unchunked(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def add_chunk_sums(partials: jax.Array) -> jax.Array:
     """The [R, K] partial sums of the K chunks of R blocks (`chunked`) added up: [R].
 
-    `accurate_sum` in groups of CHUNK, as two steps: `chunk_group_sums`, the first level (which
-    rows cut into blocks of whole groups can take block by block), then `add_chunk_group_sums`.
+    `accurate_sum` in groups of CHUNK.
     """
-    return add_chunk_group_sums(chunk_group_sums(partials))
-
-
-def chunk_group_sums(partials: jax.Array) -> jax.Array:
-    """[R, K] chunk sums added in consecutive groups of CHUNK (the last group may be shorter):
-    [R, ceil(K / CHUNK)]."""
-    return _sums_of_groups(partials, CHUNK)
-
-
-def add_chunk_group_sums(groups: jax.Array) -> jax.Array:
-    """[R, G] sums of `chunk_group_sums` added up by the later levels of `accurate_sum`: [R]."""
-    return accurate_sum(groups, axis=-1, block=CHUNK, fan_in=CHUNK)
+    return accurate_sum(partials, axis=-1, block=CHUNK, fan_in=CHUNK)
 
 
 def chunks_per_row(row_length: int) -> int:

@@ -16,7 +16,7 @@ from helpers_models import VOCAB_SIZE, random_params, save_tiny_checkpoint, tiny
 import jkarcher
 from jkarcher import grams, models
 from jkarcher.grams import causal_lm_grams
-from jkarcher.merge import path_name
+from jkarcher.pytree_leaves import path_name
 
 EPS32 = float(np.finfo(np.float32).eps)
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,22 +33,21 @@ BASE_REQUIRED = "required"
 class TwoPasses:
     """How a method whose merge needs whole-tensor statistics (norms, inner products) merges a
     tensor in blocks of rows: a first pass over the blocks gathers the statistics, a second
-    applies them (docs/design.md, "Memory").
+    applies them (docs/design.md, "Memory"). It takes no tensor inputs.
 
     statistics(sources, weights, base, **params) -> one block's partial sums, an array whose last
       axis runs over parts of the block in row order: the blocks' partial sums, concatenated
-      along it, are those of the whole tensor;
+      along it, are those of the whole tensor, bit for bit;
     finish(partial_sums, weights, **params) -> the coefficients that the second pass applies;
     apply(sources, weights, base, coefficients, **params) -> the block's merged rows, in the
       compute dtype;
-    rows_multiple(shape) -> the number of rows that every block but the last is a multiple of,
-      for a tensor of `shape`, so that its partial sums split where the whole tensor's do.
+    sums_per_row(shape, n) -> the partial sums per row of a tensor of `shape`, for n sources.
     """
 
     statistics: Callable[..., Any]
     finish: Callable[..., Any]
     apply: Callable[..., Any]
-    rows_multiple: Callable[[tuple[int, ...]], int]
+    sums_per_row: Callable[[tuple[int, ...], int], int]
 
 
 # A method's `blocked(params)` for merges whose rows depend only on the same rows of the inputs:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jkarcher import methods
-from jkarcher.blocked import APPLY, MERGE, STATISTICS
+from jkarcher.blocked import APPLY, BOTH, MERGE, STATISTICS
 from jkarcher.config.fields import size_text
 from jkarcher.errors import MergeError
 from jkarcher.methods.registry import ROWS, TwoPasses
@@ -160,18 +160,31 @@ def task_bytes(task: TensorTask, method: methods.MergeMethod, rows: int | None =
     return inputs + math.ceil(scratch) + elements * np.dtype(task.out_dtype).itemsize
 
 
+def first_pass_bytes(task: TensorTask, method: methods.MergeMethod) -> int:
+    """The bytes of the first pass's partial sums of a whole tensor (`TwoPasses`), held until
+    its second pass (0 for a method that needs none)."""
+    form = method.blocked(task.settings.params) if task.floating else None
+    if not isinstance(form, TwoPasses) or task.statistics:
+        return 0
+    rows = task.sources[0].shape[0]
+    sums = form.sums_per_row(task.sources[0].shape, len(task.sources)) * rows
+    return sums * compute_dtype().itemsize
+
+
 def blocked_tasks(
     task: TensorTask, method: methods.MergeMethod, budget: Budget, output_format: str
 ) -> list[TensorTask]:
     """The task itself when it fits `budget.task`; else its rows cut into the fewest blocks
     that fit, merged as the method declares (module docstring); else a MergeError naming the
     tensor, what it needs and the budget that would merge it whole."""
-    need = task_bytes(task, method)
     out_row_bytes = np.dtype(task.out_dtype).itemsize * math.prod(task.shape[1:])
     rows = task.sources[0].shape[0] if task.shape else 1
-    if need <= budget.task and rows * out_row_bytes <= budget.queued_outputs // 2:
-        return [task]
     form = method.blocked(task.settings.params) if task.floating else None
+    two_passes = isinstance(form, TwoPasses) and not task.statistics
+    held = first_pass_bytes(task, method)
+    need = task_bytes(task, method) + held
+    if need <= budget.task and rows * out_row_bytes <= budget.queued_outputs // 2:
+        return [dataclasses.replace(task, stage=BOTH) if two_passes else task]
     why = _unblockable(task, method, form, output_format)
     if why is not None:
         raise MergeError(
@@ -180,23 +193,21 @@ def blocked_tasks(
             f"memory={size_text(budget.total_for(need, rows * out_row_bytes))} "
             "or more would merge it"
         )
-    multiple = form.rows_multiple(task.sources[0].shape) if isinstance(form, TwoPasses) else 1
-    multiple = min(multiple, rows)
     per_block = _most_rows(
         lambda r: (
-            task_bytes(task, method, r) <= budget.task
+            task_bytes(task, method, r) + held <= budget.task
             and r * out_row_bytes <= budget.queued_outputs // 2
         ),
         rows,
     )
-    per_block -= per_block % multiple
     if per_block < 1:
-        least = task_bytes(task, method, multiple)
-        suggested = budget.total_for(least, multiple * out_row_bytes)
+        least = task_bytes(task, method, 1) + held
+        suggested = budget.total_for(least, out_row_bytes)
         raise MergeError(
-            f"tensor {task.name!r}: a block of {multiple} rows, the least that method "
-            f"{method.name!r} merges it in, needs {size_text(least)} within the memory budget "
-            f"of {size_text(budget.total)}; memory={size_text(suggested)} or more would merge it"
+            f"tensor {task.name!r}: a block of one row needs {size_text(least)} (with the "
+            f"first pass's sums of the whole tensor, {size_text(held)}) within the memory "
+            f"budget of {size_text(budget.total)}; memory={size_text(suggested)} or more would "
+            "merge it"
         )
     bounds = [(first, min(first + per_block, rows)) for first in range(0, rows, per_block)]
     if form == ROWS:

@@ -11,6 +11,7 @@ critical path: a merge waits only for its own leaf.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from jax.sharding import Mesh
 
 from jkarcher import blocked, compile_cache, methods
 from jkarcher.config import FISHER_INPUT
-from jkarcher.merge import leaf_key, split_params, traced_arguments
+from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
 from jkarcher.numerics import COMPILER_OPTIONS
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.pipeline.statistics import statistic_placement
@@ -70,9 +71,10 @@ class LeafCompiler:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self._compiled: dict[tuple, concurrent.futures.Future] = {}
         for task in tasks:
-            signature = leaf_signature(self._method, task)
-            if task.floating and signature not in self._compiled:
-                self._compiled[signature] = self._executor.submit(self._compile, task)
+            for compiled in _compiled_tasks(task) if task.floating else ():
+                signature = leaf_signature(self._method, compiled)
+                if signature not in self._compiled:
+                    self._compiled[signature] = self._executor.submit(self._compile, compiled)
 
     def __enter__(self) -> LeafCompiler:
         return self
@@ -97,7 +99,15 @@ class LeafCompiler:
         """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
         the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
         `placed_leaf`); at the task's stage (`jkarcher.blocked`): a block's partial sums, or its
-        rows from the `coefficients` of the first pass."""
+        rows from the `coefficients` of the first pass; at BOTH, the two passes in turn."""
+        if task.stage == blocked.BOTH:
+            gather, apply = _compiled_tasks(task)
+            sums, finite, _ = self.merge(gather, sources, base, key, statistics)
+            coefficients = self.finish(task, [sums])
+            merged, _, merged_finite = self.merge(
+                apply, sources, base, key, statistics, coefficients
+            )
+            return merged, finite, merged_finite
         compiled = self._compiled[leaf_signature(self._method, task)].result()
         weights, traced = self.weights(task), self.traced_params(task)
         return compiled(sources, weights, base, key, statistics, traced, coefficients)
@@ -186,6 +196,20 @@ class LeafCompiler:
         return compiled
 
 
+def _compiled_tasks(task: TensorTask) -> tuple[TensorTask, ...]:
+    """The tasks whose leaves `task` runs: itself, or at BOTH its two passes'."""
+    if task.stage != blocked.BOTH:
+        return (task,)
+    stages = (blocked.STATISTICS, blocked.APPLY)
+    return tuple(dataclasses.replace(task, stage=stage) for stage in stages)
+
+
+def _without_coefficients(leaf, sources, weights, base, key, tensors, traced, coefficients):
+    """The method's own leaf (`traced_leaf`) at stage MERGE, which takes no coefficients."""
+    del coefficients
+    return leaf(sources, weights, base, key, tensors, traced)
+
+
 @functools.cache
 def placed_leaf(
     method: str,
@@ -211,7 +235,11 @@ def placed_leaf(
     as a last argument (None but at APPLY), and the STATISTICS stage returns partial sums,
     replicated.
     """
-    leaf = blocked.stage_leaf(method, static_params, np.dtype(out_dtype), stage)
+    if stage == blocked.MERGE:
+        leaf = traced_leaf(method, static_params, np.dtype(out_dtype))
+        leaf = functools.partial(_without_coefficients, leaf)
+    else:
+        leaf = blocked.stage_leaf(method, static_params, np.dtype(out_dtype), stage)
     padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
 
     def cut(x: jax.Array) -> jax.Array:
