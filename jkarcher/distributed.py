@@ -64,6 +64,13 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
 
 
+def least_over_processes(value: int) -> int:
+    """The least of an int32 value over all processes (each passes its own)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.asarray(multihost_utils.process_allgather(np.int32(value))).min())
+
+
 def shared_token() -> str:
     """Process 0's `staging_token()` (its host, process id and a random part), in every process.
 

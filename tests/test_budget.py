@@ -119,6 +119,26 @@ def test_blocks_give_the_bytes_of_whole_tensors_or_are_refused_before_work(tmp_p
         assert_equal_trees(read_all(output), want)
 
 
+def test_every_tensor_in_blocks_of_its_own_size_gives_the_bytes_of_whole_tensors(tmp_path):
+    """A budget that cuts every tensor into blocks of sizes of its own (the head, the embedding
+    with its extra rows and the [16, 16] layers each differently), so that blocks of one shape
+    belong to tensors whose passes interleave: each tensor's first pass still ends before its
+    second begins, and the Karcher merge is that of whole tensors."""
+    *models, base = make_models(tmp_path, n=4, vocab_sizes=[64, 62, 64, 64], dtype=np.float32)
+    fields = {"method": "karcher", "base_model": str(base), "dtype": "float32"}
+    whole = pipeline.plan_merge(validate(merge_config(models, tmp_path / "whole", **fields)))
+    (embedding,) = [t for t in whole.tasks if t.name == EMBED]
+    held = first_pass_bytes(embedding, whole.method)
+    memory = str(Budget(0).total_for(task_bytes(embedding, whole.method, 20) + held, 0))
+    pipeline.run(whole)
+    plan = pipeline.plan_merge(
+        validate(merge_config(models, tmp_path / "blocks", memory=memory, **fields))
+    )
+    assert {t.shape for t in plan.tasks if t.stage == blocked.STATISTICS} >= {(16, 16), (64, 16)}
+    pipeline.run(plan)
+    assert_equal_trees(read_all(tmp_path / "blocks"), read_all(tmp_path / "whole"))
+
+
 def test_a_method_wrongly_declared_row_by_row_is_caught(tmp_path, zoo):
     """The check above fails for a method that says its rows merge on their own but scales them
     by a whole-tensor norm: blocks of rows then give other bytes than the whole tensor."""
@@ -199,9 +219,10 @@ def test_memory_is_a_config_field_in_bytes(tmp_path, zoo):
 def test_default_budget_is_a_share_of_the_least_available_memory(monkeypatch):
     monkeypatch.setattr(budget_module, "_meminfo_available", lambda: 20 * 10**9)
     monkeypatch.setattr(budget_module, "_cgroup_room", lambda: [10 * 10**9])
-    assert budget_module.default_budget() == int(budget_module.DEFAULT_SHARE * 10 * 10**9)
+    share = budget_module.DEFAULT_SHARE
+    assert budget_module.default_budget() == int(share * 10 * 10**9) >> 20 << 20
     monkeypatch.setattr(budget_module, "_cgroup_room", list)
-    assert budget_module.default_budget() == int(budget_module.DEFAULT_SHARE * 20 * 10**9)
+    assert budget_module.default_budget() == int(share * 20 * 10**9) >> 20 << 20
 
 
 # Parameter values whose leaves take other paths than the defaults', for the scratch probe.

@@ -22,6 +22,7 @@ from jkarcher.io.writer import (
     plan_shards,
     save_checkpoint,
 )
+from jkarcher.pipeline import budget
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES, DEVICES_EACH = 2, 2
@@ -38,7 +39,7 @@ def _free_port() -> int:
 def _config_file(tmp_path: Path, config) -> Path:
     """A config file giving the fields of `config` (a ConfigDict from `merge_config`) that a
     merge here sets; `distributed` keeps its defaults, for the command line to set."""
-    fields = ("method", "models", "base_model", "dtype", "output", "format", "mesh")
+    fields = ("method", "models", "base_model", "dtype", "output", "format", "mesh", "memory")
     lines = [f"    config.{name} = {config[name]!r}" for name in fields]
     path = tmp_path / "config.py"
     path.write_text(
@@ -96,11 +97,30 @@ def zoo(tmp_path_factory):
     return make_models(root, n=4, vocab_sizes=[64, 62, 64, 64], dtype=np.float32)
 
 
-@pytest.mark.parametrize(("method", "format"), [("karcher", "safetensors"), ("dare_ties", "orbax")])
-def test_two_processes_give_the_one_device_merge(tmp_path, zoo, method, format):
+def _memory_for_blocks(config, rows: int) -> str:
+    """A memory budget that cuts the embedding of `config`'s merge into blocks of `rows` rows."""
+    plan = pipeline.plan_merge(validate(config))
+    (task,) = [t for t in plan.tasks if t.name == "model.embed_tokens.weight"]
+    need = budget.task_bytes(task, plan.method, rows) + budget.first_pass_bytes(task, plan.method)
+    return str(budget.Budget(0).total_for(need, 0))
+
+
+@pytest.mark.parametrize(
+    ("method", "format", "blocks"),
+    [
+        ("karcher", "safetensors", False),
+        ("karcher", "safetensors", True),
+        ("dare_ties", "orbax", False),
+    ],
+)
+def test_two_processes_give_the_one_device_merge(tmp_path, zoo, method, format, blocks):
+    """Each process merges its devices' rows; with a budget that cuts the embedding into blocks
+    of 20 rows, each block's (the Karcher mean's two passes, their sums gathered over both)."""
     models = zoo if format == "safetensors" else [hf_to_orbax(p, tmp_path / p.name) for p in zoo]
     fields = dict(method=method, base_model=str(models[3]), dtype="float32")
     one = merge_config(zoo[:3], tmp_path / "one", **fields | {"base_model": str(zoo[3])})
+    if blocks:
+        fields["memory"] = _memory_for_blocks(one, 20)
     pipeline.run(pipeline.plan_merge(validate(one)))
     config = merge_config(models[:3], tmp_path / "two", format=format, mesh=None, **fields)
     for code, log in _run_processes(_config_file(tmp_path, config)):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from jkarcher import methods
+from jkarcher import distributed, methods
 from jkarcher.blocked import APPLY, BOTH, MERGE, STATISTICS
 from jkarcher.config.fields import size_text
 from jkarcher.errors import MergeError
@@ -71,8 +71,10 @@ class Budget:
 
 
 def default_budget() -> int:
-    """DEFAULT_SHARE of the memory available at the start (`available_memory`)."""
-    return int(DEFAULT_SHARE * available_memory())
+    """DEFAULT_SHARE of the memory available at the start (`available_memory`), in whole MiB,
+    the least over the processes of a merge, so that every process plans the same blocks."""
+    mib = int(DEFAULT_SHARE * available_memory()) >> 20
+    return distributed.least_over_processes(mib) << 20
 
 
 def available_memory() -> int:

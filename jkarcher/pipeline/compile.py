@@ -158,7 +158,7 @@ class LeafCompiler:
         leaf = blocked.stage_leaf(self._method, static, task.out_dtype, blocked.STATISTICS)
         weights = self.weights(task)
         sums = jax.eval_shape(leaf, sources, weights, base, None, None, traced, None)[0]
-        return jax.eval_shape(blocked.finish(self._method, static), [sums], weights, traced)
+        return blocked.coefficients_shape(self._method, static, sums, weights, traced)
 
     def _compile(self, task: TensorTask) -> jax.stages.Compiled:
         """The task's leaf, traced, lowered and compiled for its shapes, or loaded from the

@@ -147,14 +147,19 @@ _DONE = object()
 
 def execution_order(plan: MergePlan) -> tuple[TensorTask, ...]:
     """The order to merge the plan's tasks in: grouped by the leaf they compile to
-    (`leaf_signature`), groups in order of first appearance.
+    (`leaf_signature`), groups in order of first appearance; the blocks of a tensor merged in
+    two passes together, in the plan's order (every first pass before the second).
 
     Each group merges while the next group's leaf compiles, instead of every layer waiting for
     new compilations. The output files keep the planned layout whatever the order.
     """
     groups: dict[tuple, list[TensorTask]] = {}
     for task in plan.tasks:
-        groups.setdefault(leaf_signature(plan.method.name, task), []).append(task)
+        in_two_passes = task.stage in (STATISTICS, APPLY)
+        group = (
+            ("two passes", task.name) if in_two_passes else leaf_signature(plan.method.name, task)
+        )
+        groups.setdefault(group, []).append(task)
     return tuple(task for group in groups.values() for task in group)
 
 
