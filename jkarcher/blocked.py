@@ -33,6 +33,7 @@ import numpy as np
 from jkarcher import methods
 from jkarcher.methods.registry import TwoPasses
 from jkarcher.numerics import COMPILER_OPTIONS, all_finite
+from jkarcher.sharding import with_auto_axes
 
 # A task's stages: its rows merged by the method's leaf; a block's partial sums (the first pass);
 # a block's rows from the coefficients of every block's sums (the second); both passes on one
@@ -54,16 +55,20 @@ def stage_leaf(
     jitted. `out_dtype` None: the sources' dtype."""
     passes = two_passes(method, static_params)
     params = dict(static_params)
+    gather, combine = (
+        with_auto_axes(functools.partial(step, **params))
+        for step in (passes.statistics, passes.apply)
+    )
 
     def statistics(sources, weights, base, key, tensors, traced, coefficients):
         del key, tensors, coefficients
-        sums = passes.statistics(jnp.stack(sources), weights, base, **params, **traced)
+        sums = gather(jnp.stack(sources), weights, base, **traced)
         finite = all_finite((*sources, *([base] if base is not None else [])))
         return sums, finite, jnp.bool_(True)
 
     def apply(sources, weights, base, key, tensors, traced, coefficients):
         del key, tensors
-        merged = passes.apply(jnp.stack(sources), weights, base, coefficients, **params, **traced)
+        merged = combine(jnp.stack(sources), weights, base, coefficients, **traced)
         merged = merged.astype(sources[0].dtype if out_dtype is None else out_dtype)
         finite = all_finite((*sources, *([base] if base is not None else []), merged))
         return merged, finite[:-1], finite[-1]
