@@ -78,31 +78,22 @@ def stage_leaf(
 
 def finish(method: str, static_params: tuple[tuple[str, Any], ...]) -> Callable:
     """(the blocks' partial sums in row order, weights, traced parameters) -> the coefficients
-    of the second pass: the sums concatenated along their last axis, then the method's
-    `TwoPasses.finish`, compiled for the whole tensor's sums (one program, however many blocks
-    gave them: a concatenation inside it would change how XLA sums them)."""
-    solve = _finish(method, static_params)
+    of the second pass: the sums concatenated along their last axis, then `finish_program`, one
+    program for the whole tensor's sums however many blocks gave them (a concatenation inside it
+    would change how XLA sums them)."""
+    program = finish_program(method, static_params)
 
     def run(partials: Sequence[jax.Array], weights: jax.Array, traced: dict) -> jax.Array:
         sums = partials[0] if len(partials) == 1 else jnp.concatenate(partials, axis=-1)
-        return solve(sums, weights, traced)
+        return program(sums, weights, traced)
 
     return run
 
 
-def coefficients_shape(
-    method: str, static_params: tuple[tuple[str, Any], ...], sums, weights, traced: dict
-) -> jax.ShapeDtypeStruct:
-    """The shape and dtype of the coefficients `finish` gives for `sums` of that shape."""
-    passes = two_passes(method, static_params)
-    return jax.eval_shape(
-        lambda s, w, t: passes.finish(s, w, **dict(static_params), **t), sums, weights, traced
-    )
-
-
 @functools.cache
-def _finish(method: str, static_params: tuple[tuple[str, Any], ...]) -> Callable:
-    """`TwoPasses.finish` of the method, jitted (cached)."""
+def finish_program(method: str, static_params: tuple[tuple[str, Any], ...]) -> Callable:
+    """The method's `TwoPasses.finish` of the whole tensor's sums, (sums, weights, traced
+    parameters) -> coefficients, jitted with `COMPILER_OPTIONS` (cached)."""
     passes = two_passes(method, static_params)
     params = dict(static_params)
 

@@ -174,11 +174,12 @@ def block_gram_sums(stacked: jax.Array, base: jax.Array | None = None) -> jax.Ar
     return gram_chunk_sums(sources, compute_dtype(), chunked_base)[0]
 
 
-def gram_sums_per_row(shape: tuple[int, ...], n: int) -> int:
-    """The numbers `block_gram_sums` gives per row of a tensor of `shape`, for N = n sources."""
-    row_length = int(np.prod(shape[1:], dtype=np.int64))
-    chunks = chunks_per_row(shape[-1]) * (row_length // shape[-1]) if shape else 1
-    return n * (n + 1) // 2 * chunks
+def gram_sums_shape(shape: tuple[int, ...], n: int) -> tuple[int, int]:
+    """The shape of `block_gram_sums` of N = n sources of `shape`: [P, K], K the chunks of
+    `chunked` (each line along the last axis cut into its chunks)."""
+    last = shape[-1] if shape else 1
+    lines = int(np.prod(shape, dtype=np.int64)) // max(last, 1)
+    return n * (n + 1) // 2, lines * chunks_per_row(last)
 
 
 def coefficients_from_gram_sums(

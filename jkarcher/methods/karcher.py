@@ -12,7 +12,7 @@ from jkarcher.karcher import (
     block_gram_sums,
     coefficients_from_gram_sums,
     combined_rows,
-    gram_sums_per_row,
+    gram_sums_shape,
     karcher_mean,
 )
 from jkarcher.methods.registry import (
@@ -78,7 +78,7 @@ def _apply(stacked, weights, base, gammas, **options) -> jax.Array:
 
 # A tensor too large for the memory budget: its Gram matrix summed over blocks of rows, the
 # fixed point on coefficients, then each block's rows combined (the same sums as one pass).
-TWO_PASSES = TwoPasses(_statistics, _finish, _apply, gram_sums_per_row)
+TWO_PASSES = TwoPasses(_statistics, _finish, _apply, gram_sums_shape)
 
 
 def _scratch(params, fisher: bool, shape) -> tuple[float, float]:

@@ -41,13 +41,13 @@ class TwoPasses:
     finish(partial_sums, weights, **params) -> the coefficients that the second pass applies;
     apply(sources, weights, base, coefficients, **params) -> the block's merged rows, in the
       compute dtype;
-    sums_per_row(shape, n) -> the partial sums per row of a tensor of `shape`, for n sources.
+    sums_shape(shape, n) -> the shape of the partial sums of n sources of `shape`.
     """
 
     statistics: Callable[..., Any]
     finish: Callable[..., Any]
     apply: Callable[..., Any]
-    sums_per_row: Callable[[tuple[int, ...], int], int]
+    sums_shape: Callable[[tuple[int, ...], int], tuple[int, ...]]
 
 
 # A method's `blocked(params)` for merges whose rows depend only on the same rows of the inputs:

@@ -168,9 +168,8 @@ def first_pass_bytes(task: TensorTask, method: methods.MergeMethod) -> int:
     form = method.blocked(task.settings.params) if task.floating else None
     if not isinstance(form, TwoPasses) or task.statistics:
         return 0
-    rows = task.sources[0].shape[0]
-    sums = form.sums_per_row(task.sources[0].shape, len(task.sources)) * rows
-    return sums * compute_dtype().itemsize
+    sums = form.sums_shape(task.sources[0].shape, len(task.sources))
+    return math.prod(sums) * compute_dtype().itemsize
 
 
 def blocked_tasks(

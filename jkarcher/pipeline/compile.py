@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jkarcher import blocked, compile_cache, methods
 from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
-from jkarcher.numerics import COMPILER_OPTIONS
+from jkarcher.numerics import COMPILER_OPTIONS, compute_dtype
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.pipeline.statistics import statistic_placement
 from jkarcher.sharding import padded_shape, replicated, row_sharding
@@ -70,11 +70,24 @@ class LeafCompiler:
         self._loaded = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self._compiled: dict[tuple, concurrent.futures.Future] = {}
+        self._passes: dict[tuple, tuple] = {}
+        # Each tensor merged in two passes: the shape of its whole sources, whose first pass's
+        # sums `finish` takes (the rows of every block).
+        self._whole_shapes: dict[str, tuple[int, ...]] = {}
+        for task in tasks:
+            if task.stage in (blocked.STATISTICS, blocked.BOTH):
+                rows, *rest = task.sources[0].shape or (1,)
+                before = self._whole_shapes.get(task.name, (0,))[0]
+                self._whole_shapes[task.name] = (before + rows, *rest)
         for task in tasks:
             for compiled in _compiled_tasks(task) if task.floating else ():
                 signature = leaf_signature(self._method, compiled)
                 if signature not in self._compiled:
                     self._compiled[signature] = self._executor.submit(self._compile, compiled)
+            if task.stage in (blocked.APPLY, blocked.BOTH):
+                signature = self._finish_signature(task)
+                if signature not in self._compiled:
+                    self._compiled[signature] = self._executor.submit(self._compile_finish, task)
 
     def __enter__(self) -> LeafCompiler:
         return self
@@ -100,23 +113,69 @@ class LeafCompiler:
         the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
         `placed_leaf`); at the task's stage (`jkarcher.blocked`): a block's partial sums, or its
         rows from the `coefficients` of the first pass; at BOTH, the two passes in turn."""
+        signature = leaf_signature(self._method, task)
+        weights, traced = self.weights(task), self.traced_params(task)
         if task.stage == blocked.BOTH:
-            gather, apply = _compiled_tasks(task)
-            sums, finite, _ = self.merge(gather, sources, base, key, statistics)
-            coefficients = self.finish(task, [sums])
-            merged, _, merged_finite = self.merge(
-                apply, sources, base, key, statistics, coefficients
+            gather, solve, apply = self._both_passes(signature, task)
+            sums, finite, _ = gather(sources, weights, base, key, statistics, traced, None)
+            coefficients = solve(sums, weights, traced)
+            merged, _, merged_finite = apply(
+                sources, weights, base, key, statistics, traced, coefficients
             )
             return merged, finite, merged_finite
-        compiled = self._compiled[leaf_signature(self._method, task)].result()
-        weights, traced = self.weights(task), self.traced_params(task)
+        compiled = self._compiled[signature].result()
         return compiled(sources, weights, base, key, statistics, traced, coefficients)
 
+    def _both_passes(self, signature: tuple, task: TensorTask) -> tuple:
+        """The compiled first pass, finish and second pass of a BOTH task (kept by its leaf
+        signature, which fixes all three)."""
+        if signature not in self._passes:
+            gather, apply = (
+                self._compiled[leaf_signature(self._method, t)].result()
+                for t in _compiled_tasks(task)
+            )
+            solve = self._compiled[self._finish_signature(task)].result()
+            self._passes[signature] = gather, solve, apply
+        return self._passes[signature]
+
     def finish(self, task: TensorTask, partials: list[jax.Array]) -> jax.Array:
-        """The coefficients of a tensor's second pass from its blocks' partial sums."""
+        """The coefficients of a tensor's second pass from its blocks' partial sums in row order
+        (concatenated first, so that one program takes the whole tensor's sums: see
+        `jkarcher.blocked.finish`)."""
+        compiled = self._compiled[self._finish_signature(task)].result()
+        sums = partials[0] if len(partials) == 1 else jnp.concatenate(partials, axis=-1)
+        return compiled(sums, self.weights(task), self.traced_params(task))
+
+    def _finish_signature(self, task: TensorTask) -> tuple:
+        """What the compiled `finish` of a task's tensor depends on."""
+        static, traced = split_params(self._method, task.settings.params)
+        sums = self._sums(task)
+        return ("finish", static, sums.shape, len(task.sources), jax.tree.structure(traced))
+
+    def _sums(self, task: TensorTask) -> jax.ShapeDtypeStruct:
+        """The first pass's sums of the whole tensor of a task, as `finish` takes them."""
         static = split_params(self._method, task.settings.params)[0]
-        traced = self.traced_params(task)
-        return blocked.finish(self._method, static)(partials, self.weights(task), traced)
+        passes = blocked.two_passes(self._method, static)
+        shape = passes.sums_shape(self._whole_shapes[task.name], len(task.sources))
+        return jax.ShapeDtypeStruct(shape, compute_dtype(), sharding=replicated(self._mesh))
+
+    def _compile_finish(self, task: TensorTask) -> jax.stages.Compiled:
+        """The `finish` of a task's tensor compiled for its sums, or loaded from the compile
+        cache, as `_compile` does a leaf."""
+        start = time.perf_counter()
+        mesh = (self._mesh.shape_tuple, [device.id for device in self._mesh.devices.flat])
+        stored_as = compile_cache.key(self._method, self._finish_signature(task), mesh)
+        compiled = compile_cache.load(stored_as)
+        if compiled is not None:
+            self._loaded += 1
+        else:
+            static = split_params(self._method, task.settings.params)[0]
+            function = blocked.finish_program(self._method, static)
+            arguments = (self._sums(task), self.weights(task), self.traced_params(task))
+            compiled = function.lower(*arguments).compile()
+            compile_cache.store(stored_as, compiled)
+        self._compile_seconds += time.perf_counter() - start
+        return compiled
 
     def traced_params(self, task: TensorTask) -> dict[str, Any]:
         """The task's traced parameters as scalars (`jkarcher.merge.traced_arguments`), once per
@@ -150,15 +209,13 @@ class LeafCompiler:
         """The seconds spent compiling (or loading) so far, in the background thread."""
         return self._compile_seconds
 
-    def _coefficients_shape(self, task: TensorTask, sources, base, traced):
+    def _coefficients_shape(self, task: TensorTask, traced):
         """The shape of the coefficients an APPLY task takes (None at other stages)."""
         if task.stage != blocked.APPLY:
             return None
         static = split_params(self._method, task.settings.params)[0]
-        leaf = blocked.stage_leaf(self._method, static, task.out_dtype, blocked.STATISTICS)
-        weights = self.weights(task)
-        sums = jax.eval_shape(leaf, sources, weights, base, None, None, traced, None)[0]
-        return blocked.coefficients_shape(self._method, static, sums, weights, traced)
+        finish = blocked.finish_program(self._method, static)
+        return jax.eval_shape(finish, self._sums(task), self.weights(task), traced)
 
     def _compile(self, task: TensorTask) -> jax.stages.Compiled:
         """The task's leaf, traced, lowered and compiled for its shapes, or loaded from the
@@ -180,7 +237,7 @@ class LeafCompiler:
             for placed_shape, placed_sharding in placements
         )
         traced = self.traced_params(task)
-        coefficients = self._coefficients_shape(task, sources, base, traced)
+        coefficients = self._coefficients_shape(task, traced)
         mesh = (self._mesh.shape_tuple, [device.id for device in self._mesh.devices.flat])
         stored_as = compile_cache.key(self._method, leaf_signature(self._method, task), mesh)
         compiled = compile_cache.load(stored_as)
