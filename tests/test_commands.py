@@ -79,8 +79,13 @@ def test_the_yaml_command_merges_as_the_merge_command_does(tmp_path, models):
 def test_mergekit_yaml_options_set_the_run(tmp_path, models):
     config = _yaml(tmp_path, models)
     out = tmp_path / "out"
-    result = _command("jkarcher-yaml", config, out, "--out-shard-size", "4K", "--no-copy-tokenizer")
+    options = ("--out-shard-size", "4K", "--no-copy-tokenizer", "--memory", "30kB")
+    result = _command("jkarcher-yaml", config, out, *options)
     assert result.returncode == 0, result.stderr
+    assert (
+        "more tasks for blocks of rows" in result.stdout
+        and "memory budget 0.00 GB" in result.stdout
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1
@@ -117,13 +122,17 @@ def test_options_that_change_nothing_say_so(tmp_path, models):
         (["CONFIG"], "error: the following arguments are required: out_path"),
         (["KARCHER", "OUT"], "merge.yml: models[2].parameters.weight: method 'karcher' takes"),
         (["CONFIG", "OUT", "--out-shard-size", "5X"], "out_shard_size: cannot read '5X'"),
+        (["CONFIG", "OUT", "--memory", "lots"], "memory: cannot read 'lots' as a size"),
+        (["SLERPS", "OUT", "--memory", "20kB"], "merges every tensor whole, which needs"),
     ],
 )
 def test_mistakes_are_one_line_before_anything_is_written(tmp_path, models, arguments, message):
     (tmp_path / "k").mkdir()
+    (tmp_path / "t").mkdir()
     replace = {
         "CONFIG": _yaml(tmp_path, models),
         "KARCHER": _yaml(tmp_path / "k", models, method="karcher"),
+        "SLERPS": _yaml(tmp_path / "t", models, method="multislerp"),
         "OUT": tmp_path / "out",
     }
     result = _command("jkarcher-yaml", *[replace.get(a, a) for a in arguments])
