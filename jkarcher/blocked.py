@@ -84,10 +84,15 @@ def finish(method: str, static_params: tuple[tuple[str, Any], ...]) -> Callable:
     program = finish_program(method, static_params)
 
     def run(partials: Sequence[jax.Array], weights: jax.Array, traced: dict) -> jax.Array:
-        sums = partials[0] if len(partials) == 1 else jnp.concatenate(partials, axis=-1)
-        return program(sums, weights, traced)
+        return program(whole_sums(partials), weights, traced)
 
     return run
+
+
+def whole_sums(partials: Sequence[jax.Array]) -> jax.Array:
+    """The blocks' partial sums in row order concatenated along their last axis: the whole
+    tensor's."""
+    return partials[0] if len(partials) == 1 else jnp.concatenate(partials, axis=-1)
 
 
 @functools.cache
@@ -111,7 +116,9 @@ def eager_leaf(
     `jkarcher.merge.traced_leaf`'s leaf: (sources, weights, base, key, tensors, traced) ->
     (merged, finite, merged finite). For a method with `two_passes`, called on arrays."""
     gather, apply = (
-        jax.jit(stage_leaf(method, static_params, out_dtype, stage), **_OPTIONS)
+        jax.jit(
+            stage_leaf(method, static_params, out_dtype, stage), compiler_options=COMPILER_OPTIONS
+        )
         for stage in (STATISTICS, APPLY)
     )
     solve = finish(method, static_params)
@@ -124,6 +131,3 @@ def eager_leaf(
         return merged, finite, merged_finite
 
     return run
-
-
-_OPTIONS = {"compiler_options": COMPILER_OPTIONS}

@@ -143,7 +143,7 @@ class LeafCompiler:
         (concatenated first, so that one program takes the whole tensor's sums: see
         `jkarcher.blocked.finish`)."""
         compiled = self._compiled[self._finish_signature(task)].result()
-        sums = partials[0] if len(partials) == 1 else jnp.concatenate(partials, axis=-1)
+        sums = blocked.whole_sums(partials)
         return compiled(sums, self.weights(task), self.traced_params(task))
 
     def _finish_signature(self, task: TensorTask) -> tuple:
