@@ -147,9 +147,12 @@ def task_bytes(task: TensorTask, method: methods.MergeMethod, rows: int | None =
         elements = math.prod(task.sources[0].shape)
     else:
         total_rows = task.sources[0].shape[0]
-        per_row = {info: info.nbytes // max(info.shape[0], 1) for info in infos if info.shape}
+        # Inputs cut like the sources count by the row; the rest (the extra rows of a
+        # vocabulary, Grams) whole, as a block may read them whole.
         inputs = sum(
-            per_row[info] * rows if info in per_row and info.shape[0] == total_rows else 0
+            info.nbytes // max(total_rows, 1) * rows
+            if info.shape[:1] == (total_rows,)
+            else info.nbytes
             for info in infos
         )
         elements = rows * math.prod(task.sources[0].shape[1:])
@@ -164,12 +167,19 @@ def task_bytes(task: TensorTask, method: methods.MergeMethod, rows: int | None =
 
 def first_pass_bytes(task: TensorTask, method: methods.MergeMethod) -> int:
     """The bytes of the first pass's partial sums of a whole tensor (`TwoPasses`), held until
-    its second pass (0 for a method that needs none)."""
-    form = method.blocked(task.settings.params) if task.floating else None
-    if not isinstance(form, TwoPasses) or task.statistics:
+    its second pass (0 for a task merged in one)."""
+    passes = _two_passes(task, method)
+    if passes is None:
         return 0
-    sums = form.sums_shape(task.sources[0].shape, len(task.sources))
+    sums = passes.sums_shape(task.sources[0].shape, len(task.sources))
     return math.prod(sums) * compute_dtype().itemsize
+
+
+def _two_passes(task: TensorTask, method: methods.MergeMethod) -> TwoPasses | None:
+    """The method's `TwoPasses` for a task, where it merges the task in two (never with a
+    tensor input, which `TwoPasses` take none of)."""
+    form = method.blocked(task.settings.params) if task.floating else None
+    return form if isinstance(form, TwoPasses) and not task.statistics else None
 
 
 def blocked_tasks(
@@ -181,11 +191,11 @@ def blocked_tasks(
     out_row_bytes = np.dtype(task.out_dtype).itemsize * math.prod(task.shape[1:])
     rows = task.sources[0].shape[0] if task.shape else 1
     form = method.blocked(task.settings.params) if task.floating else None
-    two_passes = isinstance(form, TwoPasses) and not task.statistics
     held = first_pass_bytes(task, method)
     need = task_bytes(task, method) + held
     if need <= budget.task and rows * out_row_bytes <= budget.queued_outputs // 2:
-        return [dataclasses.replace(task, stage=BOTH) if two_passes else task]
+        in_two = _two_passes(task, method) is not None
+        return [dataclasses.replace(task, stage=BOTH) if in_two else task]
     why = _unblockable(task, method, form, output_format)
     if why is not None:
         raise MergeError(
