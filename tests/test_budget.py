@@ -4,6 +4,10 @@ before any work; the budget's estimate of a leaf's memory bounds XLA's own."""
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +19,14 @@ from helpers_checkpoints import (
     make_models,
     merge_config,
     read_all,
+    tokenizer,
     write_fisher,
     write_grams,
 )
 from karcher_reference import karcher_reference
 
 import jkarcher
-from jkarcher import blocked, methods, pipeline
+from jkarcher import blocked, demo, methods, pipeline
 from jkarcher.config import ConfigError, validate
 from jkarcher.errors import MergeError
 from jkarcher.merge import split_params, traced_arguments
@@ -38,6 +43,7 @@ from jkarcher.pipeline.budget import Budget, first_pass_bytes, task_bytes
 from jkarcher.pipeline.compile import placed_leaf
 from jkarcher.sharding import make_mesh, row_sharding
 
+ROOT = Path(__file__).resolve().parents[1]
 EMBED = "model.embed_tokens.weight"
 # Rows of the embedding, and the rows of a block that cut it into 1, 2, 7 and 70 blocks.
 VOCAB = 7000
@@ -279,3 +285,58 @@ def test_declared_scratch_bounds_what_xla_allocates(method, variant, inputs):
         declared = spec.scratch_copies(resolved, n, inputs, shape)
         assert temporaries <= declared, (n, temporaries, declared)
     assert declared <= 2 * temporaries + 1.5, (n, temporaries, declared)
+
+
+# scripts/merge.py, then the process's peak resident memory (VmHWM: ru_maxrss would keep the
+# forking test process's own peak across the exec).
+PEAK_PROBE = """\
+import re, runpy, sys
+sys.argv = ["merge.py", *sys.argv[1:]]
+try:
+    runpy.run_path("scripts/merge.py", run_name="__main__")
+finally:
+    status = open("/proc/self/status").read()
+    print("peak-rss-kb", re.search(r"VmHWM:\\s*(\\d+)", status).group(1), file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_a_real_width_merge_stays_within_its_budget(tmp_path):
+    """Four bf16 models holding one tensor at a 70B model's width ([16384, 8192], 268 MB each,
+    1.07 GB in all) merged with memory=256MB: the process's peak resident memory stays under the
+    budget plus 0.6 GB of fixed overhead (README: about 0.3 to 0.5 GB), below the inputs' size,
+    and the output has the bytes of the merge of whole tensors."""
+    rng = np.random.default_rng(0)
+    common = rng.standard_normal((16384, 8192), np.float32)
+    config = demo.qwen2_config(64, hidden_size=16, intermediate_size=16, num_layers=1)
+    models = []
+    for index in range(4):
+        weight = (common + 0.1 * rng.standard_normal(common.shape, np.float32)).astype(BF16)
+        models.append(
+            demo.write_model(tmp_path / f"m{index}", {EMBED: weight}, config, tokenizer())
+        )
+    del common, weight
+    runs = {}
+    for memory in ("256MB", "8GB"):
+        output = tmp_path / f"out-{memory}"
+        config_file = tmp_path / "config.py"
+        entries = [{"path": str(m), "weight": 1.0} for m in models]
+        config_file.write_text(
+            "from jkarcher.config import base_config\n\n\ndef get_config():\n"
+            f"    config = base_config()\n    config.models = {entries!r}\n"
+            f"    config.output = {str(output)!r}\n    config.memory = {memory!r}\n"
+            "    config.mesh = 'devices:1'\n    return config\n"
+        )
+        env = os.environ | {"XLA_FLAGS": ""}
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_PROBE, f"--config={config_file}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[memory] = int(result.stderr.split("peak-rss-kb")[-1].split()[0]) * 1024
+    assert runs["256MB"] <= 256e6 + 0.6e9 < 4 * 268e6
+    assert_equal_trees(read_all(tmp_path / "out-256MB"), read_all(tmp_path / "out-8GB"))
