@@ -61,14 +61,14 @@ def stage_leaf(
     )
 
     def statistics(sources, weights, base, key, tensors, traced, coefficients):
-        del key, tensors, coefficients
-        sums = gather(jnp.stack(sources), weights, base, **traced)
+        del tensors, coefficients
+        sums = gather(jnp.stack(sources), weights, base, key=key, **traced)
         finite = all_finite((*sources, *([base] if base is not None else [])))
         return sums, finite, jnp.bool_(True)
 
     def apply(sources, weights, base, key, tensors, traced, coefficients):
-        del key, tensors
-        merged = combine(jnp.stack(sources), weights, base, coefficients, **traced)
+        del tensors
+        merged = combine(jnp.stack(sources), weights, base, coefficients, key=key, **traced)
         merged = merged.astype(sources[0].dtype if out_dtype is None else out_dtype)
         finite = all_finite((*sources, *([base] if base is not None else []), merged))
         return merged, finite[:-1], finite[-1]

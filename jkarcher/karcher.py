@@ -16,8 +16,8 @@ from jkarcher.karcher_fisher import fisher_fixed_point
 from jkarcher.numerics import (
     COMPILER_OPTIONS,
     add_chunk_sums,
+    chunk_sums,
     chunked,
-    chunks_per_row,
     compute_dtype,
     sum_over_models,
     unchunked,
@@ -165,44 +165,13 @@ def _solve(stacked, weights, fisher, *, block, **options) -> tuple[jax.Array, Ka
     return unchunked(merged, shape), KarcherInfo(*info)
 
 
-def block_gram_sums(stacked: jax.Array, base: jax.Array | None = None) -> jax.Array:
-    """The first pass of the plain mean (block="tensor") over a block of rows of the sources
-    [N, rows, ...] (minus the base's rows, with a base): [P, K], the block's `gram_chunk_sums`,
-    which blocks concatenate along K into the whole tensor's."""
-    sources = [chunked(stacked[i], 1) for i in range(stacked.shape[0])]
-    chunked_base = None if base is None else chunked(base, 1)
-    return gram_chunk_sums(sources, compute_dtype(), chunked_base)[0]
-
-
-def gram_sums_shape(shape: tuple[int, ...], n: int) -> tuple[int, int]:
-    """The shape of `block_gram_sums` of N = n sources of `shape`: [P, K], K the chunks of
-    `chunked` (each line along the last axis cut into its chunks)."""
-    last = shape[-1] if shape else 1
-    lines = int(np.prod(shape, dtype=np.int64)) // max(last, 1)
-    return n * (n + 1) // 2, lines * chunks_per_row(last)
-
-
-def coefficients_from_gram_sums(
-    sums: jax.Array, weights: jax.Array, *, max_iter: int, tol: float, step: float, eps: float
+def coefficients_from_gram(
+    gram: jax.Array, weights: jax.Array, *, max_iter: int, tol: float, step: float, eps: float
 ) -> jax.Array:
-    """gamma [N], the merge being sum_j gamma_j x_j, from the whole tensor's [P, K] chunk sums
-    (`block_gram_sums`): the fixed point of `karcher_mean` on coefficients."""
-    grams = gram_from_chunk_sums(sums[None], weights.shape[0])
+    """gamma [N], the merge being sum_j gamma_j x_j, from the whole tensor's [N, N] Gram
+    matrix: the fixed point of `karcher_mean` on coefficients."""
     options = dict(max_iter=max_iter, tol=tol, step=step, eps=eps)
-    return _block_coefficients(grams, weights, **options)[0][0]
-
-
-def combined_rows(
-    stacked: jax.Array, gammas: jax.Array, base: jax.Array | None = None
-) -> jax.Array:
-    """The second pass: sum_j gamma_j x_j over a block of rows [N, rows, ...] (of x_j - base,
-    the base added back, with a base), in the compute dtype, summed as `karcher_mean` sums."""
-    dtype = compute_dtype()
-    sources = [stacked[i].astype(dtype) for i in range(stacked.shape[0])]
-    if base is not None:
-        sources = [x - base.astype(dtype) for x in sources]
-    merged = sum_over_models(gammas[j] * x for j, x in enumerate(sources))
-    return merged if base is None else base.astype(dtype) + merged
+    return _coefficients(gram, weights.astype(compute_dtype()), **options)[0]
 
 
 def gram_matrices(sources: list[jax.Array], dtype) -> jax.Array:
@@ -248,10 +217,9 @@ def gram_chunk_sums(sources: list[jax.Array], dtype, base: jax.Array | None = No
     for index, first in enumerate(tiles):
         for second in tiles[index:]:
             pairs = [(i, j) for i, j in itertools.product(first, second) if i <= j]
-            products = tuple(sources[i].astype(dtype) * sources[j].astype(dtype) for i, j in pairs)
-            zeros = tuple(jnp.zeros((), dtype) for _ in products)
-            add = lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True))
-            sums.update(zip(pairs, lax.reduce(products, zeros, add, (2,)), strict=True))
+            products = [sources[i].astype(dtype) * sources[j].astype(dtype) for i, j in pairs]
+            tile_sums = chunk_sums(products)
+            sums.update((pair, tile_sums[..., t, :]) for t, pair in enumerate(pairs))
     return jnp.stack([sums[pair] for pair in zip(*np.triu_indices(n), strict=True)], axis=-2)
 
 
@@ -287,7 +255,7 @@ def _coefficients(gram, weights, *, max_iter, tol, step, eps):
     unit_gram = jnp.where(jnp.eye(n, dtype=bool), valid.astype(gram.dtype), unit_gram)
 
     def norm_of(coef):
-        return jnp.sqrt(jnp.maximum(coef @ unit_gram @ coef, 0.0))
+        return jnp.sqrt(jnp.maximum(_dot(coef, _times(unit_gram, coef)), 0.0))
 
     # normalize(sum_i a_i u_i), or the first valid u_i where that sum has cancelled.
     floor = sphere.cancellation_floor(n, unit_gram.dtype)
@@ -302,9 +270,9 @@ def _coefficients(gram, weights, *, max_iter, tol, step, eps):
 
     def update(state):
         iteration, coef, _ = state
-        cosines = jnp.clip(unit_gram @ coef, -1.0, 1.0)
+        cosines = jnp.clip(_times(unit_gram, coef), -1.0, 1.0)
         scales = alphas * sphere.theta_over_sin(sphere.angle_from_cosine(cosines))
-        tangent = step * (scales - jnp.sum(scales * cosines) * coef)  # T, in coefficients
+        tangent = step * (scales - _dot(scales, cosines) * coef)  # T, in coefficients
         tangent_norm = norm_of(tangent)
         moved = jnp.cos(tangent_norm) * coef + sphere.sin_over_theta(tangent_norm) * tangent
         moved = sphere.divided_or(moved, norm_of(moved), 0, coef)
@@ -312,5 +280,15 @@ def _coefficients(gram, weights, *, max_iter, tol, step, eps):
 
     state = (jnp.int32(0), start, jnp.asarray(jnp.inf, gram.dtype))
     iterations, coef, tangent_norm = lax.while_loop(keep_going, update, state)
-    mean_norm = jnp.sum(weights * norms) / jnp.sum(weights)
+    mean_norm = _dot(weights, norms) / sum_over_models(weights)
     return mean_norm * coef * inv_norms, iterations, tangent_norm
+
+
+def _times(matrix: jax.Array, vector: jax.Array) -> jax.Array:
+    """matrix [N, N] times vector [N], summed in the order of `sum_over_models`."""
+    return sum_over_models(matrix[:, j] * vector[j] for j in range(vector.shape[0]))
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """<a, b> of two [N] vectors, summed in the order of `sum_over_models`."""
+    return sum_over_models(a[j] * b[j] for j in range(a.shape[0]))

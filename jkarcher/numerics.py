@@ -158,6 +158,21 @@ def unchunked(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return blocks.reshape(-1, padded)[:, :last].reshape(shape)
 
 
+def chunk_sums(terms: Sequence[jax.Array]) -> jax.Array:
+    """[R, T, K]: the sum over each chunk of each of T terms chunked alike ([R, K, c], `chunked`).
+
+    One variadic reduction along the last axis reads every term once. XLA compiles it alike for
+    any number of chunks, so rows cut into blocks give chunk sums that concatenate, along K,
+    into the whole tensor's, bit for bit (the first pass of a merge in blocks of rows).
+    """
+    zeros = tuple(jnp.zeros((), term.dtype) for term in terms)
+
+    def add(a, b):
+        return tuple(p + q for p, q in zip(a, b, strict=True))
+
+    return jnp.stack(jax.lax.reduce(tuple(terms), zeros, add, (2,)), axis=-2)
+
+
 def add_chunk_sums(partials: jax.Array) -> jax.Array:
     """The [R, K] partial sums of the K chunks of R blocks (`chunked`) added up: [R].
 

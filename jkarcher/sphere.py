@@ -8,6 +8,8 @@ All angles are in radians.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,7 +29,8 @@ def direction_weights(
     valid = norms > eps
     inv_norms = jnp.where(valid, 1.0 / jnp.where(valid, norms, 1.0), 0.0)
     valid_weights = jnp.where(valid, weights, 0.0)
-    total = jnp.sum(valid_weights, axis=-1, keepdims=True)
+    # Added model by model: a reduction's rounding would depend on how many rows are merged.
+    total = functools.reduce(jnp.add, jnp.moveaxis(valid_weights, -1, 0))[..., None]
     return valid, inv_norms, valid_weights / jnp.where(total > 0, total, 1.0)
 
 

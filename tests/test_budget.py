@@ -51,9 +51,19 @@ BLOCK_ROWS = {1: VOCAB, 2: 4096, 7: 1024, 70: 100}
 # Parameters that a method needs and has no default for.
 REQUIRED_VALUES = {"t": 0.3}
 
+# Parameters that change how a method blocks or what scratch it holds.
+VARIANTS = {
+    "karcher": [{"block": "row"}],
+    "nuslerp": [{"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
+    "model_stock": [{"filter_wise": True}],
+    "dare_linear": [{"rescale": False}],
+    "della": [{"rescale": False}],
+}
 
-def _method_fields(method: str, models, base) -> dict:
-    """Config fields that merge `models` (and `base` where the method takes one) by `method`."""
+
+def _method_fields(method: str, models, base, variant=()) -> dict:
+    """Config fields that merge `models` (and `base` where the method takes one) by `method`,
+    with the parameters of `variant`."""
     spec = methods.get(method)
     fields = {"method": method, "seed": 3, "dtype": "bfloat16"}
     if spec.base != BASE_NONE:
@@ -67,7 +77,7 @@ def _method_fields(method: str, models, base) -> dict:
         for seed, model in enumerate(models):
             write(model, seed)
         params[name] = "beside"
-    return fields | {"params": params}
+    return fields | {"params": params | dict(variant)}
 
 
 def _memory_for(plan, rows: int) -> int:
@@ -90,19 +100,23 @@ def _cases():
     cases = []
     for name in methods.names():
         marks = [pytest.mark.slow] if name not in ("karcher", "linear", "ties") else []
-        cases.append(pytest.param(name, marks=marks))
+        for variant in [{}, *VARIANTS.get(name, [])]:
+            cases.append(pytest.param(name, variant, marks=marks, id=f"{name}-{variant}"))
     return cases
 
 
-@pytest.mark.parametrize("method", _cases())
-def test_blocks_give_the_bytes_of_whole_tensors_or_are_refused_before_work(tmp_path, zoo, method):
-    """For every registered method, on bf16 sources: budgets that cut the embedding into 1, 2,
-    7 and 70 blocks give the bytes of a merge of whole tensors; a method that merges tensors
-    whole is refused before any output appears, with the budget that would merge them."""
+@pytest.mark.parametrize(("method", "variant"), _cases())
+def test_blocks_give_the_bytes_of_whole_tensors_or_are_refused_before_work(
+    tmp_path, zoo, method, variant
+):
+    """For every registered method and its variants, on bf16 sources: budgets that cut the
+    embedding into 1, 2, 7 and 70 blocks give the bytes of a merge of whole tensors; a method
+    that merges tensors whole is refused before any output appears, with the budget that would
+    merge them."""
     models, base = zoo
     spec = methods.get(method)
     n = max(spec.min_models, min(3, spec.max_models or 3))
-    fields = _method_fields(method, models[:n], base)
+    fields = _method_fields(method, models[:n], base, variant)
     whole = pipeline.plan_merge(validate(merge_config(models[:n], tmp_path / "whole", **fields)))
     pipeline.run(whole)
     want = read_all(tmp_path / "whole")
@@ -232,14 +246,11 @@ def test_default_budget_is_a_share_of_the_least_available_memory(monkeypatch):
 
 
 # Parameter values whose leaves take other paths than the defaults', for the scratch probe.
-PROBE_VARIANTS = {"karcher": [{"block": "row"}]}
-
-
 def _probe_cases():
     cases = []
     for name in methods.names():
         spec = methods.get(name)
-        for params in [{}, *PROBE_VARIANTS.get(name, [])]:
+        for params in [{}, *VARIANTS.get(name, [])]:
             inputs = (
                 [True]
                 if spec.tensor_inputs_required

@@ -32,8 +32,9 @@ def models(tmp_path_factory):
     return make_models(tmp_path_factory.mktemp("models"), n=3, num_layers=2)
 
 
-def _yaml(tmp_path, models, method="linear"):
+def _yaml(tmp_path, models, method="linear", base=None):
     path = tmp_path / "merge.yml"
+    base_line = "" if base is None else f"base_model: {base}"
     path.write_text(
         textwrap.dedent(
             f"""\
@@ -50,6 +51,7 @@ def _yaml(tmp_path, models, method="linear"):
                   weight: -0.25
             merge_method: {method}
             dtype: bfloat16
+            {base_line}
             """
         )
     )
@@ -123,7 +125,7 @@ def test_options_that_change_nothing_say_so(tmp_path, models):
         (["KARCHER", "OUT"], "merge.yml: models[2].parameters.weight: method 'karcher' takes"),
         (["CONFIG", "OUT", "--out-shard-size", "5X"], "out_shard_size: cannot read '5X'"),
         (["CONFIG", "OUT", "--memory", "lots"], "memory: cannot read 'lots' as a size"),
-        (["SLERPS", "OUT", "--memory", "20kB"], "merges every tensor whole, which needs"),
+        (["TIES", "OUT", "--memory", "20kB"], "merges every tensor whole, which needs"),
     ],
 )
 def test_mistakes_are_one_line_before_anything_is_written(tmp_path, models, arguments, message):
@@ -132,7 +134,7 @@ def test_mistakes_are_one_line_before_anything_is_written(tmp_path, models, argu
     replace = {
         "CONFIG": _yaml(tmp_path, models),
         "KARCHER": _yaml(tmp_path / "k", models, method="karcher"),
-        "SLERPS": _yaml(tmp_path / "t", models, method="multislerp"),
+        "TIES": _yaml(tmp_path / "t", models, method="ties", base=models[0]),
         "OUT": tmp_path / "out",
     }
     result = _command("jkarcher-yaml", *[replace.get(a, a) for a in arguments])

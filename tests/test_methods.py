@@ -21,7 +21,13 @@ import jkarcher
 from jkarcher import MergeError, methods
 from jkarcher.methods import selection, sparsify, task_arithmetic
 from jkarcher.methods.table import methods_table_markdown
-from jkarcher.numerics import CHUNK, accurate_sum, add_chunk_sums, compute_dtype
+from jkarcher.numerics import (
+    CHUNK,
+    COMPILER_OPTIONS,
+    accurate_sum,
+    add_chunk_sums,
+    compute_dtype,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_METHODS = {
@@ -380,13 +386,22 @@ def test_outlier_mask_drops_the_largest_gamma_and_the_smallest():
     assert set(np.flatnonzero(keep)) == set(order[:950])
 
 
-def test_rescaling_keeps_the_l1_norm():
+def test_rescaling_keeps_the_l1_norm_from_sums_over_any_blocks_of_rows():
+    """The L1 rescale's chunk sums over blocks of rows concatenate into the whole tensor's bit
+    for bit, and its factor keeps the L1 norm within the error of two float32 sums of positive
+    terms, along chains of a chunk (40) and a tree over the 30 chunks: 2 (40 + log2 30) u."""
     rng = np.random.default_rng(3)
     delta = jnp.asarray(rng.standard_normal((30, 40)).astype(np.float32))
     keep = jnp.asarray(rng.random((30, 40)) < 0.3)
-    rescaled = jax.jit(sparsify.rescaled)(delta, keep)
-    assert not np.asarray(rescaled)[~np.asarray(keep)].any()
-    np.testing.assert_allclose(jnp.abs(rescaled).sum(), jnp.abs(delta).sum(), rtol=1e-6)
+    sums = jax.jit(sparsify.l1_chunk_sums, compiler_options=COMPILER_OPTIONS)
+    whole = sums(delta, keep)
+    blocks = [sums(delta[a:b], keep[a:b]) for a, b in ((0, 7), (7, 8), (8, 30))]
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=-1), whole)
+    factor = float(sparsify.l1_rescale(whole))
+    rescaled = np.where(keep, np.asarray(delta, np.float64), 0.0) * factor
+    assert not rescaled[~np.asarray(keep)].any()
+    l1 = np.abs(np.asarray(delta, np.float64)).sum()
+    assert abs(np.abs(rescaled).sum() - l1) <= 2 * (40 + np.log2(30)) * 2.0**-24 * l1
 
 
 def test_della_probabilities_rise_with_magnitude_rank_around_density():

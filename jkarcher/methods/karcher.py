@@ -9,12 +9,10 @@ from jkarcher.karcher import (
     DEFAULT_EPS,
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
-    block_gram_sums,
-    coefficients_from_gram_sums,
-    combined_rows,
-    gram_sums_shape,
+    coefficients_from_gram,
     karcher_mean,
 )
+from jkarcher.methods.gram_passes import GRAM_SCRATCH, gram_passes
 from jkarcher.methods.registry import (
     BASE_OPTIONAL,
     ROWS,
@@ -48,11 +46,7 @@ def karcher(
     """
     del key
     if fisher is None and options["block"] == "tensor":
-        gammas = _finish(_statistics(stacked, weights, base, **options), weights, **options)
-        # The second pass forms the task vectors anew from a base XLA cannot tell is the same:
-        # it would otherwise form each once for both passes and hold all N in float32.
-        base = None if base is None else jax.lax.optimization_barrier(base)
-        return _apply(stacked, weights, base, gammas, **options)
+        return TWO_PASSES.in_one_program(stacked, weights, base, **options)
     dtype = compute_dtype()
     options.update(fisher=fisher, out_dtype=dtype)
     if base is None:
@@ -61,24 +55,14 @@ def karcher(
     return base.astype(dtype) + karcher_mean(deltas, weights, **options)
 
 
-def _statistics(stacked, weights, base=None, *, block, **options) -> jax.Array:
-    del weights, block, options
-    return block_gram_sums(stacked, base)
-
-
-def _finish(partials, weights, *, block, **options) -> jax.Array:
+def _coefficients(gram, weights, *, block, **options) -> jax.Array:
     del block
-    return coefficients_from_gram_sums(partials, weights, **options)
-
-
-def _apply(stacked, weights, base, gammas, **options) -> jax.Array:
-    del weights, options
-    return combined_rows(stacked, gammas, base)
+    return coefficients_from_gram(gram, weights, **options)
 
 
 # A tensor too large for the memory budget: its Gram matrix summed over blocks of rows, the
 # fixed point on coefficients, then each block's rows combined (the same sums as one pass).
-TWO_PASSES = TwoPasses(_statistics, _finish, _apply, gram_sums_shape)
+TWO_PASSES = gram_passes(_coefficients)
 
 
 def _scratch(params, fisher: bool, shape) -> tuple[float, float]:
@@ -88,7 +72,7 @@ def _scratch(params, fisher: bool, shape) -> tuple[float, float]:
     del shape
     if fisher:
         return 3.25, 2.5
-    return (1.1, 0.5) if params["block"] == "row" else (0.1, 1.25)
+    return (1.1, 0.5) if params["block"] == "row" else GRAM_SCRATCH
 
 
 def _blocked(params) -> TwoPasses | str:

@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jkarcher.methods.registry import BASE_REQUIRED, MergeMethod, Param, boolean, register
-from jkarcher.methods.task_arithmetic import task_vectors
-from jkarcher.numerics import sum_along, sum_over_models
+from jkarcher.methods.gram_passes import GRAM_SCRATCH, gram_passes, line_by_line
+from jkarcher.methods.registry import (
+    BASE_REQUIRED,
+    ROWS,
+    MergeMethod,
+    Param,
+    TwoPasses,
+    boolean,
+    register,
+)
+from jkarcher.numerics import sum_over_models
 
 # Floor of the product of two offsets' norms in a cosine.
 NORM_PRODUCT_FLOOR = 1e-6
@@ -30,36 +39,55 @@ SINGULAR_EPS = 1e-6
 
 def model_stock(stacked, weights, base, *, key=None, filter_wise: bool = False) -> jax.Array:
     """Model Stock (Jang et al. 2024, arXiv:2403.19522): t * mean(x) + (1 - t) * base with
-    t = N c / (1 + (N - 1) c) from the offsets' mean pairwise cosine c. Weights are not used."""
-    del weights, key
-    n = stacked.shape[0]
-    axis = -1 if filter_wise and stacked.ndim > 2 else None
-    deltas = task_vectors(stacked, base)
-    norms = [jnp.sqrt(sum_along(jnp.square(d), axis)) for d in deltas]
-    cosines = [
-        jnp.clip(
-            sum_along(deltas[i] * deltas[j], axis)
-            / jnp.maximum(norms[i] * norms[j], NORM_PRODUCT_FLOOR),
-            -1.0,
-            1.0,
-        )
-        for i in range(n)
-        for j in range(i + 1, n)
-    ]
-    cosine = sum_over_models(cosines) / len(cosines)
+    t = N c / (1 + (N - 1) c) from the offsets' mean pairwise cosine c. Weights are not used.
+
+    c comes from the offsets' Gram matrix, and the merge is base + sum_i (t / N) (x_i - base):
+    of a whole tensor, both passes of `MODEL_STOCK` in one program; with `filter_wise`, of each
+    line along the last axis (`line_by_line`).
+    """
+    del key
+    if filter_wise and stacked.ndim > 2:
+        return line_by_line(_gammas, stacked, weights, base)
+    return MODEL_STOCK.in_one_program(stacked, weights, base)
+
+
+def _interpolation(cosine: jax.Array, n: int) -> jax.Array:
+    """t = N c / (1 + (N - 1) c), or 0 where |1 + (N - 1) c| < 1e-6."""
     denominator = 1.0 + (n - 1) * cosine
     singular = jnp.abs(denominator) < SINGULAR_EPS
-    t = jnp.where(singular, 0.0, n * cosine / jnp.where(singular, 1.0, denominator))
-    dtype = cosine.dtype
-    average = sum_over_models(stacked[i].astype(dtype) for i in range(n)) / n
-    return t * average + (1.0 - t) * base.astype(dtype)
+    return jnp.where(singular, 0.0, n * cosine / jnp.where(singular, 1.0, denominator))
+
+
+def _gammas(gram, weights, **params) -> jax.Array:
+    """t / N for each offset, c the mean over pairs i < j of the offsets' cosines from their
+    Gram matrix."""
+    del weights, params
+    n = gram.shape[0]
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    cosines = jnp.clip(
+        gram / jnp.maximum(norms[:, None] * norms[None, :], NORM_PRODUCT_FLOOR), -1, 1
+    )
+    pairs = list(zip(*np.triu_indices(n, k=1), strict=True))
+    t = _interpolation(sum_over_models(cosines[i, j] for i, j in pairs) / len(pairs), n)
+    return jnp.full((n,), t / n)
+
+
+# Whole tensors of any size: the offsets' Gram matrix over blocks of rows, then base plus the
+# offsets' scaled sum.
+MODEL_STOCK = gram_passes(_gammas)
+
+
+def _blocked(params) -> TwoPasses | str:
+    """Whole tensors in two passes; slices along the last axis (`filter_wise`) block by block."""
+    return ROWS if params["filter_wise"] else MODEL_STOCK
 
 
 register(
     MergeMethod(
         name="model_stock",
-        scratch=(1.5, 0.5),
+        scratch=lambda params, inputs, shape: (1.5, 0.5) if params["filter_wise"] else GRAM_SCRATCH,
         leaf=model_stock,
+        blocked=_blocked,
         params=(
             Param(
                 "filter_wise",

@@ -21,6 +21,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+
 from jkarcher.errors import JkarcherError
 from jkarcher.numerics import NegativeWeightError, check_weights
 
@@ -35,12 +37,12 @@ class TwoPasses:
     tensor in blocks of rows: a first pass over the blocks gathers the statistics, a second
     applies them (docs/design.md, "Memory"). It takes no tensor inputs.
 
-    statistics(sources, weights, base, **params) -> one block's partial sums, an array whose last
-      axis runs over parts of the block in row order: the blocks' partial sums, concatenated
-      along it, are those of the whole tensor, bit for bit;
+    statistics(sources, weights, base, *, key, **params) -> one block's partial sums, an array
+      whose last axis runs over parts of the block in row order: the blocks' partial sums,
+      concatenated along it, are those of the whole tensor, bit for bit;
     finish(partial_sums, weights, **params) -> the coefficients that the second pass applies;
-    apply(sources, weights, base, coefficients, **params) -> the block's merged rows, in the
-      compute dtype;
+    apply(sources, weights, base, coefficients, *, key, **params) -> the block's merged rows, in
+      the compute dtype;
     sums_shape(shape, n) -> the shape of the partial sums of n sources of `shape`.
     """
 
@@ -48,6 +50,15 @@ class TwoPasses:
     finish: Callable[..., Any]
     apply: Callable[..., Any]
     sums_shape: Callable[[tuple[int, ...], int], tuple[int, ...]]
+
+    def in_one_program(self, stacked, weights, base, *, key=None, **params):
+        """Both passes on a whole tensor, traced into one program: a method's own leaf."""
+        sums = self.statistics(stacked, weights, base, key=key, **params)
+        coefficients = self.finish(sums, weights, **params)
+        # The second pass forms the task vectors anew from a base XLA cannot tell is the same:
+        # it would otherwise form each once for both passes and hold all N in float32.
+        base = None if base is None else jax.lax.optimization_barrier(base)
+        return self.apply(stacked, weights, base, coefficients, key=key, **params)
 
 
 # A method's `blocked(params)` for merges whose rows depend only on the same rows of the inputs:

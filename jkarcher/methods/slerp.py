@@ -18,24 +18,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jkarcher.methods.gram_passes import GRAM_SCRATCH, gram_passes, line_by_line
 from jkarcher.methods.registry import (
     BASE_NONE,
     BASE_OPTIONAL,
     REQUIRED,
+    ROWS,
     MergeMethod,
     Param,
+    TwoPasses,
     boolean,
     number,
     positive,
     register,
 )
-from jkarcher.numerics import (
-    accurate_norm,
-    accurate_sum,
-    compute_dtype,
-    sum_along,
-    sum_over_models,
-)
+from jkarcher.numerics import compute_dtype
 
 # SLERP: above this |cosine| the sources are treated as collinear and interpolated linearly.
 DOT_THRESHOLD = 0.9995
@@ -49,23 +46,31 @@ NUSLERP_EPS = 1e-8
 WEIGHT_SUM_EPS = 1e-6
 
 
-def slerp(stacked, weights, base=None, *, key=None, t: float) -> jax.Array:
+def slerp(stacked, weights, base=None, *, key=None, t) -> jax.Array:
     """SLERP (Shoemake 1985) of two whole tensors: slerp(x_0, x_1; t), linear where
     |cos theta| > 0.9995.
 
     t = 0 gives x_0 (mergekit's base model), t = 1 gives x_1. The cosine is of the tensors
-    flattened, each divided by its norm (norms <= 1e-8 count as 1). The weights take no part.
+    flattened, <x_0, x_1> / (|x_0| |x_1|) (norms <= 1e-8 count as 1). The weights take no part.
+    Both passes of `SLERP` in one program.
     """
-    del weights, base, key
-    dtype = compute_dtype()
-    a, b = stacked[0].astype(dtype), stacked[1].astype(dtype)
-    norm_a, norm_b = _norm_or_one(a), _norm_or_one(b)
-    cosine = jnp.clip(accurate_sum((a / norm_a) * (b / norm_b)), -1.0, 1.0)
+    del key, base
+    return SLERP.in_one_program(stacked, weights, None, t=t)
+
+
+def _slerp_gammas(gram, weights, *, t) -> jax.Array:
+    """SLERP's coefficients of x_0 and x_1 from their Gram matrix."""
+    del weights
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    norms = jnp.where(norms > NORM_EPS, norms, 1.0)
+    cosine = jnp.clip(gram[0, 1] / (norms[0] * norms[1]), -1.0, 1.0)
     linear = jnp.abs(cosine) > DOT_THRESHOLD
-    coef_a, coef_b = _slerp_coefficients(jnp.where(linear, 0.0, cosine), t)
-    coef_a = jnp.where(linear, 1.0 - t, coef_a)
-    coef_b = jnp.where(linear, t, coef_b)
-    return coef_a * a + coef_b * b
+    spherical = _slerp_coefficients(jnp.where(linear, 0.0, cosine), t)
+    return jnp.where(linear, jnp.stack([1.0 - t, t]), jnp.stack(spherical))
+
+
+# Tensors of any size: <x_0, x_1> and the norms over blocks of rows, then the combination.
+SLERP = gram_passes(_slerp_gammas)
 
 
 def nuslerp(
@@ -81,27 +86,58 @@ def nuslerp(
     task vectors with a base.
 
     With a base, base + slerp(x_0 - base, x_1 - base; t). The interpolated vectors are the whole
-    tensor (`nuslerp_flatten`, the default), else the slices along axis 0 (`nuslerp_row_wise`,
-    one vector per column of a matrix) or along the last axis (one per row). Linear where
-    1 - cos^2 <= 1e-16; t = 1/2 when the weights sum to less than 1e-6.
+    tensor (`nuslerp_flatten`, the default: both passes of `NUSLERP` in one program), else the
+    slices along axis 0 (`nuslerp_row_wise`, one vector per column of a matrix) or along the
+    last axis (one per row). Norms are floored at 1e-7; linear where 1 - cos^2 <= 1e-16;
+    t = 1/2 when the weights sum to less than 1e-6.
     """
     del key
+    if nuslerp_flatten or stacked.ndim == 1:
+        return NUSLERP.in_one_program(stacked, weights, base)
+    if not nuslerp_row_wise:
+        return line_by_line(_nuslerp_gammas, stacked, weights, base)
     dtype = compute_dtype()
-    w = weights.astype(dtype)
-    total = w[0] + w[1]
-    t = jnp.where(jnp.abs(total) < WEIGHT_SUM_EPS, 0.5, w[1] / jnp.where(total == 0, 1.0, total))
+    t = _nuslerp_t(weights.astype(dtype))
     v0, v1 = stacked[0].astype(dtype), stacked[1].astype(dtype)
     if base is not None:
         v0, v1 = v0 - base.astype(dtype), v1 - base.astype(dtype)
-    axis = None if nuslerp_flatten or stacked.ndim == 1 else (0 if nuslerp_row_wise else -1)
-    u0, u1 = _clamped_unit(v0, axis), _clamped_unit(v1, axis)
-    cosine = jnp.clip(sum_along(u0 * u1, axis), -1.0, 1.0)
+    u0, u1 = _clamped_columns(v0), _clamped_columns(v1)
+    cosine = jnp.clip(jnp.sum(u0 * u1, axis=0, keepdims=True), -1.0, 1.0)
     collinear = 1.0 - jnp.square(cosine) <= NUSLERP_EPS**2
     coef_0, coef_1 = _slerp_coefficients(jnp.where(collinear, 0.0, cosine), t)
     merged = jnp.where(collinear, (1.0 - t) * v0 + t * v1, coef_0 * v0 + coef_1 * v1)
     if base is not None:
         merged = base.astype(dtype) + merged
     return merged
+
+
+def _nuslerp_t(w: jax.Array) -> jax.Array:
+    """t = w_1 / (w_0 + w_1), or 1/2 where the weights sum to less than 1e-6."""
+    total = w[0] + w[1]
+    return jnp.where(jnp.abs(total) < WEIGHT_SUM_EPS, 0.5, w[1] / jnp.where(total == 0, 1.0, total))
+
+
+def _nuslerp_gammas(gram, weights, **params) -> jax.Array:
+    """NuSLERP's coefficients of the two (task) vectors from their Gram matrix."""
+    del params
+    t = _nuslerp_t(weights.astype(gram.dtype))
+    norms = jnp.maximum(jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)), NUSLERP_NORM_FLOOR)
+    cosine = jnp.clip(gram[0, 1] / (norms[0] * norms[1]), -1.0, 1.0)
+    collinear = 1.0 - jnp.square(cosine) <= NUSLERP_EPS**2
+    spherical = _slerp_coefficients(jnp.where(collinear, 0.0, cosine), t)
+    return jnp.where(collinear, jnp.stack([1.0 - t, t]), jnp.stack(spherical))
+
+
+# Whole tensors of any size (`nuslerp_flatten`), in two passes over blocks of rows.
+NUSLERP = gram_passes(_nuslerp_gammas)
+
+
+def _nuslerp_blocked(params) -> TwoPasses | str | None:
+    """Whole tensors in two passes; vectors along the last axis (rows) block by block; columns
+    (`nuslerp_row_wise`) whole."""
+    if params["nuslerp_flatten"]:
+        return NUSLERP
+    return None if params["nuslerp_row_wise"] else ROWS
 
 
 def multislerp(
@@ -116,29 +152,34 @@ def multislerp(
     tangent average, sum_i a_i (u_i - <u_i, m/|m|> m/|m|) = m - |m| m/|m|, is identically zero,
     so the exponential map returns m / |m|, which is what is computed here. Where |m| < eps
     (directions that cancel) the merge is sum_i a_i x_i, mergekit's fallback for two models (it
-    raises for more). One model is returned as it is.
+    raises for more). One model is returned as it is. Both passes of `MULTISLERP` in one
+    program: the norms and |m|^2 = sum_ij a_i a_j G_ij / ((n_i + eps)(n_j + eps)) come from the
+    Gram matrix G, and merged = sum_i gamma_i x_i.
     """
     del key
-    n = stacked.shape[0]
-    dtype = compute_dtype()
+    params = dict(normalize_weights=normalize_weights, eps=eps)
+    return MULTISLERP.in_one_program(stacked, weights, base, **params)
+
+
+def _multislerp_gammas(gram, weights, *, normalize_weights: bool, eps: float) -> jax.Array:
+    """Multi-SLERP's coefficients gamma_i = a_i / (n_i + eps) * (sum_j a_j n_j) / |m| (a_i
+    where |m| < eps) from the Gram matrix of the (task) vectors."""
+    n = gram.shape[0]
     if n == 1:
-        return stacked[0].astype(dtype)
-    w = weights.astype(dtype)
+        return jnp.ones((1,), gram.dtype)
+    w = weights.astype(gram.dtype)
     if normalize_weights:
         w = w / jnp.sum(w)
-    vectors = [stacked[i].astype(dtype) for i in range(n)]
-    if base is not None:
-        vectors = [v - base.astype(dtype) for v in vectors]
-    norms = [accurate_norm(v) for v in vectors]
-    mean = sum_over_models(w[i] * (v / (norms[i] + eps)) for i, v in enumerate(vectors))
-    mean_norm = accurate_norm(mean)
-    scale = sum_over_models(w[i] * norms[i] for i in range(n))
-    spherical = mean * (scale / jnp.where(mean_norm < eps, 1.0, mean_norm))
-    linear = sum_over_models(w[i] * v for i, v in enumerate(vectors))
-    merged = jnp.where(mean_norm < eps, linear, spherical)
-    if base is not None:
-        merged = base.astype(dtype) + merged
-    return merged
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    directions = w / (norms + eps)
+    mean_norm = jnp.sqrt(jnp.maximum(directions @ gram @ directions, 0.0))
+    scale = jnp.sum(w * norms)
+    spherical = directions * (scale / jnp.where(mean_norm < eps, 1.0, mean_norm))
+    return jnp.where(mean_norm < eps, w, spherical)
+
+
+# Tensors of any size: the norms and the mean direction's norm over blocks of rows.
+MULTISLERP = gram_passes(_multislerp_gammas)
 
 
 def _slerp_coefficients(cosine: jax.Array, t) -> tuple[jax.Array, jax.Array]:
@@ -151,21 +192,18 @@ def _slerp_coefficients(cosine: jax.Array, t) -> tuple[jax.Array, jax.Array]:
     return jnp.sin((1.0 - t) * theta) / sin_theta, jnp.sin(t * theta) / sin_theta
 
 
-def _norm_or_one(x: jax.Array) -> jax.Array:
-    norm = accurate_norm(x)
-    return jnp.where(norm > NORM_EPS, norm, 1.0)
-
-
-def _clamped_unit(x: jax.Array, axis: int | None) -> jax.Array:
-    norm = jnp.sqrt(sum_along(jnp.square(x), axis))
+def _clamped_columns(x: jax.Array) -> jax.Array:
+    """x with each slice along axis 0 divided by its norm, floored at 1e-7."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=0, keepdims=True))
     return x / jnp.maximum(norm, NUSLERP_NORM_FLOOR)
 
 
 register(
     MergeMethod(
         name="slerp",
-        scratch=(1.1, 0.5),
+        scratch=GRAM_SCRATCH,
         leaf=slerp,
+        blocked=lambda params: SLERP,
         params=(
             Param(
                 "t",
@@ -187,8 +225,11 @@ register(
 register(
     MergeMethod(
         name="nuslerp",
-        scratch=(1.1, 0.5),
+        scratch=lambda params, inputs, shape: (
+            GRAM_SCRATCH if params["nuslerp_flatten"] else (1.1, 0.5)
+        ),
         leaf=nuslerp,
+        blocked=_nuslerp_blocked,
         params=(
             Param("nuslerp_row_wise", False, "interpolate the slices along axis 0", check=boolean),
             Param("nuslerp_flatten", True, "interpolate whole tensors", check=boolean),
@@ -205,8 +246,9 @@ register(
 register(
     MergeMethod(
         name="multislerp",
-        scratch=(1.1, 1.5),
+        scratch=GRAM_SCRATCH,
         leaf=multislerp,
+        blocked=lambda params: MULTISLERP,
         params=(
             Param("normalize_weights", True, "divide the weights by their sum", check=boolean),
             Param("eps", 1e-8, "added to norms; below it directions cancel", check=positive),

@@ -8,13 +8,16 @@ mergekit's integer rounding exactly (Python floats, truncation), so a density me
 number of elements in both. Magnitudes are ranked in the selection order of
 `jkarcher.methods.selection`: largest first and, among equal magnitudes, the lowest flat index
 first; every count is then exact, however many magnitudes tie (as they do in bfloat16 weights).
-Random masks draw only from the explicit `jax.random` key.
+Random masks draw only from the explicit `jax.random` key, row by row (`uniforms`): a block of a
+tensor's rows draws what the whole tensor draws there (`RowKey`).
 
 These are the sparsifiers of the baselines that Wang, Ye, Yin (2026, Sec. 4) compare the Karcher
 merge with.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +27,33 @@ from jkarcher.methods.selection import (
     position_range_mask,
     positions_along_last_axis,
 )
-from jkarcher.numerics import accurate_sum
+from jkarcher.numerics import add_chunk_sums, chunk_sums, chunked
 
 # Below this L1 norm (of the task vector or of what is kept) no rescaling is done.
 RESCALE_EPS = 1e-7
+
+
+class RowKey(NamedTuple):
+    """The random key of a tensor, for a leaf that merges its rows from `first_row` on (a block
+    of rows, `jkarcher.pipeline.budget`): its draws are the whole tensor's there."""
+
+    key: jax.Array
+    first_row: jax.Array
+
+
+def row_key(key: jax.Array | RowKey) -> RowKey:
+    """`key` as a RowKey: a plain key is a whole tensor's (its first row 0)."""
+    return key if isinstance(key, RowKey) else RowKey(key, jnp.int32(0))
+
+
+def uniforms(key: jax.Array | RowKey, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform draws in [0, 1) for the entries of a tensor of `shape`, row by row: row r (of the
+    whole tensor, along axis 0) from fold_in(key, r), and a 0-d or 1-d tensor as row 0."""
+    key, first_row = row_key(key)
+    if len(shape) < 2:
+        return jax.random.uniform(jax.random.fold_in(key, first_row), shape)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(shape[0]))
+    return jax.vmap(lambda row: jax.random.uniform(row, shape[1:]))(keys)
 
 
 def magnitude_mask(delta: jax.Array, density: float) -> jax.Array:
@@ -58,12 +84,12 @@ def outlier_mask(delta: jax.Array, density: float, gamma: float) -> jax.Array:
     return position_range_mask(jnp.abs(delta), outliers, outliers + kept)
 
 
-def bernoulli_mask(key: jax.Array, delta: jax.Array, density: float) -> jax.Array:
+def bernoulli_mask(key: jax.Array | RowKey, delta: jax.Array, density: float) -> jax.Array:
     """DARE's drop (Yu et al. 2023, arXiv:2311.03099): keep each entry of delta independently
-    with probability density."""
+    with probability density (`uniforms` below it)."""
     if density >= 1:
         return jnp.ones(delta.shape, bool)
-    return jax.random.bernoulli(key, density, delta.shape)
+    return uniforms(key, delta.shape) < density
 
 
 def della_keep_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax.Array:
@@ -86,22 +112,26 @@ def della_keep_probabilities(delta: jax.Array, density: float, epsilon: float) -
     return jnp.moveaxis(probabilities, -1, 1)
 
 
-def della_mask(key: jax.Array, delta: jax.Array, density: float, epsilon: float) -> jax.Array:
-    """A DELLA keep-mask: Bernoulli draws of `della_keep_probabilities`; density >= 1 keeps all."""
+def della_mask(
+    key: jax.Array | RowKey, delta: jax.Array, density: float, epsilon: float
+) -> jax.Array:
+    """A DELLA keep-mask: draws of `della_keep_probabilities` (`uniforms` below them); density
+    >= 1 keeps all."""
     if density >= 1:
         return jnp.ones(delta.shape, bool)
-    return jax.random.bernoulli(key, della_keep_probabilities(delta, density, epsilon))
+    return uniforms(key, delta.shape) < della_keep_probabilities(delta, density, epsilon)
 
 
-def rescaled(delta: jax.Array, keep: jax.Array) -> jax.Array:
-    """delta * keep scaled back to the L1 norm of delta: delta * keep * |delta|_1 / |delta*keep|_1.
-
-    This is mergekit's `rescale` (the default of DARE and DELLA), not the papers' 1/density or
-    1/p: it keeps each model's total update size. Nothing is scaled when either norm is below
-    RESCALE_EPS.
-    """
+def l1_chunk_sums(delta: jax.Array, keep: jax.Array) -> jax.Array:
+    """[2, K]: the sums of |delta| and of |delta * keep| over each chunk of delta (`chunked`),
+    the first pass of the L1 rescale; blocks of rows concatenate theirs along K."""
     kept = jnp.where(keep, delta, 0.0)
-    before = accurate_sum(jnp.abs(delta))
-    after = accurate_sum(jnp.abs(kept))
-    scale = jnp.where((before < RESCALE_EPS) | (after < RESCALE_EPS), 1.0, before / after)
-    return kept * scale
+    return chunk_sums([chunked(jnp.abs(x), 1) for x in (delta, kept)])[0]
+
+
+def l1_rescale(sums: jax.Array) -> jax.Array:
+    """The factor |delta|_1 / |delta * keep|_1 from the whole tensor's `l1_chunk_sums` [2, K]:
+    mergekit's `rescale` (the default of DARE and DELLA), not the papers' 1/density or 1/p, so
+    each model keeps its total update size. 1 when either norm is below RESCALE_EPS."""
+    before, after = add_chunk_sums(sums)
+    return jnp.where((before < RESCALE_EPS) | (after < RESCALE_EPS), 1.0, before / after)

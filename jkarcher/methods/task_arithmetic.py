@@ -5,7 +5,7 @@ with task arithmetic", arXiv:2212.04089) in one way, mergekit's "generalized tas
 
 1. sparsify: delta_i <- delta_i * m_i with a keep-mask m_i (TIES: largest magnitudes; DARE: random;
    breadcrumbs: middle magnitudes; DELLA: random by magnitude rank); with `rescale`, the kept part
-   is scaled back to the L1 norm of delta_i (`sparsify.rescaled`);
+   is scaled back to the L1 norm of delta_i (`sparsify.l1_rescale`);
 2. weight: d_i = w_i delta_i (w_i of any sign: a negative weight subtracts its task vector);
 3. elect signs (TIES, DARE-TIES, breadcrumbs-TIES, DELLA): s = sign(sum_i d_i), with s = +1 where
    the sum is 0; entry j of model i takes part only where sign(d_ij) = s_j;
@@ -32,10 +32,13 @@ import jax
 import jax.numpy as jnp
 
 from jkarcher.methods import sparsify
+from jkarcher.methods.gram_passes import gram_sums_shape
 from jkarcher.methods.registry import (
     BASE_REQUIRED,
+    ROWS,
     MergeMethod,
     Param,
+    TwoPasses,
     always_rows,
     boolean,
     fraction,
@@ -83,6 +86,7 @@ def generalized_task_arithmetic(
     normalize: bool,
     lambda_: float,
     rescale: bool = False,
+    scales: jax.Array | None = None,
     **trim: Any,
 ) -> jax.Array:
     """base + lambda * (sum_i c_i w_i m_i delta_i) / D: steps 1-5 of the module docstring.
@@ -97,6 +101,8 @@ def generalized_task_arithmetic(
       normalize: divide by D, the sum of the weights taking part.
       lambda_: the scale of the merged task vector (mergekit's `lambda`).
       rescale: scale each kept task vector back to its L1 norm (with a sparsification).
+      scales: [N] the rescale factors, where a first pass over the tensor's blocks found them
+        (`_rescaled_passes`); None: from this tensor.
       **trim: the sparsification's parameters (density; gamma or epsilon), one value or N each.
 
     Returns:
@@ -107,8 +113,12 @@ def generalized_task_arithmetic(
     deltas = task_vectors(stacked, base)
     if sparsification is not None:
         keep = keep_masks(sparsification, key, deltas, **trim)
-        sparsify_one = sparsify.rescaled if rescale else lambda d, m: jnp.where(m, d, 0.0)
-        deltas = [sparsify_one(d, keep[i]) for i, d in enumerate(deltas)]
+        if rescale and scales is None:
+            sums = [sparsify.l1_chunk_sums(d, keep[i]) for i, d in enumerate(deltas)]
+            scales = [sparsify.l1_rescale(partial) for partial in sums]
+        deltas = [jnp.where(keep[i], d, 0.0) for i, d in enumerate(deltas)]
+        if rescale:
+            deltas = [d * scales[i] for i, d in enumerate(deltas)]
     weighted = [w[i] * d for i, d in enumerate(deltas)]
     if sign_consensus:
         agree = elect_signs(weighted)
@@ -130,11 +140,13 @@ def keep_masks(
     """[N, ...] boolean keep-masks of the task vectors `deltas`, by a row of `SPARSIFICATIONS`.
 
     `trim` holds its parameters (density; gamma or epsilon), each one value or one per model. A
-    random sparsification splits `key` into one key per model.
+    random sparsification splits `key` (or a `sparsify.RowKey`'s) into one key per model.
     """
     n = len(deltas)
     kind = SPARSIFICATIONS[sparsification]
-    keys = jax.random.split(key, n) if kind.random else None
+    if kind.random:
+        whole = sparsify.row_key(key)
+        keys = [whole._replace(key=one) for one in jax.random.split(whole.key, n)]
     values = {name: per_model(value, n) for name, value in trim.items()}
     masks = []
     for i, delta in enumerate(deltas):
@@ -272,6 +284,52 @@ def _params(variant: Variant) -> tuple[Param, ...]:
     return tuple(declared)
 
 
+def _rescaled_passes(variant: Variant) -> TwoPasses:
+    """A random sparsification with `rescale`, over blocks of rows: the first pass draws the
+    masks and sums |delta_i| and |m_i delta_i| by chunks ([2N, K]), `finish` gives each model's
+    factor, the second draws the same masks (`sparsify.RowKey`) and merges."""
+    row = dict(sparsification=variant.sparsification, sign_consensus=variant.sign_consensus)
+    trims = [p.name for p in SPARSIFICATIONS[variant.sparsification].params]
+
+    def statistics(stacked, weights, base, *, key=None, **params):
+        del weights
+        deltas = task_vectors(stacked, base)
+        trim = {name: params[name] for name in trims}
+        keep = keep_masks(variant.sparsification, key, deltas, **trim)
+        sums = [sparsify.l1_chunk_sums(d, keep[i]) for i, d in enumerate(deltas)]
+        return jnp.concatenate(sums)
+
+    def finish(sums, weights, **params):
+        del params
+        return jnp.stack(
+            [sparsify.l1_rescale(sums[2 * i : 2 * i + 2]) for i in range(len(weights))]
+        )
+
+    def apply(stacked, weights, base, scales, *, key=None, **params):
+        values = dict(params)
+        lambda_ = values.pop("lambda")
+        return generalized_task_arithmetic(
+            stacked, weights, base, key=key, lambda_=lambda_, scales=scales, **row, **values
+        )
+
+    def sums_shape(shape, n):
+        return 2 * n, gram_sums_shape(shape, 1)[1]
+
+    return TwoPasses(statistics, finish, apply, sums_shape)
+
+
+def _blocked(variant: Variant) -> Callable[[Mapping[str, Any]], TwoPasses | str | None]:
+    """Task arithmetic and the random trims merge row by row, rescaled ones in two passes (their
+    L1 norms are the whole tensor's); the other trims rank whole task vectors."""
+    kind = SPARSIFICATIONS[variant.sparsification]
+    if variant.sparsification is None:
+        return always_rows
+    if not kind.random:
+        return never_blocked
+    passes = _rescaled_passes(variant)
+    return lambda params: passes if params["rescale"] else ROWS
+
+
 def _method(name: str, variant: Variant) -> MergeMethod:
     """The registration of a row of VARIANTS: its leaf is `generalized_task_arithmetic` with the
     row's sparsification and sign election, and the declared parameters' defaults."""
@@ -303,8 +361,7 @@ def _method(name: str, variant: Variant) -> MergeMethod:
         citation=kind.citation,
         check=kind.check,
         signed_weights=True,
-        # Task arithmetic is elementwise; every trim ranks or rescales whole task vectors.
-        blocked=always_rows if variant.sparsification is None else never_blocked,
+        blocked=_blocked(variant),
         scratch=kind.scratch,
     )
 

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from jkarcher import blocked, compile_cache, methods
 from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
+from jkarcher.methods.sparsify import RowKey
 from jkarcher.numerics import COMPILER_OPTIONS, compute_dtype
 from jkarcher.pipeline.plan import TensorTask
 from jkarcher.pipeline.statistics import statistic_placement
@@ -226,7 +227,7 @@ class LeafCompiler:
         sharding = row_sharding(self._mesh, len(shape))
         shaped = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=sharding)
         base = None if task.base is None else shaped
-        key = None if self._seed_key is None else leaf_key(self._seed_key, task.name)
+        key = task_key(self._seed_key, task)
         sources = (shaped,) * len(task.sources)
         placements = (
             statistic_placement(task.statistic, task.sources[0].shape, info.shape, self._mesh)
@@ -251,6 +252,14 @@ class LeafCompiler:
             compile_cache.store(stored_as, compiled)
         self._compile_seconds += time.perf_counter() - start
         return compiled
+
+
+def task_key(seed_key: jax.Array | None, task: TensorTask) -> RowKey | None:
+    """The random key of a task's leaf: its tensor's (`leaf_key`), and the row where the task's
+    rows begin, so that a block draws what the whole tensor draws there; None: not random."""
+    if seed_key is None:
+        return None
+    return RowKey(leaf_key(seed_key, task.name), jnp.int32(task.first_row))
 
 
 def _compiled_tasks(task: TensorTask) -> tuple[TensorTask, ...]:

@@ -28,9 +28,9 @@ from jkarcher.blocked import APPLY, STATISTICS
 from jkarcher.errors import MergeError
 from jkarcher.io import StoredTensor
 from jkarcher.io.buffers import limit_free_buffers
-from jkarcher.merge import describe_merge, leaf_key
+from jkarcher.merge import describe_merge
 from jkarcher.numerics import all_finite, first_disagreeing
-from jkarcher.pipeline.compile import LeafCompiler, leaf_signature
+from jkarcher.pipeline.compile import LeafCompiler, leaf_signature, task_key
 from jkarcher.pipeline.plan import MergePlan, TensorTask
 from jkarcher.pipeline.read import ReadAhead, read_task
 from jkarcher.pipeline.write import (
@@ -102,7 +102,7 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
             output(plan, staging) as put,
         ):
             for task, arrays in _timed(reads, phases, "waiting for reads"):
-                tensor_key = None if key is None else leaf_key(key, task.name)
+                tensor_key = task_key(key, task)
                 lap = time.perf_counter()
                 merged = merge_tensor(plan, leaves, task, arrays, tensor_key, passes)
                 phases["merging"] += time.perf_counter() - lap
