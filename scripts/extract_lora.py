@@ -18,7 +18,7 @@ import sys
 
 from tqdm import tqdm
 
-from jkarcher.config.fields import OUTPUT_DTYPES
+from jkarcher.config.fields import OUTPUT_DTYPES, parse_size
 from jkarcher.errors import JkarcherError
 from jkarcher.lora.extraction import ExtractionOptions, extract_adapter, plan_extraction
 
@@ -78,11 +78,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier jkarcher output there"
     )
+    parser.add_argument(
+        "--memory",
+        help="the most memory the extraction may hold, e.g. 8GB (default: half the available)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    try:
+        memory = None if args.memory is None else parse_size(args.memory, "--memory")
+    except JkarcherError as err:
+        sys.exit(f"error: {err}")
     options = ExtractionOptions(
         max_rank=args.max_rank,
         distribute_scale=args.distribute_scale,
@@ -93,6 +101,7 @@ def main(argv: list[str]) -> None:
         sv_epsilon=args.sv_epsilon,
         skip_undecomposable=args.skip_undecomposable,
         dtype=None if args.dtype is None else OUTPUT_DTYPES[args.dtype],
+        memory=memory,
     )
     try:
         plan = plan_extraction(

@@ -9,6 +9,9 @@ CI (CI=true), where they must run.
 import importlib.util
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -25,7 +28,12 @@ from jkarcher.io.output_dir import MANIFEST_NAME
 from jkarcher.lora import kept_rank, lora_factors
 from jkarcher.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
 from jkarcher.lora.applied import with_adapter
-from jkarcher.lora.extraction import ExtractionOptions, extract_adapter, plan_extraction
+from jkarcher.lora.extraction import (
+    ExtractionOptions,
+    extract_adapter,
+    module_bytes,
+    plan_extraction,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS32 = float(np.finfo(np.float32).eps)
@@ -271,6 +279,55 @@ def test_rank_below_one_is_refused(pair, tmp_path):
         "--model", tuned, "--base-model", base, "--out-path", tmp_path / "o", "--max-rank", 0
     )
     assert message == "error: --max-rank: must be >= 1, got 0"
+
+
+def test_a_budget_too_small_is_refused_before_anything_is_written(pair, tmp_path):
+    """--memory below what one module needs (with the factors kept before it) is one line that
+    names the tensor and a budget that extracts the adapter; that budget does."""
+    base, tuned, _ = pair
+    output = tmp_path / "out"
+    common = ("--model", tuned, "--base-model", base, "--out-path", output)
+    assert _run_script(*common, "--memory", "lots") == (
+        "error: --memory: cannot read 'lots' as a size (e.g. 5GB, 500MB, 2GiB)"
+    )
+    message = _run_script(*common, "--memory", "20kB")
+    assert re.fullmatch(
+        r"error: tensor '\S+': extracting it needs \S+ \(with the factors kept so far, \S+\) "
+        r"within the memory budget of 20kB; --memory (\S+) or more would extract the adapter",
+        message,
+    ), message
+    assert not output.exists()
+    suggested = re.search(r"--memory (\S+) or more", message).group(1)
+    assert _run_script(*common, "--memory", suggested) is None
+    assert (output / CONFIG_NAME).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(8192, 2048), (2048, 2048), (1024, 6144)])
+def test_module_bytes_bound_the_decompositions_peak(shape):
+    """`module_bytes` bounds the resident memory that the SVD of a float32 task matrix adds
+    (measured as the process's peak, reset before it), and is not over twice it plus 64 MiB."""
+    probe = (
+        "import re, sys, numpy as np\n"
+        "from jkarcher.lora.extract import lora_factors\n"
+        "m, n = map(int, sys.argv[1:])\n"
+        "def kb(field):\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    return int(re.search(field + r':\\s*(\\d+)', status).group(1)) * 1024\n"
+        "lora_factors(np.ones((8, 8), np.float32), 4)\n"
+        "delta = np.random.default_rng(0).standard_normal((m, n)).astype(np.float32)\n"
+        "before = kb('VmRSS')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "lora_factors(delta, 128)\n"
+        "print(kb('VmHWM') - before)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, shape)], capture_output=True, text=True, check=True
+    )
+    measured = int(result.stdout.split()[-1])
+    m, n = shape
+    declared = module_bytes(shape, 4) - m * n * 4  # D itself was held before
+    assert measured <= declared <= 2 * measured + 64 * 2**20, (measured, declared)
 
 
 def test_a_directory_jkarcher_did_not_write_is_never_replaced(pair, tmp_path):

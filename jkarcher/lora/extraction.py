@@ -18,8 +18,11 @@ A model that ties lm_head to its embeddings has lm_head treated as a module whos
 embedding, as mergekit does, so that PEFT's copy of lm_head follows a changed embedding.
 
 Everything is checked from headers before any tensor is read: the models exist, every
-decomposed or saved tensor is in the base in the same shape, floating point, and the output may
-be written (`jkarcher.io.output_dir`). Tensors are then read one pair at a time; the factors,
+decomposed or saved tensor is in the base in the same shape, floating point, the output may be
+written (`jkarcher.io.output_dir`), and each module fits the memory budget (`memory`, by default
+the share of the available memory that merges take, `jkarcher.pipeline.budget`) with the factors
+kept before it (`module_bytes`); a module that does not is refused, naming the budget that would
+extract the adapter. Tensors are then read one pair at a time; the factors,
 of max_rank x (in + out) values per module, are kept until all are known (their ranks fix the
 file's layout), and the saved modules are copied from the fine-tuned model as they are written.
 """
@@ -34,6 +37,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jkarcher.config.fields import size_text
 from jkarcher.errors import JkarcherError
 from jkarcher.io import CheckpointReader, StoredTensor
 from jkarcher.io.orbax_io import open_checkpoint
@@ -49,6 +53,7 @@ from jkarcher.lora.adapter import (
 )
 from jkarcher.lora.extract import lora_factors
 from jkarcher.numerics import compute_dtype
+from jkarcher.pipeline.budget import default_budget
 
 EMBED_SUFFIX = "embed_tokens"
 LM_HEAD = "lm_head"
@@ -73,6 +78,8 @@ class ExtractionOptions:
     skip_undecomposable: bool = False
     # The factors' dtype; None: the fine-tuned weight's.
     dtype: np.dtype | None = None
+    # The bytes the extraction may hold; None: the default budget of a merge.
+    memory: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +170,7 @@ def plan_extraction(
         raise ExtractionError(f"{tuned.path}: no module to decompose (all saved or skipped)")
     for module in (*lora, *saved):
         _check_pair(module, tuned, base_model)
+    _check_budget(lora, saved, options)
     return ExtractionPlan(
         model=tuned,
         base=base_model,
@@ -227,6 +235,43 @@ def extract_adapter(
                 on_module(module.name)
         write_json(staging / CONFIG_NAME, config)
     return ExtractionSummary(plan.output, ranks, errors, len(plan.saved), tuple(biases))
+
+
+def module_bytes(shape: tuple[int, int], itemsize: int) -> int:
+    """The most bytes decomposing one [m, n] module holds: reading W' and W (of `itemsize`) and
+    forming D = W' - W (three arrays in the compute dtype), or the thin SVD of D (D and three
+    copies: on the device, transposed where m < n, LAPACK's; U [m, k], V^T [k, n] and the
+    divide-and-conquer workspace, 7 k^2 + max(m, n) values, k = min(m, n)), whichever is
+    more."""
+    m, n = shape
+    k = min(m, n)
+    compute = np.dtype(compute_dtype()).itemsize
+    reading = 2 * m * n * itemsize + 3 * m * n * compute
+    decomposing = compute * (4 * m * n + m * k + k * n + 7 * k * k + max(m, n))
+    return max(reading, decomposing)
+
+
+def _check_budget(lora: Sequence[Module], saved: Sequence[Module], options) -> None:
+    """Each module fits the memory budget with the factors kept before it (at most max_rank x
+    (m + n) values per module), the saved ones read after all; else the first that does not is
+    refused, with the budget that would extract them all."""
+    budget = options.memory or default_budget()
+    kept, needs = 0, []
+    for module in lora:
+        weight = module.tuned["weight"]
+        needs.append((weight.name, kept, module_bytes(weight.shape, weight.dtype.itemsize)))
+        factor_size = np.dtype(options.dtype or weight.dtype).itemsize
+        kept += min(options.max_rank, *weight.shape) * sum(weight.shape) * factor_size
+    needs += [(t.name, kept, t.nbytes) for m in saved for t in m.tuned.values()]
+    most = max(before + own for _, before, own in needs)
+    for name, before, own in needs:
+        if before + own > budget:
+            raise ExtractionError(
+                f"tensor {name!r}: extracting it needs {size_text(before + own)} (with the "
+                f"factors kept so far, {size_text(before)}) within the memory budget of "
+                f"{size_text(budget)}; --memory {size_text(most)} or more would extract the "
+                "adapter"
+            )
 
 
 def _open(path: str, flag: str) -> CheckpointReader:
