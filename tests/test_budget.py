@@ -5,6 +5,7 @@ before any work; the budget's estimate of a leaf's memory bounds XLA's own."""
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,27 @@ def test_two_passes_over_any_blocks_give_the_bytes_of_the_whole_tensor():
             np.testing.assert_array_equal(got, whole, err_msg=f"{blocks} blocks")
         error = np.abs(np.asarray(whole, np.float64) - reference)
         assert np.all(error <= half_ulp + 1e-5 * np.abs(reference).max())
+
+
+def test_an_orbax_output_keeps_its_tensors_within_the_budget(tmp_path, zoo):
+    """An Orbax output keeps every merged tensor until it is saved: they come off the budget
+    before the tasks are sized, and a budget they do not fit is refused before work, with one
+    that would merge; that one does."""
+    models, _ = zoo
+    fields = {"method": "linear", "dtype": "bfloat16", "format": "orbax"}
+    output = tmp_path / "out"
+    whole = pipeline.plan_merge(validate(merge_config(models, output, memory="1GB", **fields)))
+    outputs = sum(math.prod(t.shape) * np.dtype(t.out_dtype).itemsize for t in whole.tasks)
+    assert whole.budget.held == outputs
+    small = validate(merge_config(models, output, memory=str(outputs), **fields))
+    with pytest.raises(MergeError, match=r"keeps every merged tensor until it is saved") as err:
+        pipeline.plan_merge(small)
+    assert not output.exists()
+    suggested = re.search(r"memory=(\S+) or more", str(err.value)).group(1)
+    plan = pipeline.plan_merge(validate(merge_config(models, output, memory=suggested, **fields)))
+    assert plan.budget.task > 0
+    pipeline.run(plan)
+    assert output.exists()
 
 
 def test_memory_is_a_config_field_in_bytes(tmp_path, zoo):

@@ -40,34 +40,37 @@ DEFAULT_SHARE = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """A run's memory budget in bytes, split between what it holds at once."""
+    """A run's memory budget in bytes, split between what it holds at once; `held`, the
+    outputs an Orbax output keeps until the end, comes off the top."""
 
     total: int
+    held: int = 0
 
     @property
     def read_ahead(self) -> int:
         """The most bytes of tasks read ahead of the one merging (that one counted): the
         pipeline holds less where its own limit is lower (`jkarcher.pipeline.read`)."""
-        return self.total // 8
+        return (self.total - self.held) // 8
 
     @property
     def free_buffers(self) -> int:
         """The most bytes of free read buffers kept for reuse (`jkarcher.io.buffers`)."""
-        return self.total // 8
+        return (self.total - self.held) // 8
 
     @property
     def queued_outputs(self) -> int:
         """Bytes of merged outputs waiting for the writer (two of them)."""
-        return self.total // 8
+        return (self.total - self.held) // 8
 
     @property
     def task(self) -> int:
         """Bytes one task may hold: its inputs, the leaf's scratch and its output."""
-        return self.total - self.read_ahead - self.free_buffers - self.queued_outputs
+        rest = self.total - self.held
+        return rest - self.read_ahead - self.free_buffers - self.queued_outputs
 
     def total_for(self, task_bytes: int, output_bytes: int) -> int:
         """The least total budget whose shares hold a task of `task_bytes` and its output."""
-        return max(math.ceil(task_bytes * 8 / 5) + 8, 16 * output_bytes + 16)
+        return max(math.ceil(task_bytes * 8 / 5) + 8, 16 * output_bytes + 16) + self.held
 
 
 def default_budget() -> int:
@@ -127,15 +130,41 @@ def _cgroup_room() -> list[int]:
 
 
 def within_budget(plan: MergePlan) -> MergePlan:
-    """`plan` with its budget (`config.memory`, else `default_budget()`) and every task that
-    does not fit it cut into blocks (`blocked_tasks`)."""
-    budget = Budget(plan.config.memory or default_budget())
+    """`plan` with its budget (`config.memory`, else `default_budget()`; an Orbax output's
+    tensors, kept to the end, come off it) and every task that does not fit it cut into blocks
+    (`blocked_tasks`)."""
+    budget = Budget(plan.config.memory or default_budget(), _held_outputs(plan))
+    if budget.task <= 0:
+        least = max(
+            Budget(0, budget.held).total_for(
+                task_bytes(t, plan.method) + first_pass_bytes(t, plan.method), _output_bytes(t)
+            )
+            for t in plan.tasks
+        )
+        raise MergeError(
+            f"an {plan.config.format} output keeps every merged tensor until it is saved, "
+            f"{size_text(budget.held)} in this process, within the memory budget of "
+            f"{size_text(budget.total)}; memory={size_text(least)} or more would merge it, or "
+            'format="safetensors", which writes as it goes'
+        )
     tasks = [
         block
         for task in plan.tasks
         for block in blocked_tasks(task, plan.method, budget, plan.config.format)
     ]
     return dataclasses.replace(plan, tasks=tuple(tasks), budget=budget)
+
+
+def _held_outputs(plan: MergePlan) -> int:
+    """The bytes of merged tensors that this process keeps until the end: with an Orbax output,
+    its share of every output tensor (none with safetensors, which are written as they come)."""
+    if plan.config.format == "safetensors":
+        return 0
+    return sum(_output_bytes(t) for t in plan.tasks) // jax.process_count()
+
+
+def _output_bytes(task: TensorTask) -> int:
+    return math.prod(task.shape) * np.dtype(task.out_dtype).itemsize
 
 
 def task_bytes(task: TensorTask, method: methods.MergeMethod, rows: int | None = None) -> int:
