@@ -6,7 +6,9 @@ Every method is a pure *leaf function*
 
 that merges one tensor stacked along axis 0 (one slice per source model): `stacked`, `weights`
 and `base` are `jax.Array`s (leaf functions annotate only their own parameters), `key` a
-`jax.random` key or None. It computes in, and returns, `jkarcher.numerics.compute_dtype()`
+`jax.random` key or None (in a merge, a random method that can merge in blocks of rows,
+`MergeMethod.blocked`, gets a `jkarcher.methods.sparsify.RowKey`: the tensor's key and the row
+where the leaf's rows begin). It computes in, and returns, `jkarcher.numerics.compute_dtype()`
 (float32; float64 under x64), whatever the sources' dtype: the caller rounds once to the output
 dtype. It does no I/O, reads no globals and draws randomness only from the explicit key. The
 registry records, for each method, its parameters with defaults and checks, whether it needs a

@@ -227,7 +227,7 @@ class LeafCompiler:
         sharding = row_sharding(self._mesh, len(shape))
         shaped = jax.ShapeDtypeStruct(shape, task.source_dtype, sharding=sharding)
         base = None if task.base is None else shaped
-        key = task_key(self._seed_key, task)
+        key = task_key(self._seed_key, task, methods.get(self._method))
         sources = (shaped,) * len(task.sources)
         placements = (
             statistic_placement(task.statistic, task.sources[0].shape, info.shape, self._mesh)
@@ -254,12 +254,18 @@ class LeafCompiler:
         return compiled
 
 
-def task_key(seed_key: jax.Array | None, task: TensorTask) -> RowKey | None:
-    """The random key of a task's leaf: its tensor's (`leaf_key`), and the row where the task's
-    rows begin, so that a block draws what the whole tensor draws there; None: not random."""
+def task_key(
+    seed_key: jax.Array | None, task: TensorTask, method: methods.MergeMethod
+) -> jax.Array | RowKey | None:
+    """The random key of a task's leaf: its tensor's (`leaf_key`); for a method that merges in
+    blocks of rows, with the row where the task's rows begin (a `RowKey`), so that a block draws
+    what the whole tensor draws there. None: the method is not random."""
     if seed_key is None:
         return None
-    return RowKey(leaf_key(seed_key, task.name), jnp.int32(task.first_row))
+    key = leaf_key(seed_key, task.name)
+    if method.blocked(task.settings.params) is None:
+        return key
+    return RowKey(key, jnp.int32(task.first_row))
 
 
 def _compiled_tasks(task: TensorTask) -> tuple[TensorTask, ...]:

@@ -102,7 +102,7 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
             output(plan, staging) as put,
         ):
             for task, arrays in _timed(reads, phases, "waiting for reads"):
-                tensor_key = task_key(key, task)
+                tensor_key = task_key(key, task, plan.method)
                 lap = time.perf_counter()
                 merged = merge_tensor(plan, leaves, task, arrays, tensor_key, passes)
                 phases["merging"] += time.perf_counter() - lap
