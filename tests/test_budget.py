@@ -28,19 +28,21 @@ from karcher_reference import karcher_reference
 
 import jkarcher
 from jkarcher import blocked, demo, methods, pipeline
+from jkarcher import memory as memory_module
 from jkarcher.config import ConfigError, validate
 from jkarcher.errors import MergeError
+from jkarcher.memory import Budget
 from jkarcher.merge import split_params, traced_arguments
 from jkarcher.methods.registry import (
     BASE_NONE,
+    BASE_REQUIRED,
     REQUIRED,
     MergeMethod,
     TwoPasses,
     always_rows,
 )
 from jkarcher.numerics import CHUNK, COMPILER_OPTIONS
-from jkarcher.pipeline import budget as budget_module
-from jkarcher.pipeline.budget import Budget, first_pass_bytes, task_bytes
+from jkarcher.pipeline.budget import first_pass_bytes, task_bytes
 from jkarcher.pipeline.compile import placed_leaf
 from jkarcher.sharding import make_mesh, row_sharding
 
@@ -259,12 +261,12 @@ def test_memory_is_a_config_field_in_bytes(tmp_path, zoo):
 
 
 def test_default_budget_is_a_share_of_the_least_available_memory(monkeypatch):
-    monkeypatch.setattr(budget_module, "_meminfo_available", lambda: 20 * 10**9)
-    monkeypatch.setattr(budget_module, "_cgroup_room", lambda: [10 * 10**9])
-    share = budget_module.DEFAULT_SHARE
-    assert budget_module.default_budget() == int(share * 10 * 10**9) >> 20 << 20
-    monkeypatch.setattr(budget_module, "_cgroup_room", list)
-    assert budget_module.default_budget() == int(share * 20 * 10**9) >> 20 << 20
+    monkeypatch.setattr(memory_module, "_meminfo_available", lambda: 20 * 10**9)
+    monkeypatch.setattr(memory_module, "_cgroup_room", lambda: [10 * 10**9])
+    share = memory_module.DEFAULT_SHARE
+    assert memory_module.default_budget() == int(share * 10 * 10**9) >> 20 << 20
+    monkeypatch.setattr(memory_module, "_cgroup_room", list)
+    assert memory_module.default_budget() == int(share * 20 * 10**9) >> 20 << 20
 
 
 # Parameter values whose leaves take other paths than the defaults', for the scratch probe.
@@ -333,22 +335,35 @@ finally:
 """
 
 
-@pytest.mark.slow
-def test_a_real_width_merge_stays_within_its_budget(tmp_path):
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
     """Four bf16 models holding one tensor at a 70B model's width ([16384, 8192], 268 MB each,
-    1.07 GB in all) merged with memory=256MB: the process's peak resident memory stays under the
-    budget plus 0.6 GB of fixed overhead (README: about 0.3 to 0.5 GB), below the inputs' size,
-    and the output has the bytes of the merge of whole tensors."""
+    1.07 GB in all)."""
+    root = tmp_path_factory.mktemp("wide")
     rng = np.random.default_rng(0)
     common = rng.standard_normal((16384, 8192), np.float32)
     config = demo.qwen2_config(64, hidden_size=16, intermediate_size=16, num_layers=1)
     models = []
     for index in range(4):
         weight = (common + 0.1 * rng.standard_normal(common.shape, np.float32)).astype(BF16)
-        models.append(
-            demo.write_model(tmp_path / f"m{index}", {EMBED: weight}, config, tokenizer())
-        )
-    del common, weight
+        models.append(demo.write_model(root / f"m{index}", {EMBED: weight}, config, tokenizer()))
+    return models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("karcher", {}), ("multislerp", {}), ("dare_ties", {"density": 0.5})],
+)
+def test_a_real_width_merge_stays_within_its_budget(tmp_path, wide_models, method, params):
+    """Four bf16 models of one tensor at a 70B model's width merged with memory=256MB, by the
+    Karcher mean and multi-SLERP in two passes over the Gram products, and by DARE-TIES (the
+    last model its base) in two passes over the L1 norms: the process's peak resident memory
+    stays under the budget plus 0.6 GB of fixed overhead (README: about 0.3 to 0.5 GB), below
+    the inputs' size, and the output has the bytes of the merge of whole tensors."""
+    *models, base = (
+        wide_models if methods.get(method).base == BASE_REQUIRED else (*wide_models, None)
+    )
     runs = {}
     for memory in ("256MB", "8GB"):
         output = tmp_path / f"out-{memory}"
@@ -357,6 +372,8 @@ def test_a_real_width_merge_stays_within_its_budget(tmp_path):
         config_file.write_text(
             "from jkarcher.config import base_config\n\n\ndef get_config():\n"
             f"    config = base_config()\n    config.models = {entries!r}\n"
+            f"    config.method = {method!r}\n    config.params = {params!r}\n"
+            f"    config.base_model = {None if base is None else str(base)!r}\n"
             f"    config.output = {str(output)!r}\n    config.memory = {memory!r}\n"
             "    config.mesh = 'devices:1'\n    return config\n"
         )

@@ -22,6 +22,7 @@ from jkarcher.io.writer import (
     plan_shards,
     save_checkpoint,
 )
+from jkarcher.memory import Budget
 from jkarcher.pipeline import budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def _memory_for_blocks(config, rows: int) -> str:
     plan = pipeline.plan_merge(validate(config))
     (task,) = [t for t in plan.tasks if t.name == "model.embed_tokens.weight"]
     need = budget.task_bytes(task, plan.method, rows) + budget.first_pass_bytes(task, plan.method)
-    return str(budget.Budget(0).total_for(need, 0))
+    return str(Budget(0).total_for(need, 0))
 
 
 @pytest.mark.parametrize(

@@ -52,8 +52,8 @@ from jkarcher.lora.adapter import (
     saved_name,
 )
 from jkarcher.lora.extract import lora_factors
+from jkarcher.memory import default_budget
 from jkarcher.numerics import compute_dtype
-from jkarcher.pipeline.budget import default_budget
 
 EMBED_SUFFIX = "embed_tokens"
 LM_HEAD = "lm_head"

@@ -21,16 +21,11 @@ Methods that read each model's statistics besides its weights (its diagonal Fish
 """
 
 from jkarcher.pipeline.compile import LeafCompiler, leaf_signature, placed_leaf
-from jkarcher.pipeline.plan import (
-    MergePlan,
-    TensorSettings,
-    TensorTask,
-    plan_merge,
-    tensor_settings,
-)
+from jkarcher.pipeline.plan import plan_merge
 from jkarcher.pipeline.read import ReadAhead
 from jkarcher.pipeline.run import MergeSummary, execution_order, run
 from jkarcher.pipeline.statistics import prepare_statistics, statistic_files
+from jkarcher.pipeline.tasks import MergePlan, TensorSettings, TensorTask, tensor_settings
 from jkarcher.pipeline.vocab import EMBED_SUFFIX, LM_HEAD_NAME, ties_embeddings
 from jkarcher.pipeline.write import check_complete
 

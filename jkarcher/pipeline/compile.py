@@ -27,8 +27,8 @@ from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
 from jkarcher.methods.sparsify import RowKey
 from jkarcher.numerics import COMPILER_OPTIONS, compute_dtype
-from jkarcher.pipeline.plan import TensorTask
 from jkarcher.pipeline.statistics import statistic_placement
+from jkarcher.pipeline.tasks import TensorTask
 from jkarcher.sharding import padded_shape, replicated, row_sharding
 
 

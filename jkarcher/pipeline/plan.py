@@ -15,170 +15,29 @@ copied from the first model when every model agrees on them.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh
+from collections.abc import Sequence
 
 from jkarcher import methods
 from jkarcher.architecture import check_architectures, layer_count
-from jkarcher.blocked import MERGE
-from jkarcher.config import ConfigError, MergeConfig, layer_position, tensor_values
+from jkarcher.config import MergeConfig
 from jkarcher.errors import MergeError
-from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
+from jkarcher.io import CheckpointError, CheckpointReader
 from jkarcher.io.chat_template import chosen_chat_template
-from jkarcher.io.orbax_io import open_checkpoint
-from jkarcher.io.output_dir import check_free_space, check_output_dir
-from jkarcher.io.writer import OutputTensor, Shard, natural_key, plan_shards
-from jkarcher.lora.applied import with_adapter
-from jkarcher.pipeline.budget import Budget, within_budget
+from jkarcher.io.output_dir import check_output_dir
+from jkarcher.io.writer import natural_key
+from jkarcher.pipeline.budget import within_budget
+from jkarcher.pipeline.slices import plan_slices
 from jkarcher.pipeline.statistics import open_statistics, statistic_labels, statistic_sources
-from jkarcher.pipeline.vocab import (
-    LM_HEAD_NAME,
-    VOCAB_SUFFIXES,
-    shared_rows,
-    source_info,
-    ties_embeddings,
+from jkarcher.pipeline.tasks import (
+    MergePlan,
+    open_input,
+    output_shards,
+    plan_mesh,
+    plan_tensor,
+    tensor_settings,
 )
-from jkarcher.sharding import MeshError, make_mesh
-
-if TYPE_CHECKING:
-    from jkarcher.pipeline.tokenizer import OutputVocabulary
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSettings:
-    """What merges one tensor: the models' weights and the method's resolved parameters."""
-
-    weights: tuple[float, ...]
-    params: Mapping[str, Any]
-
-    @property
-    def params_key(self) -> tuple:
-        return tuple(sorted(self.params.items()))
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorTask:
-    """One output tensor and where its data comes from.
-
-    `sources[i]` is model i's tensor (only the rows all models share, for a vocabulary tensor);
-    `extra_rows`, when the template model's vocabulary is larger, holds the output's further
-    rows, copied from that model. A tensor that is not `floating` point is copied from the first
-    model once all agree, rather than merged. `statistics[i]`, when the method is given each
-    model's `statistic` (its tensor input: "fisher" or "gram"), is model i's Fisher of the same
-    rows as `sources[i]`, or its Gram of the tensor's inputs. `labels`, in a merge by slices, names
-    each source's input and then the base's ('slices[1].models[0] (PATH)'); otherwise the
-    plan's labels do.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    source_dtype: np.dtype
-    out_dtype: np.dtype
-    sources: tuple[StoredTensor, ...]
-    base: StoredTensor | None
-    extra_rows: StoredTensor | None
-    settings: TensorSettings
-    floating: bool
-    statistic: str | None = None
-    statistics: tuple[StoredTensor, ...] = ()
-    labels: tuple[str, ...] = ()
-    # A block of the tensor's rows (`jkarcher.pipeline.budget`): the output row of its first
-    # row, and its stage, "merge" (its rows merged), "statistics" (the first of two passes) or
-    # "apply" (its rows merged from the statistics of every block).
-    first_row: int = 0
-    stage: str = MERGE
-
-    def infos(self) -> tuple[StoredTensor, ...]:
-        """Every distinct tensor this task reads (a model listed twice is read once)."""
-        wanted = (*self.sources, self.base, self.extra_rows, *self.statistics)
-        return tuple(dict.fromkeys(i for i in wanted if i is not None))
-
-    @property
-    def read_bytes(self) -> int:
-        return sum(info.nbytes for info in self.infos())
-
-
-@dataclasses.dataclass(frozen=True)
-class MergePlan:
-    """Everything a merge will do, decided from headers and config files alone."""
-
-    config: MergeConfig
-    method: methods.MergeMethod
-    models: tuple[CheckpointReader, ...]
-    base: CheckpointReader | None
-    labels: tuple[str, ...]
-    statistic_labels: tuple[str, ...]
-    tie_embeddings: bool
-    tasks: tuple[TensorTask, ...]
-    shards: tuple[Shard, ...]
-    warnings: tuple[str, ...]
-    mesh: Mesh
-    # Fields of the output's config.json other than the template's: a merge by slices sets its
-    # layer count (`jkarcher.pipeline.slices`).
-    config_updates: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    # The chat template written into the output's tokenizer_config.json (`config.chat_template`
-    # resolved by `jkarcher.io.chat_template`); None: the template model's is kept.
-    chat_template: str | None = None
-    # The output's vocabulary for `config.tokenizer_source` (`jkarcher.pipeline.tokenizer`);
-    # None: the template model's.
-    vocabulary: OutputVocabulary | None = None
-    # The memory budget that sized the tasks (`jkarcher.pipeline.budget`); plan_merge sets it.
-    budget: Budget = dataclasses.field(default_factory=lambda: Budget(2**62))
-
-    @property
-    def template(self) -> CheckpointReader:
-        """The model whose config, vocabulary and tokenizer the output takes: base, else first."""
-        return self.base or self.models[0]
-
-    @property
-    def template_label(self) -> str:
-        return self.labels[-1] if self.base else self.labels[0]
-
-    @property
-    def tensor_count(self) -> int:
-        """The output's tensors (a tensor merged in blocks is one, its tasks several)."""
-        return sum(len(shard.tensors) for shard in self.shards)
-
-    @property
-    def bytes_to_read(self) -> int:
-        return sum(task.read_bytes for task in self.tasks)
-
-    @property
-    def bytes_to_write(self) -> int:
-        return sum(shard.nbytes for shard in self.shards)
-
-    def input_labels(self, task: TensorTask) -> list[tuple[StoredTensor, str]]:
-        """Each tensor a task reads, with the input it comes from ('model 2 (PATH)'), in the
-        order of the leaf's all-finite flags (sources, base, statistics), then the extra rows."""
-        labels = task.labels or self.labels
-        labelled = list(zip(task.sources, labels, strict=False))
-        if task.base is not None:
-            labelled.append((task.base, labels[-1]))
-        labelled += zip(task.statistics, self.statistic_labels, strict=False)
-        if task.extra_rows is not None:
-            labelled.append((task.extra_rows, self.template_label))
-        return labelled
-
-
-def tensor_settings(
-    config: MergeConfig, name: str, num_layers: int | None = None
-) -> TensorSettings:
-    """The weights and method parameters that merge the tensor called `name`.
-
-    All per-tensor settings are decided here and nowhere else: each model's own values, the shared
-    values and the method's defaults, chosen by filters on the name and interpolated over the
-    layers (`num_layers`, the models' layer count, places the tensor: `layer_position`), resolve
-    to one set of weights and parameters (`jkarcher.config.tensor_values`). Tensors with equal
-    shapes and parameters share one compiled leaf; each distinct parameter value compiles anew,
-    while weights are arguments of the leaf and never cause a compilation.
-    """
-    position = layer_position(name, num_layers) if config.varies_by_layer else 0.0
-    return TensorSettings(*tensor_values(config, name, position))
+from jkarcher.pipeline.tokenizer import plan_vocabulary
+from jkarcher.pipeline.vocab import LM_HEAD_NAME, VOCAB_SUFFIXES, source_info, ties_embeddings
 
 
 def plan_merge(config: MergeConfig) -> MergePlan:
@@ -191,11 +50,9 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     Raises CheckpointError, MergeError or OutputError, naming the tensor, the model and the file,
     or ConfigError for a tensor whose weights or parameters the method cannot take, before any
     output is written. A merge by slices (`config.slices`) is planned by
-    `jkarcher.pipeline.slices`, which builds on this module.
+    `jkarcher.pipeline.slices`.
     """
     if config.slices:
-        from jkarcher.pipeline.slices import plan_slices  # it imports this module
-
         return within_budget(plan_slices(config))
     models = tuple(
         open_input(entry.path, f"models[{i}]", entry.lora) for i, entry in enumerate(config.models)
@@ -227,8 +84,6 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     num_layers = layer_count(template.config)
     vocabulary = None
     if config.tokenizer_source is not None:
-        from jkarcher.pipeline.tokenizer import plan_vocabulary  # it imports this module
-
         paths = [m.path for m in config.models] + [config.base_model] * (base is not None)
         vocabulary = plan_vocabulary(config, inputs, paths, template_index)
     tasks = []
@@ -247,9 +102,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             task = dataclasses.replace(task, statistic=statistic, statistics=chosen)
         tasks.append(task)
         warnings += [warning] if warning else []
-    layout = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks]
-    shards = plan_shards(layout, config.out_shard_size)
-    check_free_space(config.output, sum(shard.nbytes for shard in shards))
+    shards = output_shards(config, tasks)
     plan = MergePlan(
         config=config,
         method=methods.get(config.method),
@@ -269,22 +122,6 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         config_updates={} if vocabulary is None else {"vocab_size": vocabulary.rows},
     )
     return within_budget(plan)
-
-
-def open_input(path: str, field: str, lora: str | None = None) -> CheckpointReader:
-    """The checkpoint at `path`, with the LoRA adapter `lora` applied as it is read."""
-    try:
-        checkpoint = open_checkpoint(path)
-        return checkpoint if lora is None else with_adapter(checkpoint, lora)
-    except CheckpointError as err:
-        raise CheckpointError(f"{field}: {err}") from None
-
-
-def plan_mesh(config: MergeConfig) -> Mesh:
-    try:
-        return make_mesh(config.mesh)
-    except MeshError as err:
-        raise ConfigError(f"mesh: {err}") from None
 
 
 def _check_names(
@@ -326,42 +163,3 @@ def _check_names(
                 f"{template_label}; the models must have the same tensors"
             )
     return warnings
-
-
-def plan_tensor(
-    config: MergeConfig,
-    name: str,
-    infos: Sequence[StoredTensor],
-    labels: Sequence[str],
-    n_models: int,
-    template_index: int,
-    settings: TensorSettings,
-) -> tuple[TensorTask, str | None]:
-    """The task for one output tensor merged by `settings` from `infos` (the models' tensors,
-    then the base's) and, for a vocabulary size difference, a warning."""
-    template = infos[template_index]
-    floating = [bool(jnp.issubdtype(i.dtype, jnp.floating)) for i in infos]
-    if len(set(floating)) > 1:
-        odd = floating.index(not floating[template_index])
-        raise MergeError(
-            f"tensor {name!r} is {infos[odd].dtype} in {labels[odd]} ({infos[odd].file}) but "
-            f"{template.dtype} in {labels[template_index]} ({template.file})"
-        )
-    rows, warning = shared_rows(name, infos, labels, template_index)
-    if rows is not None and not floating[0]:
-        raise MergeError(f"tensor {name!r}: vocabulary sizes differ in a non-float tensor")
-    trimmed = [i if rows is None else i.rows(0, rows) for i in infos]
-    has_extra_rows = rows is not None and rows < template.shape[0]
-    # The sources merge in their dtype when they agree, else in the one that holds all.
-    task = TensorTask(
-        name=name,
-        shape=template.shape,
-        source_dtype=np.dtype(functools.reduce(jnp.promote_types, [i.dtype for i in infos])),
-        out_dtype=np.dtype(config.out_dtype) if floating[0] else template.dtype,
-        sources=tuple(trimmed[:n_models]),
-        base=trimmed[n_models] if len(infos) > n_models else None,
-        extra_rows=template.rows(rows, template.shape[0]) if has_extra_rows else None,
-        settings=settings,
-        floating=floating[0],
-    )
-    return task, warning

@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jkarcher.io import StoredTensor
-from jkarcher.pipeline.plan import TensorTask
 from jkarcher.pipeline.statistics import statistic_placement
+from jkarcher.pipeline.tasks import TensorTask
 from jkarcher.sharding import padded_shape, row_sharding
 
 # Reading ahead holds at most this many bytes of tasks; a larger task is read once nothing is held.

@@ -31,8 +31,8 @@ from jkarcher.io.buffers import limit_free_buffers
 from jkarcher.merge import describe_merge
 from jkarcher.numerics import all_finite, first_disagreeing
 from jkarcher.pipeline.compile import LeafCompiler, leaf_signature, task_key
-from jkarcher.pipeline.plan import MergePlan, TensorTask
 from jkarcher.pipeline.read import ReadAhead, read_task
+from jkarcher.pipeline.tasks import MergePlan, TensorTask
 from jkarcher.pipeline.write import (
     orbax_output,
     output_errors,

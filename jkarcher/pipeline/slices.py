@@ -38,13 +38,14 @@ from jkarcher.config.schema import Slice, SliceBase, SliceModel
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
 from jkarcher.io.chat_template import chosen_chat_template
-from jkarcher.io.output_dir import check_free_space, check_output_dir
-from jkarcher.io.writer import OutputTensor, natural_key, plan_shards
-from jkarcher.pipeline.plan import (
+from jkarcher.io.output_dir import check_output_dir
+from jkarcher.io.writer import natural_key
+from jkarcher.pipeline.tasks import (
     MergePlan,
     TensorSettings,
     TensorTask,
     open_input,
+    output_shards,
     plan_mesh,
     plan_tensor,
 )
@@ -108,10 +109,7 @@ def plan_slices(config: MergeConfig) -> MergePlan:
         tasks.append(task)
         warnings += [warning] if warning else []
     tasks.sort(key=lambda task: natural_key(task.name))
-    shards = plan_shards(
-        [OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks], config.out_shard_size
-    )
-    check_free_space(config.output, sum(shard.nbytes for shard in shards))
+    shards = output_shards(config, tasks)
     return MergePlan(
         config=config,
         method=methods.get(config.method),

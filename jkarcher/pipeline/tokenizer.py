@@ -34,7 +34,7 @@ from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointReader, StoredTensor
 from jkarcher.io.hf import resolve_checkpoint_dir
 from jkarcher.io.tokenizer_files import ModelTokens, read_tokens
-from jkarcher.pipeline.plan import TensorSettings, TensorTask
+from jkarcher.pipeline.tasks import TensorSettings, TensorTask
 from jkarcher.pipeline.vocab import EMBED_SUFFIX, embedding_name
 from jkarcher.pipeline.vocab_rows import VocabularyRows
 

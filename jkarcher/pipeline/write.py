@@ -39,7 +39,7 @@ from jkarcher.io.writer import (
     write_index,
     write_json,
 )
-from jkarcher.pipeline.plan import MergePlan, TensorTask
+from jkarcher.pipeline.tasks import MergePlan, TensorTask
 from jkarcher.pipeline.tokenizer import OutputVocabulary
 from jkarcher.sharding import even_sharding, local_rows
 
