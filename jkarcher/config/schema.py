@@ -236,7 +236,7 @@ class MergeConfig:
     out_shard_size: int = _written(
         lambda: DEFAULT_SHARD_SIZE, parse_size(DEFAULT_SHARD_SIZE, "out_shard_size")
     )
-    # The run's memory budget, as text like out_shard_size ("8GB"; `jkarcher.pipeline.budget`).
+    # The run's memory budget, as text like out_shard_size ("8GB"; `jkarcher.memory`).
     # None: half the memory available at the start (host, cgroup and accelerator's least).
     memory: int | None = _written(_placeholder(str), None)
     # Seed of the `jax.random` key that random methods draw from.

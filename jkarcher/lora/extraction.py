@@ -20,7 +20,7 @@ embedding, as mergekit does, so that PEFT's copy of lm_head follows a changed em
 Everything is checked from headers before any tensor is read: the models exist, every
 decomposed or saved tensor is in the base in the same shape, floating point, the output may be
 written (`jkarcher.io.output_dir`), and each module fits the memory budget (`memory`, by default
-the share of the available memory that merges take, `jkarcher.pipeline.budget`) with the factors
+the share of the available memory that merges take, `jkarcher.memory`) with the factors
 kept before it (`module_bytes`); a module that does not is refused, naming the budget that would
 extract the adapter. Tensors are then read one pair at a time; the factors,
 of max_rank x (in + out) values per module, are kept until all are known (their ranks fix the
@@ -251,7 +251,9 @@ def module_bytes(shape: tuple[int, int], itemsize: int) -> int:
     return max(reading, decomposing)
 
 
-def _check_budget(lora: Sequence[Module], saved: Sequence[Module], options) -> None:
+def _check_budget(
+    lora: Sequence[Module], saved: Sequence[Module], options: ExtractionOptions
+) -> None:
     """Each module fits the memory budget with the factors kept before it (at most max_rank x
     (m + n) values per module), the saved ones read after all; else the first that does not is
     refused, with the budget that would extract them all."""
