@@ -1,5 +1,6 @@
 """Test-wide setup: 8 virtual CPU devices (set before JAX starts), the compile cache of the
-scripts the tests run kept in a temporary directory (not the user's), and the slow-test switch."""
+scripts the tests run kept in a temporary directory (not the user's), the programs compiled in
+this process dropped after each test module, and the slow-test switch."""
 
 import os
 
@@ -22,6 +23,17 @@ def _compile_cache_of_the_session(tmp_path_factory):
         del os.environ["JKARCHER_COMPILE_CACHE"]
     else:
         os.environ["JKARCHER_COMPILE_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _programs_of_the_module():
+    """Each compiled program maps a few regions of memory, and the kernel allows a process 65530
+    (vm.max_map_count): the suite compiles more programs than that allows, and XLA then aborts
+    while compiling. JAX's caches are cleared after each module, which unmaps them."""
+    yield
+    import jax  # after the device count above is set
+
+    jax.clear_caches()
 
 
 def pytest_addoption(parser):
