@@ -29,26 +29,30 @@ class Budget:
     held: int = 0
 
     @property
+    def shared(self) -> int:
+        """The bytes the shares below split: the total less what is held."""
+        return self.total - self.held
+
+    @property
     def read_ahead(self) -> int:
         """The most bytes of tasks read ahead of the one merging (that one counted): the
         pipeline holds less where its own limit is lower (`jkarcher.pipeline.read`)."""
-        return (self.total - self.held) // 8
+        return self.shared // 8
 
     @property
     def free_buffers(self) -> int:
         """The most bytes of free read buffers kept for reuse (`jkarcher.io.buffers`)."""
-        return (self.total - self.held) // 8
+        return self.shared // 8
 
     @property
     def queued_outputs(self) -> int:
         """Bytes of merged outputs waiting for the writer (two of them)."""
-        return (self.total - self.held) // 8
+        return self.shared // 8
 
     @property
     def task(self) -> int:
         """Bytes one task may hold: its inputs, the leaf's scratch and its output."""
-        rest = self.total - self.held
-        return rest - self.read_ahead - self.free_buffers - self.queued_outputs
+        return self.shared - self.read_ahead - self.free_buffers - self.queued_outputs
 
     def total_for(self, task_bytes: int, output_bytes: int) -> int:
         """The least total budget whose shares hold a task of `task_bytes` and its output."""

@@ -1,7 +1,7 @@
 """What a merge plan is made of: each output tensor's task (`TensorTask`: its sources, settings
 and stage), the plan (`MergePlan`), and the steps both planners take to build them (the plain
 merge's, `jkarcher.pipeline.plan`, and the merge by slices', `jkarcher.pipeline.slices`): each
-tensor's settings, an input opened, the mesh, one tensor's task.
+tensor's settings, an input opened, the mesh, one tensor's task, the output's shards.
 """
 
 from __future__ import annotations
