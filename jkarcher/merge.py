@@ -186,16 +186,16 @@ def leaf_function(
     array is all finite). The leaf computes in float32 (float64 under x64); its result is
     rounded once, to `out_dtype` (None: the sources' dtype), and checked after that rounding,
     so a value that overflows the output dtype counts as not finite. One compilation serves
-    every value of the method's traced parameters (`traced_leaf`). A method that merges in two
+    every value of the method's traced parameters (`traced_leaf`). A method that merges in
     passes (`jkarcher.blocked`) runs them as the checkpoint pipeline does, on arrays.
     """
     dtype = None if out_dtype is None else np.dtype(out_dtype)
     static, traced = split_params(method, params)
     traced = traced_arguments(traced)
     inline, compiled = traced_leaf(method, static, dtype), _compiled_leaf(method, static, dtype)
-    passes = (
-        blocked.eager_leaf(method, static, dtype) if blocked.two_passes(method, static) else None
-    )
+    form = blocked.passes_of(method, static)
+    in_passes = form is not None and not form.own_leaf_when_whole
+    passes = blocked.eager_leaf(method, static, dtype) if in_passes else None
 
     def run(sources, weights, base, key, tensors=None):
         arguments = jax.tree.leaves((sources, weights, base, key, tensors, traced))

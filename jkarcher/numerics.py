@@ -39,6 +39,12 @@ COMPILER_OPTIONS = {
     "xla_cpu_fast_math_honor_functions": True,
     "xla_cpu_prefer_vector_width": 512,
 }
+# The options of the programs of a merge in passes that recompute, in every pass, a statistic
+# of several fused float32 operations (`Passes.ieee`): with fast math, LLVM reassociates and
+# contracts each fusion after what else it computes, so two programs can round one expression
+# differently (SCE's variances differed by up to 11 ulps between its rounds and its merge);
+# without, each operation rounds once, in the written order, in every program.
+IEEE_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
 def compute_dtype() -> jnp.dtype:

@@ -2,6 +2,7 @@
 tensors, for every method that can be blocked; a budget too small for a method is refused
 before any work; the budget's estimate of a leaf's memory bounds XLA's own."""
 
+import functools
 import itertools
 import math
 import os
@@ -38,12 +39,12 @@ from jkarcher.methods.registry import (
     BASE_REQUIRED,
     REQUIRED,
     MergeMethod,
-    TwoPasses,
+    Passes,
     always_rows,
 )
 from jkarcher.numerics import CHUNK, COMPILER_OPTIONS
-from jkarcher.pipeline.budget import first_pass_bytes, task_bytes
-from jkarcher.pipeline.compile import placed_leaf
+from jkarcher.pipeline.budget import statistics_bytes, task_bytes
+from jkarcher.pipeline.placed import placed_leaf
 from jkarcher.sharding import make_mesh, row_sharding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,9 @@ VARIANTS = {
     "karcher": [{"block": "row"}],
     "nuslerp": [{"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
     "model_stock": [{"filter_wise": True}],
+    "ties": [{"rescale": True}],
+    "breadcrumbs": [{"rescale": True, "gamma": 0.0}],
+    "sce": [{"select_topk": 0.5}],
     "dare_linear": [{"rescale": False}],
     "della": [{"rescale": False}],
 }
@@ -87,7 +91,7 @@ def _memory_for(plan, rows: int) -> int:
     """A budget whose task share holds `rows` rows of the embedding task and no more."""
     (task,) = [t for t in plan.tasks if t.name == EMBED]
     out_row = np.dtype(task.out_dtype).itemsize * task.shape[1]
-    held = first_pass_bytes(task, plan.method)
+    held = statistics_bytes(task, plan.method)
     return Budget(0).total_for(task_bytes(task, plan.method, rows) + held, rows * out_row)
 
 
@@ -128,7 +132,7 @@ def test_blocks_give_the_bytes_of_whole_tensors_or_are_refused_before_work(
         output = tmp_path / f"blocks{count}"
         memory = _memory_for(whole, rows)
         config = validate(merge_config(models[:n], output, memory=str(memory), **fields))
-        if form is None or (isinstance(form, TwoPasses) and spec.tensor_inputs_required):
+        if form is None or (isinstance(form, Passes) and spec.tensor_inputs_required):
             if count == 1:
                 continue
             with pytest.raises(MergeError, match=r"tensor '\S+': .*memory=\S+ or more would"):
@@ -151,7 +155,7 @@ def test_every_tensor_in_blocks_of_its_own_size_gives_the_bytes_of_whole_tensors
     fields = {"method": "karcher", "base_model": str(base), "dtype": "float32"}
     whole = pipeline.plan_merge(validate(merge_config(models, tmp_path / "whole", **fields)))
     (embedding,) = [t for t in whole.tasks if t.name == EMBED]
-    held = first_pass_bytes(embedding, whole.method)
+    held = statistics_bytes(embedding, whole.method)
     memory = str(Budget(0).total_for(task_bytes(embedding, whole.method, 20) + held, 0))
     pipeline.run(whole)
     plan = pipeline.plan_merge(
@@ -221,12 +225,83 @@ def test_two_passes_over_any_blocks_give_the_bytes_of_the_whole_tensor():
             arguments = [
                 (tuple(x[rows] for x in sources), weights, b, None, None, {}) for rows, b in cuts
             ]
-            sums = [gather(*block, None)[0] for block in arguments]
-            gammas = blocked.finish("karcher", static)(sums, weights, {})
-            got = np.concatenate([apply(*block, gammas)[0] for block in arguments])
+            sums = [gather(*block, None, 0)[0] for block in arguments]
+            finish = blocked.finish_program("karcher", static, 0, shape)
+            gammas = finish(blocked.whole_sums(sums), weights, None, {})
+            got = np.concatenate([apply(*block, gammas, 0)[0] for block in arguments])
             np.testing.assert_array_equal(got, whole, err_msg=f"{blocks} blocks")
         error = np.abs(np.asarray(whole, np.float64) - reference)
         assert np.all(error <= half_ulp + 1e-5 * np.abs(reference).max())
+
+
+def _passes_over_blocks(method, params, sources, base, weights, bounds, out_dtype=BF16):
+    """A merge by `method`'s passes over the blocks of rows between `bounds`: each round's
+    partials of every block, its `finish`, then each block's rows (as the pipeline runs them),
+    in `out_dtype`."""
+    static = tuple(sorted(methods.get(method).resolve(params, len(sources), True).items()))
+    passes = blocked.passes_of(method, static)
+    blocks = list(itertools.pairwise(bounds))
+
+    def leaf(stage, index=0):
+        program = blocked.stage_leaf(method, static, np.dtype(out_dtype), stage, index)
+        return jax.jit(program, compiler_options=blocked.stage_options(method, static))
+
+    def arguments(first, stop):
+        return tuple(x[first:stop] for x in sources), weights, base[first:stop], None, None, {}
+
+    found = None
+    for index, step in enumerate(passes.rounds):
+        gather = leaf(blocked.STATISTICS, index)
+        partials = [gather(*arguments(a, c), found, a)[0] for a, c in blocks]
+        sums = functools.reduce(jnp.add, partials) if step.added else blocked.whole_sums(partials)
+        finish = blocked.finish_program(method, static, index, sources[0].shape)
+        found = finish(sums, weights, found, {})
+    apply = leaf(blocked.APPLY)
+    return np.concatenate([apply(*arguments(a, c), found, a)[0] for a, c in blocks])
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("ties", {"density": 0.3}),
+        ("ties", {"density": (0.001, 0.6, 0.2), "rescale": True}),
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}),
+        ("breadcrumbs", {"density": 0.9, "gamma": 0.0}),
+        ("breadcrumbs", {"density": 0.4, "gamma": 0.7, "rescale": True}),
+        ("sce", {"select_topk": 0.3}),
+        ("sce", {}),
+    ],
+)
+def test_top_k_trims_over_any_blocks_give_the_bytes_of_the_whole_tensor(method, params):
+    """The top-k trims' passes (digit rounds, a tie round, then the merge) over 1 to 32 blocks
+    of rows, on bf16 task vectors whose magnitudes tie by the thousand, of a tensor large enough
+    for the whole leaf's radix selection: the bytes are the whole tensor's, for cuts that fall
+    inside a run of ties, keep nothing (gamma 0) or keep all but a few; and in float32 they are
+    the method's own leaf's but for the order of the float32 sums of `rescale` and SCE's
+    weights (a relative error of at most log2(D) eps each), where one entry kept or dropped
+    wrongly would move the result by a task vector's entry over N, >= 1/200."""
+    rng = np.random.default_rng(1)
+    shape = (700, 512)
+    base = rng.standard_normal(shape).astype(BF16)
+    # Task vectors of a few distinct magnitudes: every cut falls inside a run of equal keys.
+    sources = [
+        (base.astype(np.float64) + rng.integers(-6, 7, shape) / 64).astype(BF16) for _ in range(3)
+    ]
+    weights = jnp.asarray([1.0, 0.7, 0.4], jnp.float32)
+    whole = jkarcher.merge(
+        [{"w": x} for x in sources], weights, base={"w": base}, method=method, **params
+    )["w"]
+    # Blocks of 1, 2, 7 and 32 as the planner cuts them: equal but the last.
+    for rows in (700, 400, 100, 22):
+        bounds = [*range(0, shape[0], rows), shape[0]]
+        got = _passes_over_blocks(method, params, sources, base, weights, bounds)
+        np.testing.assert_array_equal(got, whole, err_msg=f"blocks of {rows} rows")
+    spec = methods.get(method)
+    own = spec.leaf(jnp.stack(sources), weights, base, **spec.resolve(params, 3, True))
+    in_float32 = _passes_over_blocks(method, params, sources, base, weights, bounds, np.float32)
+    size = math.prod(shape)
+    bound = 8 * np.log2(size) * np.finfo(np.float32).eps * np.abs(np.asarray(own)).max()
+    np.testing.assert_allclose(in_float32, own, rtol=0, atol=bound)
 
 
 def test_an_orbax_output_keeps_its_tensors_within_the_budget(tmp_path, zoo):

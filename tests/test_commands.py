@@ -125,7 +125,7 @@ def test_options_that_change_nothing_say_so(tmp_path, models):
         (["KARCHER", "OUT"], "merge.yml: models[2].parameters.weight: method 'karcher' takes"),
         (["CONFIG", "OUT", "--out-shard-size", "5X"], "out_shard_size: cannot read '5X'"),
         (["CONFIG", "OUT", "--memory", "lots"], "memory: cannot read 'lots' as a size"),
-        (["TIES", "OUT", "--memory", "20kB"], "merges every tensor whole, which needs"),
+        (["TIES", "OUT", "--memory", "20kB"], "a block of one row needs"),
     ],
 )
 def test_mistakes_are_one_line_before_anything_is_written(tmp_path, models, arguments, message):

@@ -102,7 +102,7 @@ def _memory_for_blocks(config, rows: int) -> str:
     """A memory budget that cuts the embedding of `config`'s merge into blocks of `rows` rows."""
     plan = pipeline.plan_merge(validate(config))
     (task,) = [t for t in plan.tasks if t.name == "model.embed_tokens.weight"]
-    need = budget.task_bytes(task, plan.method, rows) + budget.first_pass_bytes(task, plan.method)
+    need = budget.task_bytes(task, plan.method, rows) + budget.statistics_bytes(task, plan.method)
     return str(Budget(0).total_for(need, 0))
 
 

@@ -26,7 +26,7 @@ from karcher_reference import (
 
 import jkarcher
 from jkarcher import methods
-from jkarcher.methods import arcee_fusion, sce, sparsify, task_arithmetic
+from jkarcher.methods import arcee_fusion, sce, sparsify, task_arithmetic, task_arithmetic_methods
 from jkarcher.numerics import chunks_per_row
 
 try:
@@ -272,7 +272,7 @@ def _random_method(method, params, n_models):
     spec = methods.get(method)
     resolved = spec.resolve(params, n_models, True)
     leaf = jax.jit(lambda s, w, b, k: spec.leaf(s, w, b, key=k, **resolved))
-    sparsification = task_arithmetic.VARIANTS[method].sparsification
+    sparsification = task_arithmetic_methods.VARIANTS[method].sparsification
     trim = {name: resolved[name] for name in ("density", "epsilon") if name in resolved}
     sample = lambda s, b, k: task_arithmetic.keep_masks(
         sparsification, k, task_arithmetic.task_vectors(s, b), **trim

@@ -17,7 +17,7 @@ from jkarcher.methods import (  # noqa: F401  (registration side effects)
     sce,
     slerp,
     subspace,
-    task_arithmetic,
+    task_arithmetic_methods,
 )
 from jkarcher.methods.registry import (
     BASE_NONE,

@@ -7,10 +7,10 @@ x_i - base, with a base) to find coefficients gamma [N], and then merges
     merged = sum_j gamma_j x_j        (base + sum_j gamma_j (x_j - base) with a base),
 
 so a tensor too large for the memory budget merges in two passes over blocks of rows
-(`TwoPasses`, docs/design.md, "Memory"): the first sums the products x_i x_j (i <= j) per chunk
+(`Passes`, docs/design.md, "Memory"): the first sums the products x_i x_j (i <= j) per chunk
 of each line (`gram_chunk_sums`, which blocks concatenate into the whole tensor's bit for bit),
 `finish` adds the chunks into G and solves for gamma, the second combines each block's rows.
-A method's own leaf runs the same three steps in one program (`TwoPasses.in_one_program`).
+A method's own leaf runs the same three steps in one program (`Passes.in_one_program`).
 Variants that merge each line along the last axis as its own vector (`line_by_line`) take the
 same coefficients of each line's Gram matrix.
 """
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jkarcher.karcher import gram_chunk_sums, gram_from_chunk_sums
-from jkarcher.methods.registry import TwoPasses
+from jkarcher.methods.registry import Passes, Round
 from jkarcher.numerics import (
     chunked,
     chunks_per_row,
@@ -38,21 +38,27 @@ from jkarcher.numerics import (
 GRAM_SCRATCH = (0.1, 1.25)
 
 
-def gram_passes(coefficients: Callable[..., jax.Array]) -> TwoPasses:
+def gram_passes(coefficients: Callable[..., jax.Array]) -> Passes:
     """The two passes of the merge sum_j gamma_j x_j with
     gamma = coefficients(gram [N, N], weights [N], **params)."""
 
-    def finish(sums: jax.Array, weights: jax.Array, **params) -> jax.Array:
+    def finish(sums: jax.Array, weights: jax.Array, previous=None, *, shape, **params):
+        del previous, shape
         return coefficients(gram_from_chunk_sums(sums, weights.shape[0]), weights, **params)
 
-    return TwoPasses(block_gram_sums, finish, combined_rows, gram_sums_shape)
+    def sums(shape: tuple[int, ...], n: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(gram_sums_shape(shape, n), compute_dtype())
+
+    return Passes((Round(block_gram_sums, finish, sums),), combined_rows)
 
 
-def block_gram_sums(stacked: jax.Array, weights=None, base=None, *, key=None, **params):
+def block_gram_sums(
+    stacked: jax.Array, weights=None, base=None, previous=None, *, key=None, first_row=0, **params
+):
     """The first pass over a block of rows of the sources [N, rows, ...] (minus the base's rows,
     with a base): [P, K], the block's `gram_chunk_sums`, which blocks concatenate along K into
     the whole tensor's."""
-    del weights, key, params
+    del weights, previous, key, first_row, params
     sources = [chunked(stacked[i], 1) for i in range(stacked.shape[0])]
     chunked_base = None if base is None else chunked(base, 1)
     return gram_chunk_sums(sources, compute_dtype(), chunked_base)[0]
@@ -66,10 +72,10 @@ def gram_sums_shape(shape: tuple[int, ...], n: int) -> tuple[int, int]:
     return n * (n + 1) // 2, lines * chunks_per_row(last)
 
 
-def combined_rows(stacked, weights, base, gammas, *, key=None, **params) -> jax.Array:
+def combined_rows(stacked, weights, base, gammas, *, key=None, first_row=0, **params) -> jax.Array:
     """The second pass: sum_j gamma_j x_j over a block of rows [N, rows, ...] (of x_j - base,
     the base added back, with a base), in the compute dtype."""
-    del weights, key, params
+    del weights, key, first_row, params
     dtype = compute_dtype()
     sources = [stacked[i].astype(dtype) for i in range(stacked.shape[0])]
     if base is not None:

@@ -18,7 +18,7 @@ from jkarcher.methods.registry import (
     ROWS,
     MergeMethod,
     Param,
-    TwoPasses,
+    Passes,
     non_negative,
     one_of,
     positive,
@@ -75,7 +75,7 @@ def _scratch(params, fisher: bool, shape) -> tuple[float, float]:
     return (1.1, 0.5) if params["block"] == "row" else GRAM_SCRATCH
 
 
-def _blocked(params) -> TwoPasses | str:
+def _blocked(params) -> Passes | str:
     """Rows merged one by one (block="row") merge block by block; a whole tensor in two passes."""
     return ROWS if params["block"] == "row" else TWO_PASSES
 

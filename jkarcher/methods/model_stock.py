@@ -25,7 +25,7 @@ from jkarcher.methods.registry import (
     ROWS,
     MergeMethod,
     Param,
-    TwoPasses,
+    Passes,
     boolean,
     register,
 )
@@ -77,7 +77,7 @@ def _gammas(gram, weights, **params) -> jax.Array:
 MODEL_STOCK = gram_passes(_gammas)
 
 
-def _blocked(params) -> TwoPasses | str:
+def _blocked(params) -> Passes | str:
     """Whole tensors in two passes; slices along the last axis (`filter_wise`) block by block."""
     return ROWS if params["filter_wise"] else MODEL_STOCK
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -33,34 +33,60 @@ BASE_OPTIONAL = "optional"
 BASE_REQUIRED = "required"
 
 
-@dataclasses.dataclass(frozen=True)
-class TwoPasses:
-    """How a method whose merge needs whole-tensor statistics (norms, inner products) merges a
-    tensor in blocks of rows: a first pass over the blocks gathers the statistics, a second
-    applies them (docs/design.md, "Memory"). It takes no tensor inputs.
+class Round(NamedTuple):
+    """One pass of statistics over a tensor's blocks of rows (`Passes`).
 
-    statistics(sources, weights, base, *, key, **params) -> one block's partial sums, an array
-      whose last axis runs over parts of the block in row order: the blocks' partial sums,
-      concatenated along it, are those of the whole tensor, bit for bit;
-    finish(partial_sums, weights, **params) -> the coefficients that the second pass applies;
-    apply(sources, weights, base, coefficients, *, key, **params) -> the block's merged rows, in
-      the compute dtype;
-    sums_shape(shape, n) -> the shape of the partial sums of n sources of `shape`.
+    statistics(sources, weights, base, previous, *, key, first_row, **params) -> one block's
+      partials, an integer or compute-dtype array: `previous` is what the round before found
+      (its `finish`; None in the first round), `first_row` the row of the whole tensor where
+      the block begins;
+    finish(sums, weights, previous, *, shape, **params) -> what the next round (or the second
+      pass) takes, from the whole tensor's sums: the blocks' partials concatenated along their
+      last axis in row order (bit for bit the whole tensor's), or added where `added` (counts);
+      `shape` is the whole tensor's;
+    sums(shape, n) -> the whole tensor's sums (a `jax.ShapeDtypeStruct`) for n sources of
+      `shape`.
     """
 
     statistics: Callable[..., Any]
     finish: Callable[..., Any]
+    sums: Callable[[tuple[int, ...], int], jax.ShapeDtypeStruct]
+    added: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Passes:
+    """How a method whose merge needs whole-tensor statistics (norms, inner products, order
+    statistics) merges a tensor in blocks of rows (docs/design.md, "Memory"): each of `rounds`
+    passes over the blocks gathers statistics from what the rounds before it found, and a last
+    pass, `apply`, merges each block's rows from the last round's `finish`. It takes no tensor
+    inputs.
+
+    apply(sources, weights, base, coefficients, *, key, first_row, **params) -> the block's merged
+      rows, in the compute dtype (`first_row`: the row of the whole tensor where they begin).
+
+    `own_leaf_when_whole`: the method's own leaf gives a whole tensor the bytes of these passes
+    (their statistics are exact, e.g. counts), so a tensor that fits merges in that one leaf.
+    `ieee`: the passes compile without fast math (`numerics.IEEE_COMPILER_OPTIONS`), where
+    each recomputes a statistic that must round alike in all of them.
+    """
+
+    rounds: tuple[Round, ...]
     apply: Callable[..., Any]
-    sums_shape: Callable[[tuple[int, ...], int], tuple[int, ...]]
+    own_leaf_when_whole: bool = False
+    ieee: bool = False
 
     def in_one_program(self, stacked, weights, base, *, key=None, **params):
-        """Both passes on a whole tensor, traced into one program: a method's own leaf."""
-        sums = self.statistics(stacked, weights, base, key=key, **params)
-        coefficients = self.finish(sums, weights, **params)
-        # The second pass forms the task vectors anew from a base XLA cannot tell is the same:
+        """Every pass on a whole tensor, traced into one program: a method's own leaf."""
+        shape = stacked.shape[1:]
+        previous = None
+        for step in self.rounds:
+            sums = step.statistics(stacked, weights, base, previous, key=key, first_row=0, **params)
+            previous = step.finish(sums, weights, previous, shape=shape, **params)
+        # The last pass forms the task vectors anew from a base XLA cannot tell is the same:
         # it would otherwise form each once for both passes and hold all N in float32.
         base = None if base is None else jax.lax.optimization_barrier(base)
-        return self.apply(stacked, weights, base, coefficients, key=key, **params)
+        return self.apply(stacked, weights, base, previous, key=key, first_row=0, **params)
 
 
 # A method's `blocked(params)` for merges whose rows depend only on the same rows of the inputs:
@@ -155,8 +181,8 @@ class MergeMethod:
     # then not be 0 (methods that guard a zero sum, as mergekit's do, leave this None).
     divides_by_weight_sum: Callable[[Mapping[str, Any]], bool] | None = None
     # How a tensor that does not fit the memory budget is merged in blocks of rows, for the
-    # resolved parameters: ROWS, a TwoPasses, or None (every tensor is merged whole).
-    blocked: Callable[[Mapping[str, Any]], TwoPasses | str | None] = never_blocked
+    # resolved parameters: ROWS, a Passes, or None (every tensor is merged whole).
+    blocked: Callable[[Mapping[str, Any]], Passes | str | None] = never_blocked
     # The float32 copies of one source that the leaf holds at its peak, beside its inputs and
     # output: (per model, fixed), or a function of (the resolved parameters, whether the leaf is
     # given its tensor inputs, the source's shape) that returns them. XLA's memory analysis of

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_DIGIT_BITS = 16
+DIGIT_BITS = 16
 # Up to this many entries, keys are sorted instead (faster to compile, as fast to run).
 _SORT_MAX = 1 << 17
 # Tied entries are counted in blocks of this many before the one block holding the cut is scanned.
@@ -60,14 +60,14 @@ def key_of_rank(keys: jax.Array, rank: jax.Array | int) -> jax.Array:
     total_bits = 8 * keys.dtype.itemsize
     answer = jnp.zeros((), keys.dtype)
     remaining = jnp.asarray(rank, jnp.int32)
-    for shift in range(total_bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        digits = ((keys >> shift) & (2**_DIGIT_BITS - 1)).astype(jnp.int32)
-        if shift + _DIGIT_BITS == total_bits:
+    for shift in range(total_bits - DIGIT_BITS, -1, -DIGIT_BITS):
+        digits = ((keys >> shift) & (2**DIGIT_BITS - 1)).astype(jnp.int32)
+        if shift + DIGIT_BITS == total_bits:
             candidate = jnp.ones(keys.shape, jnp.int32)
         else:
-            above = shift + _DIGIT_BITS
+            above = shift + DIGIT_BITS
             candidate = ((keys >> above) == (answer >> above)).astype(jnp.int32)
-        counts = jnp.zeros((2**_DIGIT_BITS,), jnp.int32).at[digits].add(candidate)
+        counts = jnp.zeros((2**DIGIT_BITS,), jnp.int32).at[digits].add(candidate)
         cumulative = jnp.cumsum(counts)
         digit = jnp.sum(cumulative <= remaining)
         remaining = remaining - jnp.where(digit > 0, cumulative[jnp.maximum(digit - 1, 0)], 0)

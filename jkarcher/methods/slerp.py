@@ -26,7 +26,7 @@ from jkarcher.methods.registry import (
     ROWS,
     MergeMethod,
     Param,
-    TwoPasses,
+    Passes,
     boolean,
     number,
     positive,
@@ -132,7 +132,7 @@ def _nuslerp_gammas(gram, weights, **params) -> jax.Array:
 NUSLERP = gram_passes(_nuslerp_gammas)
 
 
-def _nuslerp_blocked(params) -> TwoPasses | str | None:
+def _nuslerp_blocked(params) -> Passes | str | None:
     """Whole tensors in two passes; vectors along the last axis (rows) block by block; columns
     (`nuslerp_row_wise`) whole."""
     if params["nuslerp_flatten"]:

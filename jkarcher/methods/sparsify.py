@@ -62,8 +62,13 @@ def magnitude_mask(delta: jax.Array, density: float) -> jax.Array:
     keeps everything."""
     if density >= 1:
         return jnp.ones(delta.shape, bool)
-    k = max(1, int(density * delta.size))
+    (k,) = magnitude_cuts(delta.size, density)
     return largest_mask(jnp.abs(delta), k)
+
+
+def magnitude_cuts(size: int, density: float) -> tuple[int]:
+    """The count kept by `magnitude_mask` of a task vector of `size` entries: its largest k."""
+    return (size if density >= 1 else max(1, int(density * size)),)
 
 
 def outlier_mask(delta: jax.Array, density: float, gamma: float) -> jax.Array:
@@ -78,10 +83,18 @@ def outlier_mask(delta: jax.Array, density: float, gamma: float) -> jax.Array:
     """
     if density >= 1:
         return jnp.ones(delta.shape, bool)
-    size = delta.size
+    stop, start = outlier_cuts(delta.size, density, gamma)
+    return position_range_mask(jnp.abs(delta), start, stop)
+
+
+def outlier_cuts(size: int, density: float, gamma: float) -> tuple[int, int]:
+    """The counts of `outlier_mask` of a task vector of `size` entries: it keeps its largest
+    `stop` less its largest `start`, (stop, start) = (o + m, o)."""
+    if density >= 1:
+        return size, 0
     kept = int(density * size)
     outliers = min(int(gamma * size), size - kept)
-    return position_range_mask(jnp.abs(delta), outliers, outliers + kept)
+    return outliers + kept, outliers
 
 
 def bernoulli_mask(key: jax.Array | RowKey, delta: jax.Array, density: float) -> jax.Array:

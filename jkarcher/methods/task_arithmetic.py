@@ -14,13 +14,13 @@ with task arithmetic", arXiv:2212.04089) in one way, mergekit's "generalized tas
    |sum w| < 1e-8);
 5. merged = base + lambda M.
 
-That is `generalized_task_arithmetic`. Each method is a row of `VARIANTS` (its sparsification,
-whether it elects signs, its defaults of `normalize` and `rescale`), each sparsification a row of
-`SPARSIFICATIONS` (keep-mask, parameters, paper: TIES, Yadav et al. 2023; DARE, Yu et al. 2023;
-Model Breadcrumbs, Davari & Belilovsky 2023; DELLA, Deep et al. 2024), as mergekit's registry
-lists them: the task-vector baselines of Wang, Ye, Yin (2026, Sec. 4). Defaults, parameter names,
-element counts and epsilons follow mergekit 0.1.5. The merge is deterministic given the masks;
-random sparsifications draw theirs from the explicit key first (`keep_masks`).
+That is `generalized_task_arithmetic`. Each sparsification is a row of `SPARSIFICATIONS`
+(keep-mask, parameters, paper: TIES, Yadav et al. 2023; DARE, Yu et al. 2023; Model Breadcrumbs,
+Davari & Belilovsky 2023; DELLA, Deep et al. 2024), and each method a row of
+`jkarcher.methods.task_arithmetic_methods.VARIANTS`, as mergekit's registry lists them: the
+task-vector baselines of Wang, Ye, Yin (2026, Sec. 4). Defaults, parameter names, element counts
+and epsilons follow mergekit 0.1.5. The merge is deterministic given the masks; random
+sparsifications draw theirs from the explicit key first (`keep_masks`).
 """
 
 from __future__ import annotations
@@ -32,22 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jkarcher.methods import sparsify
-from jkarcher.methods.gram_passes import gram_sums_shape
-from jkarcher.methods.registry import (
-    BASE_REQUIRED,
-    ROWS,
-    MergeMethod,
-    Param,
-    TwoPasses,
-    always_rows,
-    boolean,
-    fraction,
-    never_blocked,
-    non_negative,
-    number,
-    register,
-    unit_interval,
-)
+from jkarcher.methods.registry import Param, fraction, non_negative, unit_interval
 from jkarcher.numerics import compute_dtype, sum_over_models
 
 # Without sign election, a sum of weights below this is treated as 1 (mergekit's guard).
@@ -87,6 +72,7 @@ def generalized_task_arithmetic(
     lambda_: float,
     rescale: bool = False,
     scales: jax.Array | None = None,
+    keep: jax.Array | None = None,
     **trim: Any,
 ) -> jax.Array:
     """base + lambda * (sum_i c_i w_i m_i delta_i) / D: steps 1-5 of the module docstring.
@@ -102,7 +88,9 @@ def generalized_task_arithmetic(
       lambda_: the scale of the merged task vector (mergekit's `lambda`).
       rescale: scale each kept task vector back to its L1 norm (with a sparsification).
       scales: [N] the rescale factors, where a first pass over the tensor's blocks found them
-        (`_rescaled_passes`); None: from this tensor.
+        (`jkarcher.methods.trim_passes`); None: from this tensor.
+      keep: [N, ...] the keep-masks, where passes over the tensor's blocks found them; None:
+        from this tensor (`keep_masks`).
       **trim: the sparsification's parameters (density; gamma or epsilon), one value or N each.
 
     Returns:
@@ -112,7 +100,8 @@ def generalized_task_arithmetic(
     w = weights.astype(dtype)
     deltas = task_vectors(stacked, base)
     if sparsification is not None:
-        keep = keep_masks(sparsification, key, deltas, **trim)
+        if keep is None:
+            keep = keep_masks(sparsification, key, deltas, **trim)
         if rescale and scales is None:
             sums = [sparsify.l1_chunk_sums(d, keep[i]) for i, d in enumerate(deltas)]
             scales = [sparsify.l1_rescale(partial) for partial in sums]
@@ -190,7 +179,9 @@ _EPSILON = Param(
 
 class Sparsification(NamedTuple):
     """One way of trimming task vectors: its keep-mask, mask(delta, **params) or, if random,
-    mask(key, delta, **params); its parameters, paper, and check across them."""
+    mask(key, delta, **params); its parameters, paper, and check across them; for a trim by the
+    selection order of the magnitudes, `cuts(size, **params)`: the "k largest" counts its mask
+    is made of (the first less the second, if two)."""
 
     mask: Callable[..., jax.Array] | None
     params: tuple[Param, ...]
@@ -199,6 +190,7 @@ class Sparsification(NamedTuple):
     check: Callable[[Mapping[str, Any]], str | None] | None = None
     # The leaf's float32 scratch (`MergeMethod.scratch`): the masks' sorts and draws dominate.
     scratch: tuple[float, float] = (0.1, 0.5)
+    cuts: Callable[..., tuple[int, ...]] | None = None
 
 
 # The sparsifications by name (None: task arithmetic, which keeps every entry).
@@ -209,6 +201,7 @@ SPARSIFICATIONS = {
         (_DENSITY,),
         "https://arxiv.org/abs/2306.01708",
         scratch=(4.75, 1.5),
+        cuts=sparsify.magnitude_cuts,
     ),
     "random": Sparsification(
         sparsify.bernoulli_mask,
@@ -222,6 +215,7 @@ SPARSIFICATIONS = {
         (_DENSITY, _GAMMA),
         "https://arxiv.org/abs/2312.06795",
         scratch=(6.25, 1),
+        cuts=sparsify.outlier_cuts,
     ),
     "magprune": Sparsification(
         sparsify.della_mask,
@@ -232,140 +226,3 @@ SPARSIFICATIONS = {
         scratch=(6.25, 1.5),
     ),
 }
-
-
-class Variant(NamedTuple):
-    """A method of the family: its sparsification (a key of SPARSIFICATIONS), whether it elects
-    signs, and its defaults of `normalize` and `rescale` (None: no such parameter)."""
-
-    sparsification: str | None
-    sign_consensus: bool
-    normalize: bool
-    rescale: bool | None
-
-
-VARIANTS = {
-    "task_arithmetic": Variant(None, sign_consensus=False, normalize=False, rescale=None),
-    "ties": Variant("magnitude", sign_consensus=True, normalize=True, rescale=False),
-    "dare_linear": Variant("random", sign_consensus=False, normalize=False, rescale=True),
-    "dare_ties": Variant("random", sign_consensus=True, normalize=False, rescale=True),
-    "breadcrumbs": Variant("outliers", sign_consensus=False, normalize=False, rescale=False),
-    "breadcrumbs_ties": Variant("outliers", sign_consensus=True, normalize=False, rescale=False),
-    "della": Variant("magprune", sign_consensus=True, normalize=True, rescale=True),
-    "della_linear": Variant("magprune", sign_consensus=False, normalize=False, rescale=True),
-}
-SUMMARIES = {
-    "task_arithmetic": "weighted sum of task vectors",
-    "ties": "top-magnitude trim, sign election, disjoint mean",
-    "dare_linear": "random drop, L1 rescale, weighted sum",
-    "dare_ties": "random drop, L1 rescale, sign election",
-    "breadcrumbs": "drop outliers and small magnitudes, weighted sum",
-    "breadcrumbs_ties": "drop outliers and small magnitudes, sign election",
-    "della": "rank-dependent random drop, L1 rescale, sign election",
-    "della_linear": "rank-dependent random drop, L1 rescale, weighted sum",
-}
-
-
-def _params(variant: Variant) -> tuple[Param, ...]:
-    """The sparsification's parameters, then normalize, lambda and rescale (if it has one)."""
-    declared = [
-        *SPARSIFICATIONS[variant.sparsification].params,
-        Param(
-            "normalize",
-            variant.normalize,
-            "divide by the sum of the weights (of the sign-agreeing models, with sign election)",
-            check=boolean,
-        ),
-        Param("lambda", 1.0, "scale of the merged task vector", check=number, traced=True),
-    ]
-    if variant.rescale is not None:
-        doc = "rescale kept task vectors to their L1 norm"
-        declared.append(Param("rescale", variant.rescale, doc, check=boolean))
-    return tuple(declared)
-
-
-def _rescaled_passes(variant: Variant) -> TwoPasses:
-    """A random sparsification with `rescale`, over blocks of rows: the first pass draws the
-    masks and sums |delta_i| and |m_i delta_i| by chunks ([2N, K]), `finish` gives each model's
-    factor, the second draws the same masks (`sparsify.RowKey`) and merges."""
-    row = dict(sparsification=variant.sparsification, sign_consensus=variant.sign_consensus)
-    trims = [p.name for p in SPARSIFICATIONS[variant.sparsification].params]
-
-    def statistics(stacked, weights, base, *, key=None, **params):
-        del weights
-        deltas = task_vectors(stacked, base)
-        trim = {name: params[name] for name in trims}
-        keep = keep_masks(variant.sparsification, key, deltas, **trim)
-        sums = [sparsify.l1_chunk_sums(d, keep[i]) for i, d in enumerate(deltas)]
-        return jnp.concatenate(sums)
-
-    def finish(sums, weights, **params):
-        del params
-        return jnp.stack(
-            [sparsify.l1_rescale(sums[2 * i : 2 * i + 2]) for i in range(len(weights))]
-        )
-
-    def apply(stacked, weights, base, scales, *, key=None, **params):
-        values = dict(params)
-        lambda_ = values.pop("lambda")
-        return generalized_task_arithmetic(
-            stacked, weights, base, key=key, lambda_=lambda_, scales=scales, **row, **values
-        )
-
-    def sums_shape(shape, n):
-        return 2 * n, gram_sums_shape(shape, 1)[1]
-
-    return TwoPasses(statistics, finish, apply, sums_shape)
-
-
-def _blocked(variant: Variant) -> Callable[[Mapping[str, Any]], TwoPasses | str | None]:
-    """Task arithmetic and the random trims merge row by row, rescaled ones in two passes (their
-    L1 norms are the whole tensor's); the other trims rank whole task vectors."""
-    kind = SPARSIFICATIONS[variant.sparsification]
-    if variant.sparsification is None:
-        return always_rows
-    if not kind.random:
-        return never_blocked
-    passes = _rescaled_passes(variant)
-    return lambda params: passes if params["rescale"] else ROWS
-
-
-def _method(name: str, variant: Variant) -> MergeMethod:
-    """The registration of a row of VARIANTS: its leaf is `generalized_task_arithmetic` with the
-    row's sparsification and sign election, and the declared parameters' defaults."""
-    kind = SPARSIFICATIONS[variant.sparsification]
-    params = _params(variant)
-    defaults = {p.name: p.default for p in params}
-    row = dict(sparsification=variant.sparsification, sign_consensus=variant.sign_consensus)
-
-    def leaf(stacked, weights, base=None, *, key=None, **given):
-        values = {**defaults, **given}
-        lambda_ = values.pop("lambda")
-        return generalized_task_arithmetic(
-            stacked, weights, base, key=key, lambda_=lambda_, **row, **values
-        )
-
-    leaf.__name__ = leaf.__qualname__ = name
-    leaf.__doc__ = (
-        f"{name}: {SUMMARIES[name]} ({kind.citation}).\n\n`generalized_task_arithmetic` with "
-        f"sparsification={variant.sparsification!r} and sign_consensus={variant.sign_consensus}; "
-        "mergekit's parameter `lambda` is its lambda_."
-    )
-    return MergeMethod(
-        name=name,
-        leaf=leaf,
-        params=params,
-        base=BASE_REQUIRED,
-        random=kind.random,
-        summary=SUMMARIES[name],
-        citation=kind.citation,
-        check=kind.check,
-        signed_weights=True,
-        blocked=_blocked(variant),
-        scratch=kind.scratch,
-    )
-
-
-for _name, _variant in VARIANTS.items():
-    register(_method(_name, _variant))
-del _name, _variant

@@ -10,7 +10,8 @@ it:
              fixed; any problem is an error here, before anything is written. `slices` plans a merge
              by slices: each output layer's sources from its slice's layers.
   `read`     a background thread reads the next tensors, each process only its devices' rows.
-  `compile`  a second thread compiles the leaf function ahead for the shapes still to come.
+  `compile`  a second thread compiles the leaf function ahead for the shapes still to come
+             (`placed`: the leaf placed on the mesh).
   `write`    each result streams into its planned place in the output (safetensors or Orbax);
              config, tokenizer files and model card follow.
   `run`      `run(plan)` drives them: the finished directory is renamed into place.
@@ -20,7 +21,8 @@ Methods that read each model's statistics besides its weights (its diagonal Fish
 `prepare_statistics(config)` first estimates those a config asks to estimate.
 """
 
-from jkarcher.pipeline.compile import LeafCompiler, leaf_signature, placed_leaf
+from jkarcher.pipeline.compile import LeafCompiler, leaf_signature
+from jkarcher.pipeline.placed import placed_leaf
 from jkarcher.pipeline.plan import plan_merge
 from jkarcher.pipeline.read import ReadAhead
 from jkarcher.pipeline.run import MergeSummary, execution_order, run

@@ -8,9 +8,9 @@ total between them; a task (one tensor, or one block of its rows) must fit its s
 `Budget.task`: its inputs, the leaf's scratch (`MergeMethod.scratch`, float32 copies of one
 source) and its output. A tensor that does not fit is merged in blocks of rows, as its method
 declares (`MergeMethod.blocked`): block by block where rows merge independently (ROWS), or in
-two passes where the merge needs whole-tensor statistics (`TwoPasses`: the blocks' statistics
-first, then each block's rows). Any other tensor that does not fit is refused before any work,
-with the budget that would merge it.
+passes where the merge needs whole-tensor statistics (`Passes`: rounds of the blocks'
+statistics first, then each block's rows). Any other tensor that does not fit is refused before
+any work, with the budget that would merge it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from jkarcher.blocked import APPLY, BOTH, MERGE, STATISTICS
 from jkarcher.config.fields import size_text
 from jkarcher.errors import MergeError
 from jkarcher.memory import Budget, default_budget
-from jkarcher.methods.registry import ROWS, TwoPasses
+from jkarcher.methods.registry import ROWS, Passes
 from jkarcher.numerics import compute_dtype
 from jkarcher.pipeline.tasks import MergePlan, TensorTask
 
@@ -39,7 +39,7 @@ def within_budget(plan: MergePlan) -> MergePlan:
     if budget.task <= 0:
         least = max(
             Budget(0, budget.held).total_for(
-                task_bytes(t, plan.method) + first_pass_bytes(t, plan.method), _output_bytes(t)
+                task_bytes(t, plan.method) + statistics_bytes(t, plan.method), _output_bytes(t)
             )
             for t in plan.tasks
         )
@@ -96,21 +96,25 @@ def task_bytes(task: TensorTask, method: methods.MergeMethod, rows: int | None =
     return inputs + math.ceil(scratch) + elements * np.dtype(task.out_dtype).itemsize
 
 
-def first_pass_bytes(task: TensorTask, method: methods.MergeMethod) -> int:
-    """The bytes of the first pass's partial sums of a whole tensor (`TwoPasses`), held until
-    its second pass (0 for a task merged in one)."""
-    passes = _two_passes(task, method)
+def statistics_bytes(task: TensorTask, method: methods.MergeMethod) -> int:
+    """The most bytes of a round's statistics of a whole tensor (`Passes`), held until its
+    `finish` (twice, where the blocks' partials add into a running sum); 0 for a task merged
+    in one pass."""
+    passes = _passes(task, method)
     if passes is None:
         return 0
-    sums = passes.sums_shape(task.sources[0].shape, len(task.sources))
-    return math.prod(sums) * compute_dtype().itemsize
+    held = 0
+    for step in passes.rounds:
+        sums = step.sums(task.sources[0].shape, len(task.sources))
+        held = max(held, (1 + step.added) * math.prod(sums.shape) * sums.dtype.itemsize)
+    return held
 
 
-def _two_passes(task: TensorTask, method: methods.MergeMethod) -> TwoPasses | None:
-    """The method's `TwoPasses` for a task, where it merges the task in two (never with a
-    tensor input, which `TwoPasses` take none of)."""
+def _passes(task: TensorTask, method: methods.MergeMethod) -> Passes | None:
+    """The method's `Passes` for a task, where it merges the task in passes (never with a
+    tensor input, which `Passes` take none of)."""
     form = method.blocked(task.settings.params) if task.floating else None
-    return form if isinstance(form, TwoPasses) and not task.statistics else None
+    return form if isinstance(form, Passes) and not task.statistics else None
 
 
 def blocked_tasks(
@@ -122,11 +126,12 @@ def blocked_tasks(
     out_row_bytes = np.dtype(task.out_dtype).itemsize * math.prod(task.shape[1:])
     rows = task.sources[0].shape[0] if task.shape else 1
     form = method.blocked(task.settings.params) if task.floating else None
-    held = first_pass_bytes(task, method)
+    held = statistics_bytes(task, method)
     need = task_bytes(task, method) + held
     if need <= budget.task and rows * out_row_bytes <= budget.queued_outputs // 2:
-        in_two = _two_passes(task, method) is not None
-        return [dataclasses.replace(task, stage=BOTH) if in_two else task]
+        passes = _passes(task, method)
+        in_passes = passes is not None and not passes.own_leaf_when_whole
+        return [dataclasses.replace(task, stage=BOTH) if in_passes else task]
     why = _unblockable(task, method, form, output_format)
     if why is not None:
         raise MergeError(
@@ -147,14 +152,18 @@ def blocked_tasks(
         suggested = budget.total_for(least, out_row_bytes)
         raise MergeError(
             f"tensor {task.name!r}: a block of one row needs {size_text(least)} (with the "
-            f"first pass's sums of the whole tensor, {size_text(held)}) within the memory "
+            f"statistics of the whole tensor, {size_text(held)}) within the memory "
             f"budget of {size_text(budget.total)}; memory={size_text(suggested)} or more would "
             "merge it"
         )
     bounds = [(first, min(first + per_block, rows)) for first in range(0, rows, per_block)]
     if form == ROWS:
         return [_block(task, first, stop, MERGE, stop == rows) for first, stop in bounds]
-    gather = [_block(task, first, stop, STATISTICS, False) for first, stop in bounds]
+    gather = [
+        dataclasses.replace(_block(task, first, stop, STATISTICS, False), pass_round=index)
+        for index in range(len(form.rounds))
+        for first, stop in bounds
+    ]
     return gather + [_block(task, first, stop, APPLY, stop == rows) for first, stop in bounds]
 
 
@@ -179,7 +188,7 @@ def _unblockable(
         return "a tensor of fewer than two axes is merged whole"
     if output_format != "safetensors":
         return f"an {output_format} output is written whole"
-    if isinstance(form, TwoPasses) and task.statistics:
+    if isinstance(form, Passes) and task.statistics:
         return f"with a {task.statistic}, its method merges every tensor whole"
     if any(info.shape[:1] != task.sources[0].shape[:1] for info in task.statistics):
         return f"its {task.statistic} is read whole"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,10 +22,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jkarcher import blocked, compile_cache, methods
-from jkarcher.config import FISHER_INPUT
-from jkarcher.merge import leaf_key, split_params, traced_arguments, traced_leaf
+from jkarcher.merge import leaf_key, split_params, traced_arguments
 from jkarcher.methods.sparsify import RowKey
-from jkarcher.numerics import COMPILER_OPTIONS, compute_dtype
+from jkarcher.pipeline.placed import placed_leaf
 from jkarcher.pipeline.statistics import statistic_placement
 from jkarcher.pipeline.tasks import TensorTask
 from jkarcher.sharding import padded_shape, replicated, row_sharding
@@ -49,6 +47,7 @@ def leaf_signature(method: str, task: TensorTask) -> tuple:
         jax.tree.structure(traced),
         task.out_dtype,
         task.stage,
+        task.pass_round,
     )
 
 
@@ -71,24 +70,25 @@ class LeafCompiler:
         self._loaded = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self._compiled: dict[tuple, concurrent.futures.Future] = {}
-        self._passes: dict[tuple, tuple] = {}
-        # Each tensor merged in two passes: the shape of its whole sources, whose first pass's
-        # sums `finish` takes (the rows of every block).
+        # Each tensor merged in passes: the shape of its whole sources, whose statistics each
+        # round's `finish` takes (the rows of every block).
         self._whole_shapes: dict[str, tuple[int, ...]] = {}
         for task in tasks:
-            if task.stage in (blocked.STATISTICS, blocked.BOTH):
+            first_round = task.stage == blocked.STATISTICS and task.pass_round == 0
+            if first_round or task.stage == blocked.BOTH:
                 rows, *rest = task.sources[0].shape or (1,)
                 before = self._whole_shapes.get(task.name, (0,))[0]
                 self._whole_shapes[task.name] = (before + rows, *rest)
         for task in tasks:
-            for compiled in _compiled_tasks(task) if task.floating else ():
+            for compiled in self._compiled_tasks(task) if task.floating else ():
                 signature = leaf_signature(self._method, compiled)
                 if signature not in self._compiled:
                     self._compiled[signature] = self._executor.submit(self._compile, compiled)
-            if task.stage in (blocked.APPLY, blocked.BOTH):
-                signature = self._finish_signature(task)
+            for index in self._rounds_finished(task):
+                signature = self._finish_signature(task, index)
                 if signature not in self._compiled:
-                    self._compiled[signature] = self._executor.submit(self._compile_finish, task)
+                    compiling = self._executor.submit(self._compile_finish, task, index)
+                    self._compiled[signature] = compiling
 
     def __enter__(self) -> LeafCompiler:
         return self
@@ -108,72 +108,108 @@ class LeafCompiler:
         return self._weights[cached]
 
     def merge(
-        self, task: TensorTask, sources: tuple, base, key, statistics: tuple = (), coefficients=None
+        self, task: TensorTask, sources: tuple, base, key, statistics: tuple = (), found=None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(merged rows on the mesh in the output dtype, per-input all-finite flags, whether
         the merged rows are all finite) from `leaf_function`, as `merge` gives them (see
-        `placed_leaf`); at the task's stage (`jkarcher.blocked`): a block's partial sums, or its
-        rows from the `coefficients` of the first pass; at BOTH, the two passes in turn."""
-        signature = leaf_signature(self._method, task)
+        `placed_leaf`); at the task's stage (`jkarcher.blocked`): a block's partials from what
+        the round before `found`, or its rows from what every round found; at BOTH, every pass
+        in turn."""
         weights, traced = self.weights(task), self.traced_params(task)
+        first_row = np.int32(task.first_row)
         if task.stage == blocked.BOTH:
-            gather, solve, apply = self._both_passes(signature, task)
-            sums, finite, _ = gather(sources, weights, base, key, statistics, traced, None)
-            coefficients = solve(sums, weights, traced)
+            *gathers, apply = (
+                self._compiled[leaf_signature(self._method, t)].result()
+                for t in self._compiled_tasks(task)
+            )
+            finite = None
+            for index, gather in enumerate(gathers):
+                sums, flags, _ = gather(
+                    sources, weights, base, key, statistics, traced, found, first_row
+                )
+                finite = flags if finite is None else finite
+                found = self.finish(task, index, [sums], found)
             merged, _, merged_finite = apply(
-                sources, weights, base, key, statistics, traced, coefficients
+                sources, weights, base, key, statistics, traced, found, first_row
             )
             return merged, finite, merged_finite
-        compiled = self._compiled[signature].result()
-        return compiled(sources, weights, base, key, statistics, traced, coefficients)
+        compiled = self._compiled[leaf_signature(self._method, task)].result()
+        return compiled(sources, weights, base, key, statistics, traced, found, first_row)
 
-    def _both_passes(self, signature: tuple, task: TensorTask) -> tuple:
-        """The compiled first pass, finish and second pass of a BOTH task (kept by its leaf
-        signature, which fixes all three)."""
-        if signature not in self._passes:
-            gather, apply = (
-                self._compiled[leaf_signature(self._method, t)].result()
-                for t in _compiled_tasks(task)
-            )
-            solve = self._compiled[self._finish_signature(task)].result()
-            self._passes[signature] = gather, solve, apply
-        return self._passes[signature]
-
-    def finish(self, task: TensorTask, partials: list[jax.Array]) -> jax.Array:
-        """The coefficients of a tensor's second pass from its blocks' partial sums in row order
+    def finish(self, task: TensorTask, index: int, partials: list[jax.Array], found):
+        """What round `index` of a tensor's passes finds from its blocks' partials in row order
         (concatenated first, so that one program takes the whole tensor's sums: see
-        `jkarcher.blocked.finish`)."""
-        compiled = self._compiled[self._finish_signature(task)].result()
+        `jkarcher.blocked.finish_program`) and what the round before found."""
+        compiled = self._compiled[self._finish_signature(task, index)].result()
         sums = blocked.whole_sums(partials)
-        return compiled(sums, self.weights(task), self.traced_params(task))
+        return compiled(sums, self.weights(task), found, self.traced_params(task))
 
-    def _finish_signature(self, task: TensorTask) -> tuple:
-        """What the compiled `finish` of a task's tensor depends on."""
-        static, traced = split_params(self._method, task.settings.params)
-        sums = self._sums(task)
-        return ("finish", static, sums.shape, len(task.sources), jax.tree.structure(traced))
-
-    def _sums(self, task: TensorTask) -> jax.ShapeDtypeStruct:
-        """The first pass's sums of the whole tensor of a task, as `finish` takes them."""
+    def _passes(self, task: TensorTask):
         static = split_params(self._method, task.settings.params)[0]
-        passes = blocked.two_passes(self._method, static)
-        shape = passes.sums_shape(self._whole_shapes[task.name], len(task.sources))
-        return jax.ShapeDtypeStruct(shape, compute_dtype(), sharding=replicated(self._mesh))
+        return blocked.passes_of(self._method, static)
 
-    def _compile_finish(self, task: TensorTask) -> jax.stages.Compiled:
-        """The `finish` of a task's tensor compiled for its sums, or loaded from the compile
-        cache, as `_compile` does a leaf."""
+    def rounds(self, task: TensorTask) -> int:
+        """How many rounds of statistics a task's tensor takes."""
+        return len(self._passes(task).rounds)
+
+    def round_adds(self, task: TensorTask) -> bool:
+        """Whether the blocks' partials of a task's round add (else they concatenate)."""
+        return self._passes(task).rounds[task.pass_round].added
+
+    def _rounds_finished(self, task: TensorTask) -> range:
+        """The rounds whose `finish` a task takes: the one before its round, at STATISTICS;
+        the last, at APPLY; every one, at BOTH."""
+        if task.stage == blocked.STATISTICS:
+            return range(task.pass_round - 1, task.pass_round) if task.pass_round else range(0)
+        if task.stage == blocked.APPLY:
+            rounds = self.rounds(task)
+            return range(rounds - 1, rounds)
+        return range(self.rounds(task)) if task.stage == blocked.BOTH else range(0)
+
+    def _finish_signature(self, task: TensorTask, index: int) -> tuple:
+        """What the compiled `finish` of a round of a task's tensor depends on."""
+        static, traced = split_params(self._method, task.settings.params)
+        shape, n = self._whole_shapes[task.name], len(task.sources)
+        return ("finish", index, static, shape, n, jax.tree.structure(traced))
+
+    def _sums(self, task: TensorTask, index: int) -> jax.ShapeDtypeStruct:
+        """The statistics of round `index` of the whole tensor of a task, as `finish` takes
+        them."""
+        step = self._passes(task).rounds[index]
+        sums = step.sums(self._whole_shapes[task.name], len(task.sources))
+        return jax.ShapeDtypeStruct(sums.shape, sums.dtype, sharding=replicated(self._mesh))
+
+    def _finish_arguments(self, task: TensorTask, index: int) -> tuple:
+        """The abstract arguments of the `finish` of round `index` of a task's tensor."""
+        found = self._found(task, index)
+        return self._sums(task, index), self.weights(task), found, self.traced_params(task)
+
+    def _found(self, task: TensorTask, index: int):
+        """The shapes of what the rounds before round `index` (or, index = the number of
+        rounds, every round) found: None before the first."""
+        if index == 0:
+            return None
+        static = split_params(self._method, task.settings.params)[0]
+        function = blocked.finish_program(
+            self._method, static, index - 1, self._whole_shapes[task.name]
+        )
+        return jax.eval_shape(function, *self._finish_arguments(task, index - 1))
+
+    def _compile_finish(self, task: TensorTask, index: int) -> jax.stages.Compiled:
+        """The `finish` of round `index` of a task's tensor compiled for its sums, or loaded
+        from the compile cache, as `_compile` does a leaf."""
         start = time.perf_counter()
         mesh = (self._mesh.shape_tuple, [device.id for device in self._mesh.devices.flat])
-        stored_as = compile_cache.key(self._method, self._finish_signature(task), mesh)
+        stored_as = compile_cache.key(self._method, self._finish_signature(task, index), mesh)
         compiled = compile_cache.load(stored_as)
         if compiled is not None:
             self._loaded += 1
         else:
             static = split_params(self._method, task.settings.params)[0]
-            function = blocked.finish_program(self._method, static)
-            arguments = (self._sums(task), self.weights(task), self.traced_params(task))
-            compiled = function.lower(*arguments).compile()
+            function = blocked.finish_program(
+                self._method, static, index, self._whole_shapes[task.name]
+            )
+            compiled = function.lower(*self._finish_arguments(task, index)).compile()
             compile_cache.store(stored_as, compiled)
         self._compile_seconds += time.perf_counter() - start
         return compiled
@@ -192,7 +228,14 @@ class LeafCompiler:
         static = split_params(self._method, task.settings.params)[0]
         statistic = task.statistic if task.statistics else None
         return placed_leaf(
-            self._method, static, shape, task.out_dtype, self._mesh, statistic, task.stage
+            self._method,
+            static,
+            shape,
+            task.out_dtype,
+            self._mesh,
+            statistic,
+            task.stage,
+            task.pass_round,
         )
 
     @property
@@ -210,13 +253,25 @@ class LeafCompiler:
         """The seconds spent compiling (or loading) so far, in the background thread."""
         return self._compile_seconds
 
-    def _coefficients_shape(self, task: TensorTask, traced):
-        """The shape of the coefficients an APPLY task takes (None at other stages)."""
-        if task.stage != blocked.APPLY:
-            return None
-        static = split_params(self._method, task.settings.params)[0]
-        finish = blocked.finish_program(self._method, static)
-        return jax.eval_shape(finish, self._sums(task), self.weights(task), traced)
+    def _found_at(self, task: TensorTask):
+        """The shapes of what a task's leaf takes from the rounds before it (None at MERGE and
+        in the first round)."""
+        if task.stage == blocked.STATISTICS:
+            return self._found(task, task.pass_round)
+        if task.stage == blocked.APPLY:
+            return self._found(task, self.rounds(task))
+        return None
+
+    def _compiled_tasks(self, task: TensorTask) -> tuple[TensorTask, ...]:
+        """The tasks whose leaves `task` runs: itself, or at BOTH each round's and APPLY's."""
+        if task.stage != blocked.BOTH:
+            return (task,)
+        rounds = self.rounds(task)
+        gathers = [
+            dataclasses.replace(task, stage=blocked.STATISTICS, pass_round=index)
+            for index in range(rounds)
+        ]
+        return (*gathers, dataclasses.replace(task, stage=blocked.APPLY))
 
     def _compile(self, task: TensorTask) -> jax.stages.Compiled:
         """The task's leaf, traced, lowered and compiled for its shapes, or loaded from the
@@ -238,7 +293,8 @@ class LeafCompiler:
             for placed_shape, placed_sharding in placements
         )
         traced = self.traced_params(task)
-        coefficients = self._coefficients_shape(task, traced)
+        found = self._found_at(task)
+        first_row = jax.ShapeDtypeStruct((), jnp.int32)
         mesh = (self._mesh.shape_tuple, [device.id for device in self._mesh.devices.flat])
         stored_as = compile_cache.key(self._method, leaf_signature(self._method, task), mesh)
         compiled = compile_cache.load(stored_as)
@@ -246,7 +302,16 @@ class LeafCompiler:
             self._loaded += 1
         else:
             function = self._function(task)
-            arguments = (sources, self.weights(task), base, key, statistics, traced, coefficients)
+            arguments = (
+                sources,
+                self.weights(task),
+                base,
+                key,
+                statistics,
+                traced,
+                found,
+                first_row,
+            )
             lowered = function.lower(*arguments)
             compiled = lowered.compile()
             compile_cache.store(stored_as, compiled)
@@ -266,71 +331,3 @@ def task_key(
     if method.blocked(task.settings.params) is None:
         return key
     return RowKey(key, jnp.int32(task.first_row))
-
-
-def _compiled_tasks(task: TensorTask) -> tuple[TensorTask, ...]:
-    """The tasks whose leaves `task` runs: itself, or at BOTH its two passes'."""
-    if task.stage != blocked.BOTH:
-        return (task,)
-    stages = (blocked.STATISTICS, blocked.APPLY)
-    return tuple(dataclasses.replace(task, stage=stage) for stage in stages)
-
-
-def _without_coefficients(leaf, sources, weights, base, key, tensors, traced, coefficients):
-    """The method's own leaf (`traced_leaf`) at stage MERGE, which takes no coefficients."""
-    del coefficients
-    return leaf(sources, weights, base, key, tensors, traced)
-
-
-@functools.cache
-def placed_leaf(
-    method: str,
-    static_params: tuple,
-    shape: tuple[int, ...],
-    out_dtype: np.dtype,
-    mesh: Mesh,
-    statistic: str | None = None,
-    stage: str = blocked.MERGE,
-) -> Callable:
-    """`jkarcher.merge.traced_leaf(method, static_params)` for sources of `shape` split by rows
-    over `mesh`, as `jkarcher.pipeline.read.read_task` places them (cached): (sources, weights,
-    base, key, statistics, traced parameters) -> (merged, all-finite flags, merged all finite).
-    `statistics` are the models' tensor input named `statistic` ("fisher", split by rows like
-    the sources; "gram", whole), or () when the tensor has none.
-
-    The padding rows are cut off before the leaf sees the sources (and the Fishers) and put
-    back as zeros after it, so the leaf merges exactly the tensor (its whole-tensor statistics
-    and random draws are those of one device);
-    the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
-    on every device. It compiles with `COMPILER_OPTIONS`, as `jkarcher.merge` does. At `stage`
-    (`jkarcher.blocked`), the leaf is that stage's: it takes the coefficients of a first pass
-    as a last argument (None but at APPLY), and the STATISTICS stage returns partial sums,
-    replicated.
-    """
-    if stage == blocked.MERGE:
-        leaf = traced_leaf(method, static_params, np.dtype(out_dtype))
-        leaf = functools.partial(_without_coefficients, leaf)
-    else:
-        leaf = blocked.stage_leaf(method, static_params, np.dtype(out_dtype), stage)
-    padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
-
-    def cut(x: jax.Array) -> jax.Array:
-        return x[: shape[0]] if padding else x
-
-    def run(sources, weights, base, key, statistics, traced, coefficients=None):
-        base = None if base is None else cut(base)
-        if statistic == FISHER_INPUT:
-            statistics = tuple(map(cut, statistics))
-        tensors = {statistic: tuple(statistics)} if statistics else None
-        sources = tuple(map(cut, sources))
-        merged, finite, merged_finite = leaf(
-            sources, weights, base, key, tensors, traced, coefficients
-        )
-        if padding and stage != blocked.STATISTICS:
-            merged = jnp.pad(merged, [(0, padding)] + [(0, 0)] * (len(shape) - 1))
-        return merged, finite, merged_finite
-
-    flags = replicated(mesh)
-    result = flags if stage == blocked.STATISTICS else row_sharding(mesh, len(shape))
-    shardings = (result, flags, flags)
-    return jax.jit(run, out_shardings=shardings, compiler_options=COMPILER_OPTIONS)

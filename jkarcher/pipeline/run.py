@@ -19,6 +19,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -88,7 +89,7 @@ def run(plan: MergePlan, on_tensor: Callable[[TensorTask], None] | None = None) 
     key = jax.random.key(plan.config.seed) if plan.method.random else None
     order = execution_order(plan)
     limit_free_buffers(plan.budget.free_buffers)
-    passes = FirstPasses()
+    passes = Statistics()
     output = orbax_output if plan.config.format == "orbax" else safetensors_output
     with (
         output_errors(plan.config.output),
@@ -148,38 +149,52 @@ _DONE = object()
 def execution_order(plan: MergePlan) -> tuple[TensorTask, ...]:
     """The order to merge the plan's tasks in: grouped by the leaf they compile to
     (`leaf_signature`), groups in order of first appearance; the blocks of a tensor merged in
-    two passes together, in the plan's order (every first pass before the second).
+    passes together, in the plan's order (each round before the next, the last before APPLY).
 
     Each group merges while the next group's leaf compiles, instead of every layer waiting for
     new compilations. The output files keep the planned layout whatever the order.
     """
     groups: dict[tuple, list[TensorTask]] = {}
     for task in plan.tasks:
-        in_two_passes = task.stage in (STATISTICS, APPLY)
-        group = (
-            ("two passes", task.name) if in_two_passes else leaf_signature(plan.method.name, task)
-        )
+        in_passes = task.stage in (STATISTICS, APPLY)
+        group = ("passes", task.name) if in_passes else leaf_signature(plan.method.name, task)
         groups.setdefault(group, []).append(task)
     return tuple(task for group in groups.values() for task in group)
 
 
-class FirstPasses:
-    """The partial sums of the tensors merged in two passes (`jkarcher.blocked`), gathered
-    block by block in the first pass, and each tensor's coefficients once its second begins."""
+class Statistics:
+    """What the rounds of statistics of the tensors merged in passes (`jkarcher.blocked`)
+    gather block by block, and what each round's `finish` found from them."""
 
     def __init__(self):
-        self._partials: dict[str, list[jax.Array]] = {}
-        self._coefficients: dict[str, jax.Array] = {}
+        self._partials: dict[tuple[str, int], list[jax.Array]] = {}
+        self._found: dict[tuple[str, int], Any] = {}
 
-    def add(self, task: TensorTask, partials: jax.Array) -> None:
-        self._partials.setdefault(task.name, []).append(partials)
+    def add(self, leaves: LeafCompiler, task: TensorTask, partials: jax.Array) -> None:
+        """Keep a block's partials of its round: in row order, or added into one running sum
+        where the round's partials add."""
+        kept = self._partials.setdefault((task.name, task.pass_round), [])
+        if kept and leaves.round_adds(task):
+            kept[0] = kept[0] + partials
+        else:
+            kept.append(partials)
 
-    def coefficients(self, leaves: LeafCompiler, task: TensorTask) -> jax.Array:
-        """The coefficients of `task`'s tensor (a few numbers, kept), from every block's partial
-        sums at its first APPLY block, which drops the sums."""
-        if task.name not in self._coefficients:
-            self._coefficients[task.name] = leaves.finish(task, self._partials.pop(task.name))
-        return self._coefficients[task.name]
+    def found(self, leaves: LeafCompiler, task: TensorTask) -> Any:
+        """What the rounds before `task` found (None in the first round): at STATISTICS, the
+        round before its own; at APPLY, the last. Each round's `finish` runs once, at the first
+        task that needs it, and drops that round's partials."""
+        if task.stage == STATISTICS:
+            return self._finished(leaves, task, task.pass_round - 1)
+        return self._finished(leaves, task, leaves.rounds(task) - 1)
+
+    def _finished(self, leaves: LeafCompiler, task: TensorTask, index: int) -> Any:
+        if index < 0:
+            return None
+        if (task.name, index) not in self._found:
+            before = self._finished(leaves, task, index - 1)
+            partials = self._partials.pop((task.name, index))
+            self._found[task.name, index] = leaves.finish(task, index, partials, before)
+        return self._found[task.name, index]
 
 
 def merge_tensor(
@@ -188,24 +203,25 @@ def merge_tensor(
     task: TensorTask,
     arrays: Mapping[StoredTensor, jax.Array | np.ndarray],
     key: jax.Array | None,
-    passes: FirstPasses,
+    passes: Statistics,
 ) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
     """The output tensor from what `read_task` read: its merged rows on the mesh (padded, in
     the output dtype) and the extra rows copied after them, if any; or a tensor that is copied
-    rather than merged, and None. A block's first pass (`task.stage`) keeps its partial sums in
-    `passes` and returns them. A NaN or Inf in an input or the result is a MergeError."""
+    rather than merged, and None. A block's round of statistics (`task.stage`) keeps its
+    partials in `passes` and returns them. A NaN or Inf in an input or the result is a
+    MergeError."""
     if not task.floating:
         return _agreed_copy(plan, task, arrays), None
     sources = tuple(arrays[info] for info in task.sources)
     base = None if task.base is None else arrays[task.base]
     statistics = tuple(arrays[info] for info in task.statistics)
-    coefficients = passes.coefficients(leaves, task) if task.stage == APPLY else None
-    merged, finite, merged_finite = leaves.merge(task, sources, base, key, statistics, coefficients)
+    found = passes.found(leaves, task) if task.stage in (STATISTICS, APPLY) else None
+    merged, finite, merged_finite = leaves.merge(task, sources, base, key, statistics, found)
     labelled = plan.input_labels(task)
     for index in np.flatnonzero(~np.asarray(finite)):
         _raise_not_finite(task, *labelled[index])
     if task.stage == STATISTICS:
-        passes.add(task, merged)
+        passes.add(leaves, task, merged)
         return merged, None
     if not bool(merged_finite):
         what = describe_merge(plan.method.name, task.settings.params, task.settings.weights)

@@ -71,10 +71,12 @@ class TensorTask:
     statistics: tuple[StoredTensor, ...] = ()
     labels: tuple[str, ...] = ()
     # A block of the tensor's rows (`jkarcher.pipeline.budget`): the output row of its first
-    # row, and its stage, "merge" (its rows merged), "statistics" (the first of two passes) or
-    # "apply" (its rows merged from the statistics of every block).
+    # row, and its stage (`jkarcher.blocked`): "merge" (its rows merged), "statistics" (a round
+    # of statistics, the `pass_round`-th), "apply" (its rows merged from what every round found)
+    # or "both" (every pass on the whole tensor).
     first_row: int = 0
     stage: str = MERGE
+    pass_round: int = 0
 
     def infos(self) -> tuple[StoredTensor, ...]:
         """Every distinct tensor this task reads (a model listed twice is read once)."""
