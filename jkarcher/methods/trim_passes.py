@@ -64,8 +64,9 @@ def trim_passes(
     )
     if not rescale:
         return Passes(rounds, _apply(merge, lambda cut: (cut, None)), own_leaf_when_whole=True)
+    # The L1 sums are float32: summed in one program with the rest, they could round otherwise.
     rounds = (*rounds, _l1_round(sparsification, trims, by_cuts=True))
-    return Passes(rounds, _apply(merge, lambda found: found), own_leaf_when_whole=True)
+    return Passes(rounds, _apply(merge, lambda found: found))
 
 
 def _layout(cuts_of, trims: Mapping[str, Any], n: int) -> tuple[int, int]:
