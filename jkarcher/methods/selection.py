@@ -67,12 +67,28 @@ def key_of_rank(keys: jax.Array, rank: jax.Array | int) -> jax.Array:
         else:
             above = shift + DIGIT_BITS
             candidate = ((keys >> above) == (answer >> above)).astype(jnp.int32)
-        counts = jnp.zeros((2**DIGIT_BITS,), jnp.int32).at[digits].add(candidate)
-        cumulative = jnp.cumsum(counts)
-        digit = jnp.sum(cumulative <= remaining)
-        remaining = remaining - jnp.where(digit > 0, cumulative[jnp.maximum(digit - 1, 0)], 0)
+        digit, below, _ = digit_at_rank(digit_counts(digits, candidate), remaining)
+        remaining = remaining - below
         answer = answer | (digit.astype(keys.dtype) << shift)
     return answer
+
+
+def digit_counts(digits: jax.Array, weights) -> jax.Array:
+    """[2^16]: how many of `digits` (int32 in [0, 2^16)) take each value, each counted with its
+    weight (0 or 1 per entry, or 1)."""
+    counts = jnp.zeros((2**DIGIT_BITS,), jnp.int32)
+    return counts.at[digits].add(jnp.asarray(weights, jnp.int32), mode="promise_in_bounds")
+
+
+def digit_at_rank(counts: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Of candidates counted by their digit (`counts` [..., 2^16]), the digit of the one at
+    ascending `rank` [...], how many candidates have a smaller digit, and how many a larger."""
+    cumulative = jnp.cumsum(counts, axis=-1, dtype=jnp.int32)
+    digit = jnp.sum(cumulative <= rank[..., None], axis=-1, dtype=jnp.int32)
+    through = jnp.take_along_axis(cumulative, digit[..., None], axis=-1)[..., 0]
+    below = jnp.take_along_axis(cumulative, jnp.maximum(digit - 1, 0)[..., None], axis=-1)
+    below = jnp.where(digit > 0, below[..., 0], 0)
+    return digit, below, cumulative[..., -1] - through
 
 
 def largest_mask(values: jax.Array, k: jax.Array | int) -> jax.Array:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jkarcher.methods.registry import Round
-from jkarcher.methods.selection import DIGIT_BITS
+from jkarcher.methods.selection import DIGIT_BITS, digit_at_rank, digit_counts
 
 _BINS = 1 << DIGIT_BITS
 
@@ -96,14 +96,14 @@ def _digit_round(keys_of, layout, cuts_of, shift: int, key_bits: int) -> Round:
         flat = keys.reshape(keys.shape[0], -1)
         digits = ((flat >> shift) & (_BINS - 1)).astype(jnp.int32)
         if first:
-            return jnp.stack([_histogram(digits[m], 1) for m in range(flat.shape[0])])
+            return jnp.stack([digit_counts(digits[m], 1) for m in range(flat.shape[0])])
         high = shift + DIGIT_BITS
         prefix = previous.prefix
         return jnp.stack(
             [
                 jnp.stack(
                     [
-                        _histogram(digits[m], ((flat[m] >> high) == (prefix[m, c] >> high)))
+                        digit_counts(digits[m], (flat[m] >> high) == (prefix[m, c] >> high))
                         for c in range(prefix.shape[1])
                     ]
                 )
@@ -121,13 +121,9 @@ def _digit_round(keys_of, layout, cuts_of, shift: int, key_bits: int) -> Round:
             rank = jnp.where(cuts == 0, 0, size - cuts)
             empty = jnp.zeros(cuts.shape, jnp.int32)
             previous = Digits(cuts, jnp.zeros(cuts.shape, _unsigned(key_bits)), rank, empty)
-        cumulative = jnp.cumsum(counts if first else sums, axis=-1, dtype=jnp.int32)
-        digit = jnp.sum(cumulative <= previous.remaining[..., None], axis=-1, dtype=jnp.int32)
-        at = jnp.take_along_axis(cumulative, digit[..., None], axis=-1)[..., 0]
-        below = jnp.take_along_axis(cumulative, jnp.maximum(digit - 1, 0)[..., None], axis=-1)
-        below = jnp.where(digit > 0, below[..., 0], 0)
+        digit, below, larger = digit_at_rank(counts if first else sums, previous.remaining)
         prefix = previous.prefix | (digit.astype(previous.prefix.dtype) << shift)
-        above = previous.above + cumulative[..., -1] - at
+        above = previous.above + larger
         if shift == 0:
             # k = 0 keeps nothing: no key lies above the largest key, and none is tied with it.
             none = previous.cuts == 0
@@ -209,12 +205,6 @@ def _lines(keys: jax.Array) -> jax.Array:
     """Keys [M, rows, ...] as [M, rows, L] (a 0-d tensor's as one row of one key)."""
     rows = keys.shape[1] if keys.ndim > 1 else 1
     return keys.reshape(keys.shape[0], rows, -1)
-
-
-def _histogram(digits: jax.Array, weights) -> jax.Array:
-    """Counts of `digits` (int32 in [0, 2^16)), each weighted by `weights` (0/1, or 1)."""
-    counts = jnp.zeros((_BINS,), jnp.int32)
-    return counts.at[digits].add(jnp.asarray(weights, jnp.int32), mode="promise_in_bounds")
 
 
 def _unsigned(bits: int):
