@@ -428,12 +428,19 @@ def wide_models(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("karcher", {}), ("multislerp", {}), ("dare_ties", {"density": 0.5})],
+    [
+        ("karcher", {}),
+        ("multislerp", {}),
+        ("dare_ties", {"density": 0.5}),
+        ("ties", {"density": 0.5}),
+        ("sce", {"select_topk": 0.5}),
+    ],
 )
 def test_a_real_width_merge_stays_within_its_budget(tmp_path, wide_models, method, params):
     """Four bf16 models of one tensor at a 70B model's width merged with memory=256MB, by the
-    Karcher mean and multi-SLERP in two passes over the Gram products, and by DARE-TIES (the
-    last model its base) in two passes over the L1 norms: the process's peak resident memory
+    Karcher mean and multi-SLERP in two passes over the Gram products, by DARE-TIES (the last
+    model its base) in two passes over the L1 norms, and by TIES and SCE in the digit and tie
+    rounds of their top-k selections (and SCE's weights): the process's peak resident memory
     stays under the budget plus 0.6 GB of fixed overhead (README: about 0.3 to 0.5 GB), below
     the inputs' size, and the output has the bytes of the merge of whole tensors."""
     *models, base = (
