@@ -6,8 +6,8 @@ a block of rows' partials from what the round before found, and its `finish` of 
 partials; then APPLY, a block's rows from the last round's. The pipeline runs a tensor that does
 not fit its memory budget pass by pass over blocks of rows, and one that fits as BOTH, every
 pass on the one read of the whole tensor (or, `Passes.own_leaf_when_whole`, the method's own
-leaf); `jkarcher.merge` runs the same programs (`eager_leaf`). Each is compiled alone with
-`COMPILER_OPTIONS`, so a tensor gives the same bytes in any number of blocks: the blocks'
+leaf); `jkarcher.merge` runs the same programs (`eager_leaf`). Each is compiled alone with the
+method's `compiler_options`, so a tensor gives the same bytes in any number of blocks: the blocks'
 partials are those of the whole tensor, and each `finish`, compiled once, sees the same numbers.
 (Traced into a caller's program, the method's own leaf runs every step in one program instead,
 where the compiler may round float32 sums differently.)
@@ -48,10 +48,11 @@ def passes_of(method: str, params: Mapping[str, Any]) -> Passes | None:
     return form if isinstance(form, Passes) else None
 
 
-def stage_options(method: str, static_params: tuple[tuple[str, Any], ...]) -> dict:
-    """The compiler options of the method's STATISTICS and APPLY programs: `COMPILER_OPTIONS`,
-    or `IEEE_COMPILER_OPTIONS` for `Passes.ieee`."""
-    return IEEE_COMPILER_OPTIONS if passes_of(method, static_params).ieee else COMPILER_OPTIONS
+def compiler_options(method: str, static_params: tuple[tuple[str, Any], ...]) -> dict:
+    """The compiler options of every program of the method (its own leaf, its rounds, their
+    `finish` and APPLY): `COMPILER_OPTIONS`, or `IEEE_COMPILER_OPTIONS` for `Passes.ieee`."""
+    form = passes_of(method, static_params)
+    return IEEE_COMPILER_OPTIONS if form is not None and form.ieee else COMPILER_OPTIONS
 
 
 @functools.cache
@@ -103,16 +104,16 @@ def finish_program(
     shape: tuple[int, ...],
 ) -> Callable:
     """The `finish` of round `round_index` of a whole tensor of `shape`, (its sums, weights,
-    what the round before found, traced parameters) -> what this round finds, jitted with
-    `COMPILER_OPTIONS` (cached): one program for the whole tensor's sums however many blocks
-    gave them (a concatenation inside it would change how XLA sums them)."""
+    what the round before found, traced parameters) -> what this round finds, jitted with the
+    method's `compiler_options` (cached): one program for the whole tensor's sums however many
+    blocks gave them (a concatenation inside it would change how XLA sums them)."""
     step = passes_of(method, static_params).rounds[round_index]
     params = dict(static_params)
 
     def run(sums, weights: jax.Array, found, traced: dict):
         return step.finish(sums, weights, found, shape=shape, **params, **traced)
 
-    return jax.jit(run, compiler_options=COMPILER_OPTIONS)
+    return jax.jit(run, compiler_options=compiler_options(method, static_params))
 
 
 @functools.cache
@@ -123,7 +124,7 @@ def eager_leaf(
     `jkarcher.merge.traced_leaf`'s leaf: (sources, weights, base, key, tensors, traced) ->
     (merged, finite, merged finite). For a method with `passes_of`, called on arrays."""
     rounds = passes_of(method, static_params).rounds
-    options = stage_options(method, static_params)
+    options = compiler_options(method, static_params)
     gathers = [
         jax.jit(
             stage_leaf(method, static_params, out_dtype, STATISTICS, index),

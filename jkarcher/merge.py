@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jkarcher import blocked, methods
 from jkarcher.errors import MergeError
-from jkarcher.numerics import COMPILER_OPTIONS, all_finite, compute_dtype, first_disagreeing
+from jkarcher.numerics import all_finite, compute_dtype, first_disagreeing
 from jkarcher.pytree_leaves import (
     check_leaf,
     flatten_base,
@@ -126,7 +126,8 @@ def traced_leaf(
 ) -> Callable:
     """The leaf merge of `leaf_function` for the method's static parameters (cached), the traced
     ones an argument: (sources, weights, base, key, tensors, traced) -> the same triple. Not
-    jitted: its callers compile it with `COMPILER_OPTIONS`, or trace it into a user's program.
+    jitted: its callers compile it with the method's `blocked.compiler_options`, or trace it
+    into a user's program.
 
     `traced` maps the names of the method's traced parameters (`Param.traced`) to their values
     as scalars (`traced_arguments`), so tensors that differ only in those values share a
@@ -152,8 +153,10 @@ def traced_leaf(
 def _compiled_leaf(
     method: str, static_params: tuple[tuple[str, Any], ...], out_dtype: np.dtype | None
 ) -> Callable:
-    """`traced_leaf` jitted with `COMPILER_OPTIONS` (cached), for calls on concrete arrays."""
-    return jax.jit(traced_leaf(method, static_params, out_dtype), compiler_options=COMPILER_OPTIONS)
+    """`traced_leaf` jitted with the method's compiler options (`COMPILER_OPTIONS`, or
+    `blocked.compiler_options`), cached, for calls on concrete arrays."""
+    options = blocked.compiler_options(method, static_params)
+    return jax.jit(traced_leaf(method, static_params, out_dtype), compiler_options=options)
 
 
 def split_params(
@@ -177,8 +180,9 @@ def traced_arguments(traced: Mapping[str, Any]) -> dict[str, Any]:
 def leaf_function(
     method: str, params: Mapping[str, Any], out_dtype: np.dtype | None = None
 ) -> Callable:
-    """The leaf merge for a method and resolved parameters: on arrays, compiled (with
-    `COMPILER_OPTIONS`, once per shape and dtype); on tracers, traced into the caller's program.
+    """The leaf merge for a method and resolved parameters: on arrays, compiled (with the
+    method's `blocked.compiler_options`, once per shape and dtype); on tracers, traced into the
+    caller's program.
 
     It maps (sources: tuple of N arrays, weights [N], base | None, key | None, tensor inputs:
     {name: tuple of N arrays} | None) to (merged array, all-finite flags of the sources, then

@@ -244,7 +244,7 @@ def _passes_over_blocks(method, params, sources, base, weights, bounds, out_dtyp
 
     def leaf(stage, index=0):
         program = blocked.stage_leaf(method, static, np.dtype(out_dtype), stage, index)
-        return jax.jit(program, compiler_options=blocked.stage_options(method, static))
+        return jax.jit(program, compiler_options=blocked.compiler_options(method, static))
 
     def arguments(first, stop):
         return tuple(x[first:stop] for x in sources), weights, base[first:stop], None, None, {}

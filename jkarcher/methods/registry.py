@@ -67,8 +67,9 @@ class Passes:
 
     `own_leaf_when_whole`: the method's own leaf gives a whole tensor the bytes of these passes
     (their statistics are exact, e.g. counts), so a tensor that fits merges in that one leaf.
-    `ieee`: the passes compile without fast math (`numerics.IEEE_COMPILER_OPTIONS`), where
-    each recomputes a statistic that must round alike in all of them.
+    `ieee`: every program of the method, its own leaf included, compiles without fast math
+    (`numerics.IEEE_COMPILER_OPTIONS`), where a statistic or a sum that is computed in several
+    programs (the passes, and the own leaf of a whole tensor) must round alike in all of them.
     """
 
     rounds: tuple[Round, ...]

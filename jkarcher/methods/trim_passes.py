@@ -55,7 +55,7 @@ def trim_passes(
         if not rescale:
             return None
         rounds = (_l1_round(sparsification, trims, by_cuts=False),)
-        return Passes(rounds, _apply(merge, lambda scales: (None, scales)))
+        return Passes(rounds, _apply(merge, lambda scales: (None, scales)), ieee=True)
     rounds = selection_rounds(
         _magnitude_keys,
         functools.partial(_layout, kind.cuts, trims),
@@ -63,10 +63,12 @@ def trim_passes(
         8 * compute_dtype().itemsize,
     )
     if not rescale:
-        return Passes(rounds, _apply(merge, lambda cut: (cut, None)), own_leaf_when_whole=True)
+        return Passes(
+            rounds, _apply(merge, lambda cut: (cut, None)), own_leaf_when_whole=True, ieee=True
+        )
     # The L1 sums are float32: summed in one program with the rest, they could round otherwise.
     rounds = (*rounds, _l1_round(sparsification, trims, by_cuts=True))
-    return Passes(rounds, _apply(merge, lambda found: found))
+    return Passes(rounds, _apply(merge, lambda found: found), ieee=True)
 
 
 def _layout(cuts_of, trims: Mapping[str, Any], n: int) -> tuple[int, int]:

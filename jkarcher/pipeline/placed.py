@@ -1,6 +1,7 @@
 """The leaf of a merge placed on a mesh (docs/design.md, "Data flow"): `placed_leaf` runs
 `jkarcher.merge`'s leaf, or a stage of a merge in passes (`jkarcher.blocked`), on sources split
-by rows over the devices as the pipeline reads them, and compiles with `COMPILER_OPTIONS`.
+by rows over the devices as the pipeline reads them, and compiles with the method's compiler
+options (`jkarcher.blocked.compiler_options`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from jax.sharding import Mesh
 from jkarcher import blocked
 from jkarcher.config import FISHER_INPUT
 from jkarcher.merge import traced_leaf
-from jkarcher.numerics import COMPILER_OPTIONS
 from jkarcher.sharding import padded_shape, replicated, row_sharding
 
 
@@ -48,8 +48,8 @@ def placed_leaf(
     back as zeros after it, so the leaf merges exactly the tensor (its whole-tensor statistics
     and random draws are those of one device);
     the result is cast to `out_dtype` and split like the sources, and the all-finite flags are
-    on every device. It compiles with `COMPILER_OPTIONS`, as `jkarcher.merge` does (a stage
-    with `blocked.stage_options`). At `stage`
+    on every device. It compiles with the method's `blocked.compiler_options`, as
+    `jkarcher.merge` does. At `stage`
     (`jkarcher.blocked`), the leaf is that stage's (of round `pass_round`): it takes what the
     rounds before it found and the block's first row as last arguments (unused at MERGE), and
     the STATISTICS stage returns partials, replicated.
@@ -57,10 +57,8 @@ def placed_leaf(
     if stage == blocked.MERGE:
         leaf = traced_leaf(method, static_params, np.dtype(out_dtype))
         leaf = functools.partial(_without_passes, leaf)
-        options = COMPILER_OPTIONS
     else:
         leaf = blocked.stage_leaf(method, static_params, np.dtype(out_dtype), stage, pass_round)
-        options = blocked.stage_options(method, static_params)
     padding = padded_shape(shape, mesh)[0] - shape[0] if shape else 0
 
     def cut(x: jax.Array) -> jax.Array:
@@ -82,4 +80,5 @@ def placed_leaf(
     flags = replicated(mesh)
     result = flags if stage == blocked.STATISTICS else row_sharding(mesh, len(shape))
     shardings = (result, flags, flags)
+    options = blocked.compiler_options(method, static_params)
     return jax.jit(run, out_shardings=shardings, compiler_options=options)
