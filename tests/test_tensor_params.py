@@ -10,7 +10,7 @@ from helpers_checkpoints import make_models, merge_config, read_all
 
 import jkarcher
 from jkarcher import pipeline
-from jkarcher.config import ConfigError, Gradient, layer_position, tensor_values, validate
+from jkarcher.config import ConfigError, Gradient, tensor_values, validate
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
@@ -38,35 +38,6 @@ def _ties(params=None, models=None):
         "params": params or {},
         "output": "out",
     }
-
-
-@pytest.mark.parametrize(
-    "name, num_layers, position",
-    [
-        (up_proj(0), 5, 0.0),
-        (up_proj(2), 5, 0.5),
-        ("model.layers.4.self_attn.q_proj.bias", 5, 1.0),
-        ("transformer.h.3.attn.c_attn.weight", 4, 1.0),
-        (up_proj(0), 1, 1.0),  # a single layer sits at the end, as in mergekit
-        (EMBED, 5, 0.0),
-        (NORM, 5, 0.0),
-        (HEAD, 5, 0.0),  # outside the layers, even after the last one
-        (NORM, None, 0.0),
-    ],
-)
-def test_layer_position(name, num_layers, position):
-    assert layer_position(name, num_layers) == position
-
-
-def test_layer_position_errors_name_the_tensor():
-    with pytest.raises(
-        ConfigError,
-        match=r"'model.layers.5.mlp.up_proj.weight' is in layer 5, "
-        r"but the model has 5 layers",
-    ):
-        layer_position(up_proj(5), 5)
-    with pytest.raises(ConfigError, match=r"'model.layers.1.mlp.up_proj.weight': .* layer count"):
-        layer_position(up_proj(1), None)
 
 
 @pytest.mark.parametrize(
@@ -158,15 +129,6 @@ def test_weights_that_sum_to_zero_on_one_tensor_name_it(method, base, message):
 def test_ties_takes_weights_that_sum_to_zero_on_a_tensor_as_mergekit_does():
     models = [{"path": "a", "weight": [{"filter": "mlp", "value": 0}]}, {"path": "b", "weight": 0}]
     assert tensor_values(validate(_ties(models=models)), up_proj(0), 0.0)[0] == (0.0, 0.0)
-
-
-def test_filter_only_settings_need_no_layer_count():
-    config = validate(_ties(params={"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]}))
-    assert not config.varies_by_layer
-    assert pipeline.tensor_settings(config, up_proj(7)).params["density"] == 0.3
-    gradient = validate(_ties(params={"density": {"gradient": [0.3, 0.6]}}))
-    with pytest.raises(ConfigError, match="layer count"):
-        pipeline.tensor_settings(gradient, up_proj(7))
 
 
 BAD = [

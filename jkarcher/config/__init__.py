@@ -49,7 +49,6 @@ from jkarcher.config.settings import (
     Filtered,
     Gradient,
     Rule,
-    layer_position,
     setting_at,
     tensor_values,
 )
@@ -83,7 +82,6 @@ __all__ = [
     "StatisticSettings",
     "base_config",
     "distributed_settings",
-    "layer_position",
     "parse_size",
     "setting_at",
     "tensor_values",

@@ -104,8 +104,10 @@ def tensor_values(
     """The models' weights and the method's resolved parameters for the tensor called `name`.
 
     `position` places the tensor along the layers for gradients: i / (L - 1) for layer i of L
-    (1 when L = 1), 0 outside the layers. Every value is checked as `validate` checks it; an error
-    names the tensor.
+    (1 when L = 1), 0 outside the layers (the plan places each tensor: `jkarcher.pipeline.routes`).
+    All per-tensor settings are decided here: each model's own values, the shared values and the
+    method's defaults, chosen by filters on the name and interpolated over the layers. Every value
+    is checked as `validate` checks it; an error names the tensor.
     """
     spec = methods.get(config.method)
     weights = tuple(float(setting_at(w, name, position)) for w in config.weights)
@@ -119,28 +121,6 @@ def tensor_values(
     except MergeError as err:
         raise ConfigError(f"models[*].weight, tensor {name!r}: {err}") from None
     return weights, params
-
-
-def layer_position(name: str, num_layers: int | None) -> float:
-    """Where a tensor lies along the layers, as mergekit places it for values that vary by layer:
-    i / (L - 1) in layer i of L (1 when L = 1), and 0 outside the layers (embeddings, the final
-    norm, lm_head). The layer is the first number among the dotted parts of the name
-    (`model.layers.3.mlp.up_proj.weight` is in layer 3).
-    """
-    index = next((int(part) for part in name.split(".") if part.isdigit()), None)
-    if index is None:
-        return 0.0
-    if num_layers is None:
-        raise ConfigError(
-            f"tensor {name!r}: values that vary over the layers need the layer count "
-            "(num_hidden_layers in the config.json of the base, or first, model)"
-        )
-    if not 0 <= index < num_layers:
-        raise ConfigError(
-            f"tensor {name!r} is in layer {index}, but the model has {num_layers} layers "
-            "(num_hidden_layers); values that vary over the layers cannot place it"
-        )
-    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def setting_at(setting: Any, name: str, position: float) -> Any:

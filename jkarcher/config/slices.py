@@ -16,7 +16,7 @@ them.
 `validated_slices` checks the field (ranges [start, end) with 0 <= start < end, the same length
 across a slice, each slice's models and base as the method takes them); whether a range lies
 within its model's layers needs the model's config.json, which the plan reads
-(`jkarcher.pipeline.slices`). Every error names the field (`slices[1].models[0].layer_range`).
+(`jkarcher.pipeline.inputs`). Every error names the field (`slices[1].models[0].layer_range`).
 """
 
 from __future__ import annotations

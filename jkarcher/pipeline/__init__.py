@@ -27,7 +27,7 @@ from jkarcher.pipeline.plan import plan_merge
 from jkarcher.pipeline.read import ReadAhead
 from jkarcher.pipeline.run import MergeSummary, execution_order, run
 from jkarcher.pipeline.statistics import prepare_statistics, statistic_files
-from jkarcher.pipeline.tasks import MergePlan, TensorSettings, TensorTask, tensor_settings
+from jkarcher.pipeline.tasks import MergePlan, TensorSettings, TensorTask
 from jkarcher.pipeline.vocab import EMBED_SUFFIX, LM_HEAD_NAME, ties_embeddings
 from jkarcher.pipeline.write import check_complete
 
@@ -48,6 +48,5 @@ __all__ = [
     "prepare_statistics",
     "run",
     "statistic_files",
-    "tensor_settings",
     "ties_embeddings",
 ]

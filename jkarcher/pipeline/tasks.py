@@ -1,7 +1,6 @@
 """What a merge plan is made of: each output tensor's task (`TensorTask`: its sources, settings
-and stage), the plan (`MergePlan`), and the steps both planners take to build them (the plain
-merge's, `jkarcher.pipeline.plan`, and the merge by slices', `jkarcher.pipeline.slices`): each
-tensor's settings, an input opened, the mesh, one tensor's task, the output's shards.
+and stage), the plan (`MergePlan`), and the steps the planner (`jkarcher.pipeline.plan`) takes to
+build them: an input opened, the mesh, one tensor's task, the output's shards.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from jax.sharding import Mesh
 
 from jkarcher import methods
 from jkarcher.blocked import MERGE
-from jkarcher.config import ConfigError, MergeConfig, layer_position, tensor_values
+from jkarcher.config import ConfigError, MergeConfig
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointError, CheckpointReader, StoredTensor
 from jkarcher.io.orbax_io import open_checkpoint
@@ -104,7 +103,7 @@ class MergePlan:
     warnings: tuple[str, ...]
     mesh: Mesh
     # Fields of the output's config.json other than the template's: a merge by slices sets its
-    # layer count (`jkarcher.pipeline.slices`).
+    # layer count (`jkarcher.pipeline.inputs`).
     config_updates: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # The chat template written into the output's tokenizer_config.json (`config.chat_template`
     # resolved by `jkarcher.io.chat_template`); None: the template model's is kept.
@@ -148,22 +147,6 @@ class MergePlan:
         if task.extra_rows is not None:
             labelled.append((task.extra_rows, self.template_label))
         return labelled
-
-
-def tensor_settings(
-    config: MergeConfig, name: str, num_layers: int | None = None
-) -> TensorSettings:
-    """The weights and method parameters that merge the tensor called `name`.
-
-    All per-tensor settings are decided here and nowhere else: each model's own values, the shared
-    values and the method's defaults, chosen by filters on the name and interpolated over the
-    layers (`num_layers`, the models' layer count, places the tensor: `layer_position`), resolve
-    to one set of weights and parameters (`jkarcher.config.tensor_values`). Tensors with equal
-    shapes and parameters share one compiled leaf; each distinct parameter value compiles anew,
-    while weights are arguments of the leaf and never cause a compilation.
-    """
-    position = layer_position(name, num_layers) if config.varies_by_layer else 0.0
-    return TensorSettings(*tensor_values(config, name, position))
 
 
 def open_input(path: str, field: str, lora: str | None = None) -> CheckpointReader:
