@@ -19,6 +19,7 @@ tokenizer from the template: `inputs.template`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -84,7 +85,7 @@ class Inputs:
     compared: tuple[Mapping[str, Any], ...]
     config_updates: Mapping[str, Any]
 
-    @property
+    @functools.cached_property
     def readers(self) -> tuple[CheckpointReader, ...]:
         return (*self.models, *([self.base] if self.base is not None else []))
 

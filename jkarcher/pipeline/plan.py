@@ -71,8 +71,8 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     warnings += check_routes(inputs, routes, tie)
     vocabulary = None
     if config.tokenizer_source is not None:
-        paths = inputs.paths
-        vocabulary = plan_vocabulary(config, inputs.readers, paths, inputs.template_index)
+        readers, template_index = inputs.readers, inputs.template_index
+        vocabulary = plan_vocabulary(config, readers, inputs.paths, template_index)
     model_labels = inputs.labels[: len(inputs.models)]
     opened = open_statistics(config, model_labels) if statistic else ()
     named = statistic_labels(statistic, model_labels) if statistic else ()
@@ -117,7 +117,6 @@ def _task(
     """The task of one output tensor from its route, with its piece's settings; a vocabulary
     tensor read in the output's token order when the output has its own vocabulary."""
     piece = inputs.pieces[route.piece]
-    infos = [source_info(inputs.readers[i], name) for i, name in route.sources]
     try:
         settings = TensorSettings(*tensor_values(piece.config, route.name, route.position))
     except ConfigError as err:
@@ -134,6 +133,7 @@ def _task(
             [i for i, _ in route.sources],
         )
         return dataclasses.replace(task, labels=piece.labels), None
+    infos = [source_info(inputs.readers[i], name) for i, name in route.sources]
     template_index = (
         piece.inputs.index(inputs.template_index) if inputs.template_index in piece.inputs else 0
     )
