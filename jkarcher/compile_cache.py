@@ -82,12 +82,19 @@ def key(*parts: object) -> str | None:
 
 
 def load(leaf_key: str | None) -> jax.stages.Compiled | None:
-    """The leaf stored under `leaf_key`, or None where there is none (or it cannot be loaded)."""
+    """The leaf stored under `leaf_key`, or None where there is none (or it cannot be loaded),
+    loaded onto the devices it was compiled for (JAX would otherwise load it onto every
+    device: a leaf of a one-device mesh, on a host of eight, would then expect eight shards)."""
     if leaf_key is None or _leaf_directory is None:
         return None
     try:
         payload = (_leaf_directory / leaf_key).read_bytes()
-        return serialize_executable.deserialize_and_load(*pickle.loads(payload))
+        serialized, in_tree, out_tree, device_ids = pickle.loads(payload)
+        by_id = {device.id: device for device in jax.devices()}
+        devices = [by_id[i] for i in device_ids]
+        return serialize_executable.deserialize_and_load(
+            serialized, in_tree, out_tree, execution_devices=devices
+        )
     except Exception:  # a missing, partly written or stale entry: compile instead
         return None
 
@@ -98,7 +105,8 @@ def store(leaf_key: str | None, compiled: jax.stages.Compiled) -> None:
     if leaf_key is None or _leaf_directory is None:
         return
     try:
-        payload = pickle.dumps(serialize_executable.serialize(compiled))
+        device_ids = [device.id for device in compiled.runtime_executable().local_devices()]
+        payload = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
         _leaf_directory.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError, NotImplementedError, jax.errors.JaxRuntimeError):
         return

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from helpers_checkpoints import BF16, make_models, read_all, write_tiny
@@ -313,6 +314,23 @@ def test_a_leaf_key_names_what_the_leaf_is_compiled_from(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     assert key != compile_cache.key("karcher", ("signature",))
     assert compile_cache.load(key) is None
+
+
+@pytest.mark.parametrize("device", [0, 5])
+def test_a_stored_leaf_loads_onto_the_devices_it_was_compiled_for(tmp_path, monkeypatch, device):
+    """A leaf of a one-device mesh, on a host of eight devices, runs on that device when loaded
+    (loaded onto every device, it would expect eight shards of each argument)."""
+    monkeypatch.setattr(compile_cache, "_leaf_directory", tmp_path)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[device : device + 1]), ("rows",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    shaped = jax.ShapeDtypeStruct((8,), np.float32, sharding=sharding)
+    compiled = jax.jit(lambda x: 2 * x).lower(shaped).compile()
+    key = compile_cache.key("linear", ("one device", device))
+    compile_cache.store(key, compiled)
+    loaded = compile_cache.load(key)
+    x = jax.device_put(np.arange(8, dtype=np.float32), sharding)
+    assert loaded is not None
+    np.testing.assert_array_equal(loaded(x), 2 * np.arange(8))
 
 
 def test_the_compile_cache_directory_comes_from_the_environment(tmp_path):
