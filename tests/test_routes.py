@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from jkarcher.config import ConfigError, validate
 from jkarcher.errors import MergeError
 from jkarcher.pipeline.inputs import open_inputs
-from jkarcher.pipeline.routes import check_routes, plan_routes
+from jkarcher.pipeline.routes import plan_routes
 
 # Outside the layers: before them, and after them.
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -41,8 +41,7 @@ def _checkpoint(path, names, num_layers=None):
 def _routes(raw):
     config = validate(raw)
     inputs = open_inputs(config)
-    routes = plan_routes(inputs, tie=False)
-    check_routes(inputs, routes, tie=False)
+    routes, _ = plan_routes(inputs, tie=False)
     return inputs, {route.name: route for route in routes}
 
 

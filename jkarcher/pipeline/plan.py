@@ -28,7 +28,7 @@ from jkarcher.io.output_dir import check_output_dir
 from jkarcher.io.writer import natural_key
 from jkarcher.pipeline.budget import within_budget
 from jkarcher.pipeline.inputs import Inputs, open_inputs
-from jkarcher.pipeline.routes import Route, check_routes, plan_routes
+from jkarcher.pipeline.routes import Route, plan_routes
 from jkarcher.pipeline.statistics import open_statistics, statistic_labels, statistic_sources
 from jkarcher.pipeline.tasks import (
     MergePlan,
@@ -67,8 +67,8 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     tie = ties_embeddings(template)
     tied = [ties_embeddings(c) for c in inputs.readers]
     warnings = check_architectures(inputs.compared, inputs.labels, tied, config.allow_crimes)
-    routes = plan_routes(inputs, tie)
-    warnings += check_routes(inputs, routes, tie)
+    routes, checked = plan_routes(inputs, tie)
+    warnings += checked
     vocabulary = None
     if config.tokenizer_source is not None:
         readers, template_index = inputs.readers, inputs.template_index

@@ -20,13 +20,13 @@ an input that ties gives its embedding matrix as lm_head (`jkarcher.pipeline.voc
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from jkarcher.architecture import layer_count
 from jkarcher.errors import MergeError
 from jkarcher.io import CheckpointReader
 from jkarcher.io.writer import natural_key
-from jkarcher.pipeline.inputs import Inputs, valid_count
+from jkarcher.pipeline.inputs import Inputs, Piece, valid_count
 from jkarcher.pipeline.vocab import LM_HEAD_NAME, ties_embeddings
 
 # Dotted parts of the names of the tensors before the first layer (mergekit's pre-layer weights).
@@ -45,16 +45,17 @@ class Route:
     sources: tuple[tuple[int, str], ...]
 
 
-def plan_routes(inputs: Inputs, tie: bool) -> list[Route]:
-    """Every output tensor's route, lm_head left out where the output ties it (`tie`)."""
-    readers = inputs.readers
-    layers = {i: _by_layer(reader) for i, reader in enumerate(readers)}
+def plan_routes(inputs: Inputs, tie: bool) -> tuple[list[Route], list[str]]:
+    """Every output tensor's route, lm_head left out where the output ties it (`tie`), once
+    each input is checked to hold what is read from it (`_check`); and the warnings of that
+    check."""
+    layers = [_by_layer(reader) for reader in inputs.readers]
     pieces = inputs.pieces
     routes = []
     for name in layers[inputs.template_index].get(None, ()):
         if tie and name == LM_HEAD_NAME:
             continue
-        index = 0 if INPUT_SIDE.intersection(name.split(".")) else len(pieces) - 1
+        index = _side(pieces, name)
         routes.append(Route(name, index, 0.0, tuple((i, name) for i in pieces[index].inputs)))
     first = 0
     for index, piece in enumerate(pieces):
@@ -63,20 +64,27 @@ def plan_routes(inputs: Inputs, tie: bool) -> list[Route]:
         for k in range(n):
             position = k / (n - 1) if n > 1 else 1.0
             for name in template_layers.get(piece.starts[piece.template_at] + k, ()):
+                in_layer = _renumbered(name)
                 sources = tuple(
-                    (i, _in_layer(name, start + k))
+                    (i, in_layer(start + k))
                     for i, start in zip(piece.inputs, piece.starts, strict=True)
                 )
-                routes.append(Route(_in_layer(name, first + k), index, position, sources))
+                routes.append(Route(in_layer(first + k), index, position, sources))
         first += n
-    return routes
+    return routes, _check(inputs, routes, tie, layers)
 
 
-def check_routes(inputs: Inputs, routes: Sequence[Route], tie: bool) -> list[str]:
+def _check(
+    inputs: Inputs,
+    routes: Sequence[Route],
+    tie: bool,
+    layers: Sequence[Mapping[int | None, list[str]]],
+) -> list[str]:
     """Every input holds the tensors its routes read, and none besides within what it gives
     (the layers read from it; the tensors outside the layers, where it gives them); a
     MergeError names the tensor, the input and its directory. Returns a warning for each input
-    whose lm_head the output does not use, or whose embedding it merges as lm_head."""
+    whose lm_head the output does not use, or whose embedding it merges as lm_head. `layers`:
+    each input's tensor names by layer (`_by_layer`)."""
     warnings = []
     template_label = inputs.labels[inputs.template_index]
     read_from: list[dict[str, str]] = [{} for _ in inputs.readers]  # source name -> output name
@@ -101,15 +109,15 @@ def check_routes(inputs: Inputs, routes: Sequence[Route], tie: bool) -> list[str
                 f"{label} ties lm_head to its embeddings; its embedding matrix is merged into "
                 "the output's lm_head"
             )
-        missing = sorted(set(wanted) - present, key=natural_key)
+        missing = sorted(wanted.keys() - present, key=natural_key)
         if missing:
             raise MergeError(
                 f"tensor {missing[0]!r} is missing from {label}: no file of {reader.path} holds "
                 f"it (output tensor {wanted[missing[0]]!r} comes from it; {len(missing)} "
                 "tensors missing in all)"
             )
-        given = _given(inputs, i, reader)
-        extra = sorted((present & given) - set(wanted), key=natural_key)
+        given = _given(inputs, i, layers[i])
+        extra = sorted((present & given) - wanted.keys(), key=natural_key)
         if extra:
             raise MergeError(
                 f"tensor {extra[0]!r} of {label} (in {reader.info(extra[0]).file}) is not in "
@@ -118,10 +126,10 @@ def check_routes(inputs: Inputs, routes: Sequence[Route], tie: bool) -> list[str
     return warnings
 
 
-def _given(inputs: Inputs, i: int, reader: CheckpointReader) -> set[str]:
-    """The tensors of input i within what it gives: those of the layers read from it, and
-    those outside the layers on the side (before or after the layers) that it gives."""
-    layers = _by_layer(reader)
+def _given(inputs: Inputs, i: int, layers: Mapping[int | None, list[str]]) -> set[str]:
+    """The tensors of input i (`layers`: its names by layer) within what it gives: those of the
+    layers read from it, and those outside the layers on the side (before or after the layers)
+    that it gives."""
     given = {n for n in layers.get(None, ()) if _gives_outside(inputs, i, n)}
     for piece in inputs.pieces:
         for j, start in zip(piece.inputs, piece.starts, strict=True):
@@ -133,8 +141,13 @@ def _given(inputs: Inputs, i: int, reader: CheckpointReader) -> set[str]:
 
 def _gives_outside(inputs: Inputs, i: int, name: str) -> bool:
     """Whether input i gives the tensor `name`, outside the layers (by its side)."""
-    side = 0 if INPUT_SIDE.intersection(name.split(".")) else -1
-    return i in inputs.pieces[side].inputs
+    return i in inputs.pieces[_side(inputs.pieces, name)].inputs
+
+
+def _side(pieces: Sequence[Piece], name: str) -> int:
+    """The piece a tensor outside the layers comes from: the first when it precedes the
+    layers (the input embeddings), else the last."""
+    return 0 if INPUT_SIDE.intersection(name.split(".")) else len(pieces) - 1
 
 
 def _by_layer(reader: CheckpointReader) -> dict[int | None, list[str]]:
@@ -154,11 +167,12 @@ def _layer(name: str) -> int | None:
     return None if at is None else int(parts[at])
 
 
-def _in_layer(name: str, layer: int) -> str:
-    """`name` with its layer number (its first number) replaced by `layer`."""
+def _renumbered(name: str) -> Callable[[int], str]:
+    """layer -> `name` with its layer number (its first number) replaced by that layer."""
     parts = name.split(".")
     at = _number_at(parts)
-    return ".".join([*parts[:at], str(layer), *parts[at + 1 :]])
+    head, tail = parts[:at], parts[at + 1 :]
+    return lambda layer: ".".join([*head, str(layer), *tail])
 
 
 def _number_at(parts: Sequence[str]) -> int | None:
